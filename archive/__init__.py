@@ -1,0 +1,1 @@
+"""The archive core: config, ingest, index, query, DIMSE, jobs, security, CLI."""

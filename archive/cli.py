@@ -1,0 +1,302 @@
+"""The ``imag`` command: serve, import, verify, stats, db and config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from archive.config import SETTINGS, Config, ConfigError, load_config
+from archive.index import current_version, open_database, upgrade
+from archive.logs import setup_logging
+
+log = logging.getLogger("imag")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    setup_logging(config["log.level"], config["log.format"])
+    return config
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    shown = config.masked()
+    if args.json:
+        print(json.dumps(shown, indent=2))
+        return 0
+    for s in SETTINGS:
+        print(
+            f"{s.path:<26} = {shown[s.path]!r:<40} # {config.sources.get(s.path, 'default')},"
+            f" {s.env}"
+        )
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    config = _load(args)
+    db = open_database(config.index_url)
+    applied = upgrade(db)
+    print(
+        f"index at schema version {current_version(db)}"
+        + (f" (applied {', '.join(applied)})" if applied else " (already current)")
+    )
+    db.close()
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from archive.importer import iter_files, run_import
+    from archive.runtime import Archive
+
+    config = _load(args)
+    for p in args.paths:
+        if not Path(p).exists():
+            print(f"imag import: {p}: no such file or folder", file=sys.stderr)
+            return 1
+    total = None if args.no_count else sum(1 for _ in iter_files(args.paths))
+    bar = tqdm(total=total, unit="file", desc="import", disable=args.quiet, dynamic_ncols=True)
+
+    def on_result(path: str, result) -> None:  # noqa: ANN001 - IngestResult
+        bar.update(1)
+        if result.outcome is None and not args.quiet:
+            bar.write(f"rejected {path}: {result.reason}")
+
+    with Archive(config) as archive:
+        summary = run_import(
+            archive, args.paths, site=args.site, workers=args.workers, on_result=on_result
+        )
+    bar.close()
+    elapsed = bar.format_dict.get("elapsed") or 0.0
+    if args.json:
+        out = summary.as_dict() | {
+            "seconds": round(elapsed, 3),
+            "rejections": [{"path": p, "code": c, "reason": r} for p, c, r in summary.rejected],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        d = summary.as_dict()
+        rate = d["files"] / elapsed if elapsed else 0
+        print(
+            f"{d['files']} files in {elapsed:.1f} s ({rate:.0f}/s): {d['stored']} stored "
+            f"({_human(d['bytes_stored'])}), {d['duplicate']} already stored, "
+            f"{d['replaced']} replaced, {d['conflict_kept']} conflicting (stored copy kept), "
+            f"{d['rejected']} rejected"
+        )
+        for code, n in sorted(d["rejected_by_code"].items()):
+            print(f"  rejected {code}: {n}")
+    return 2 if summary.rejected else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from archive.runtime import Archive
+    from archive.verify import verify
+
+    config = _load(args)
+    with Archive(config, writer=False) as archive:
+        counts = archive.catalog.counts()
+        bars = {
+            "objects": tqdm(
+                total=counts["instances"],
+                unit="obj",
+                desc="verify objects",
+                disable=args.quiet,
+                dynamic_ncols=True,
+            ),
+            "orphans": tqdm(
+                unit="key", desc="look for orphans", disable=args.quiet, dynamic_ncols=True
+            ),
+        }
+        report = verify(
+            archive.catalog,
+            archive.store,
+            repair=args.repair,
+            progress=lambda phase: bars[phase].update(1),
+        )
+        for bar in bars.values():
+            bar.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for uid in report.missing:
+            print(f"missing object: instance {uid}")
+        for uid in report.corrupt:
+            print(f"corrupt object (SHA-256 differs): instance {uid}")
+        for key in report.orphans:
+            print(f"orphaned object (no index row): {key}" + (" - deleted" if args.repair else ""))
+        print(
+            f"{report.checked} objects checked: {report.ok} ok, {len(report.missing)} missing, "
+            f"{len(report.corrupt)} corrupt, {len(report.orphans)} orphaned"
+            + (f"; {report.repaired} repaired" if args.repair else "")
+        )
+        if not report.clean and not args.repair:
+            print(
+                "run 'imag verify --repair' to delete orphans and mark missing and corrupt "
+                "instances (re-send or re-import them to restore)"
+            )
+    return 0 if report.clean else 1
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from archive.index import Catalog
+
+    config = _load(args)
+    db = open_database(config.index_url)
+    upgrade(db)
+    stats = Catalog(db).stats()
+    db.close()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(f"patients  {stats['patients']:>12,}")
+    print(f"studies   {stats['studies']:>12,}")
+    print(f"series    {stats['series']:>12,}")
+    print(f"instances {stats['instances']:>12,}")
+    print(f"bytes     {stats['bytes']:>12,}  ({_human(stats['bytes'])})")
+    if stats["by_site"]:
+        print("\nby site:")
+        for site, s in stats["by_site"].items():
+            print(
+                f"  {site or '(none)':<20} {s['studies']:>9,} studies {s['instances']:>12,} "
+                f"instances {_human(s['bytes']):>10}"
+            )
+    if stats["by_modality"]:
+        print("\nby modality:")
+        for mod, s in stats["by_modality"].items():
+            print(
+                f"  {mod or '(none)':<20} {s['series']:>9,} series  {s['instances']:>12,} "
+                f"instances {_human(s['bytes']):>10}"
+            )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from archive.runtime import Archive
+    from archive.server import serve_http
+
+    config = _load(args)
+
+    async def main() -> None:
+        archive = Archive(config)
+        runner = await serve_http(archive, config["http.host"], config["http.port"])
+        log.info(
+            "imag serving",
+            extra={
+                "http": f"http://{config['http.host']}:{config['http.port']}",
+                "index": config.masked()["index.url"],
+                "storage": config.storage_url,
+            },
+        )
+        print(
+            f"IMAG listening on http://{config['http.host']}:{config['http.port']} "
+            f"(index {config.masked()['index.url']}, storage {config.storage_url})",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        archive.close()
+
+    asyncio.run(main())
+    return 0
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imag",
+        description="IMAG regional imaging archive",
+        epilog="Every setting can also be given as an IMAG_* environment variable; "
+        "'imag config show' lists them.",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="TOML config file (default: none, built-in defaults + environment)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the archive (HTTP: /health, /metrics, services)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("import", help="import files and folders of DICOM objects")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument(
+        "--site", default="", help="producing site to record (default: ingest.default_site)"
+    )
+    p.add_argument("--workers", type=int, default=0, help="parallel workers (default: CPUs)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no per-file lines")
+    p.add_argument(
+        "--no-count",
+        action="store_true",
+        help="do not count files first (progress without a total)",
+    )
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("verify", help="re-hash stored objects against the index; find orphans")
+    p.add_argument(
+        "--repair", action="store_true", help="delete orphans, mark missing and corrupt instances"
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("stats", help="patients, studies, series, instances, bytes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_stats)
+
+    db = sub.add_parser("db", help="index database maintenance")
+    dbsub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    p = dbsub.add_parser("upgrade", help="apply pending schema migrations")
+    p.set_defaults(func=cmd_db_upgrade)
+
+    cfg = sub.add_parser("config", help="configuration")
+    cfgsub = cfg.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    p = cfgsub.add_parser("show", help="print the effective configuration (secrets masked)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"imag: configuration error: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG
+    except KeyboardInterrupt:
+        print("imag: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `imag config show | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

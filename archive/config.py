@@ -1,0 +1,278 @@
+"""Configuration: one TOML file, every setting overridable from the environment.
+
+A setting ``section.key`` is read from the TOML table ``[section]`` and
+overridden by the environment variable ``IMAG_SECTION_KEY`` (top-level keys:
+``IMAG_KEY``).  The names of the documented variables (``IMAG_DATA_DIR``,
+``IMAG_INDEX_URL``, ``IMAG_STORAGE_URL``, ...) are a public contract.
+
+Every value is validated at load time: a bad value stops start-up with a
+:class:`ConfigError` that names the key, the variable and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid."""
+
+
+# -- validators ---------------------------------------------------------------
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("a string")
+    return value
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool):
+            raise TypeError(f"an integer between {lo} and {hi}")
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"an integer between {lo} and {hi}") from None
+        if not lo <= n <= hi:
+            raise TypeError(f"an integer between {lo} and {hi}")
+        return n
+
+    return check
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise TypeError("true or false")
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise TypeError("one of " + ", ".join(repr(o) for o in options))
+        return value
+
+    return check
+
+
+def _aet(value: Any) -> str:
+    text = _str(value)
+    if not 1 <= len(text) <= 16 or not text.isascii() or "\\" in text or text != text.strip():
+        raise TypeError("an AE title of 1-16 ASCII characters without backslash or edge spaces")
+    return text
+
+
+def _index_url(value: Any) -> str:
+    text = _str(value)
+    scheme = urlsplit(text).scheme
+    if scheme == "sqlite" and text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
+        return text
+    if scheme in ("postgresql", "postgres") and urlsplit(text).hostname is not None:
+        return text
+    raise TypeError("sqlite:///path/to/index.db or postgresql://user@host:port/db")
+
+
+def _storage_url(value: Any) -> str:
+    text = _str(value)
+    parts = urlsplit(text)
+    if parts.scheme == "file" and parts.path.startswith("/"):
+        return text
+    if parts.scheme == "s3" and parts.netloc:
+        return text
+    raise TypeError("file:///absolute/path or s3://bucket/prefix")
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?")
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _size(value: Any) -> int:
+    """Sizes accept plain bytes or a binary suffix: 1073741824, 512MB, 4GiB, 100k."""
+    match = _SIZE.fullmatch(str(value).strip().upper())
+    if isinstance(value, bool) or not match:
+        raise TypeError("a size in bytes, e.g. 1073741824 or 1GiB")
+    n = int(float(match[1]) * _UNIT[match[2]])
+    if n <= 0:
+        raise TypeError("a positive size in bytes, e.g. 1073741824 or 1GiB")
+    return n
+
+
+# -- the settings table ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: where it lives, its default and its check."""
+
+    path: str  # "section.key" or "key"
+    default: Any
+    check: Callable[[Any], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return "IMAG_" + self.path.replace(".", "_").upper()
+
+
+SETTINGS: list[Setting] = [
+    Setting("data_dir", "./imag-data", _str, "folder for the embedded index and object store"),
+    Setting(
+        "index.url",
+        None,
+        _index_url,
+        "index database (default: SQLite in the data folder)",
+        secret=True,
+    ),
+    Setting("storage.url", None, _storage_url, "object store (default: a folder in the data dir)"),
+    Setting("s3.endpoint_url", None, _str, "S3 endpoint for s3:// storage (MinIO, Ceph, cloud)"),
+    Setting("s3.region", None, _str, "S3 region"),
+    Setting("s3.create_bucket", False, _bool, "create the bucket at start-up if missing"),
+    Setting("http.host", "127.0.0.1", _str, "HTTP listen address"),
+    Setting("http.port", 8080, _int(0, 65535), "HTTP listen port"),
+    Setting("dicom.host", "0.0.0.0", _str, "DICOM listen address"),
+    Setting("dicom.port", 11112, _int(0, 65535), "DICOM listen port"),
+    Setting("dicom.aet", "IMAG", _aet, "our AE title"),
+    Setting(
+        "ingest.max_object_bytes", 4 * 2**30, _size, "largest object accepted (bytes, or e.g. 2GiB)"
+    ),
+    Setting(
+        "ingest.on_conflict",
+        "keep",
+        _choice("keep", "replace"),
+        "a different object under a known SOP Instance UID: keep the stored one or replace it",
+    ),
+    Setting("ingest.default_site", "", _str, "producing site recorded when the source names none"),
+    Setting(
+        "ingest.batch_size", 64, _int(1, 10000), "index rows committed per transaction at most"
+    ),
+    Setting("import.workers", 0, _int(0, 256), "parallel import workers (0: one per CPU)"),
+    Setting("plugins.identity", "default", _str, "identity plugin (entry point in imag.identity)"),
+    Setting("log.level", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level"),
+    Setting("log.format", "json", _choice("json", "text"), "log line format"),
+]
+_BY_PATH = {s.path: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration; build it with :func:`load_config`."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str] = field(default_factory=dict)  # path -> "default"|"file"|"env"
+
+    def __getitem__(self, path: str) -> Any:
+        return self.values[path]
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.values["data_dir"]).resolve()
+
+    @property
+    def index_url(self) -> str:
+        return self.values["index.url"]
+
+    @property
+    def storage_url(self) -> str:
+        return self.values["storage.url"]
+
+    def masked(self) -> dict[str, Any]:
+        """Values for display: secrets (passwords in URLs, keys) replaced by ***."""
+        out: dict[str, Any] = {}
+        for s in SETTINGS:
+            value = self.values[s.path]
+            if s.secret and isinstance(value, str):
+                value = _mask_url(value)
+            out[s.path] = value
+        return out
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and path not in _BY_PATH:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read the TOML file (optional), apply ``IMAG_*`` environment variables and
+    explicit overrides, fill defaults and validate everything.
+
+    Raises ConfigError naming the key and the expected form of its value.
+    """
+    env = os.environ if env is None else env
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                file_values = _flatten(tomllib.load(fh))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        unknown = sorted(k for k in file_values if k not in _BY_PATH)
+        if unknown:
+            raise ConfigError(
+                f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+                "run 'imag config show' to list the settings"
+            )
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        if overrides and s.path in overrides:
+            raw, src, where = overrides[s.path], "override", s.path
+        elif s.env in env and env[s.env] != "":
+            raw, src, where = env[s.env], "env", f"environment variable {s.env}"
+        elif s.path in file_values:
+            raw, src, where = file_values[s.path], "file", f"'{s.path}' in {path}"
+        else:
+            values[s.path], sources[s.path] = s.default, "default"
+            continue
+        try:
+            values[s.path] = s.check(raw)
+        except TypeError as exc:
+            raise ConfigError(
+                f"invalid value {raw!r} for {s.path} ({where}): expected {exc}"
+            ) from None
+        sources[s.path] = src
+
+    data_dir = Path(values["data_dir"]).expanduser().resolve()
+    values["data_dir"] = str(data_dir)
+    if values["index.url"] is None:
+        values["index.url"] = f"sqlite:///{data_dir / 'index.db'}"
+    if values["storage.url"] is None:
+        values["storage.url"] = (data_dir / "objects").as_uri()
+    return Config(values=values, sources=sources)

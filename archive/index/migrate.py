@@ -1,0 +1,67 @@
+"""Versioned schema migrations, applied by ``imag db upgrade`` and on start.
+
+Migrations are the numbered ``migrations/NNNN_name.sql`` files, applied in
+order, each in its own transaction together with its row in
+``schema_migrations``; so a crash mid-upgrade leaves the previous version
+intact.  On PostgreSQL an advisory lock makes concurrent starts of several
+processes safe: one upgrades, the others wait and then find nothing to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+
+from archive.index.db import TYPES, Database, utcnow
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_ADVISORY_KEY = 0x1A4A6  # arbitrary, constant: "IMAG schema"
+
+
+def available() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration shipped with the package."""
+    found = []
+    for entry in resources.files("archive.index").joinpath("migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append((int(match[1]), entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _statements(sql: str, dialect: str) -> list[str]:
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    body = body.format(**TYPES[dialect])
+    return [s.strip() for s in body.split(";") if s.strip()]
+
+
+def current_version(db: Database) -> int:
+    """The schema version of the index (0 for an empty database)."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    return int(db.scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
+
+
+def upgrade(db: Database) -> list[str]:
+    """Apply every pending migration; return the names applied."""
+    applied: list[str] = []
+    current_version(db)
+    for version, name, sql in available():
+        with db.transaction():
+            if db.dialect == "postgresql":
+                db.execute("SELECT pg_advisory_xact_lock(?)", (_ADVISORY_KEY,))
+            done = db.scalar("SELECT 1 FROM schema_migrations WHERE version = ?", (version,))
+            if done:
+                continue
+            for statement in _statements(sql, db.dialect):
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, utcnow().isoformat()),
+            )
+        log.info("index migration applied", extra={"migration": name})
+        applied.append(name)
+    return applied

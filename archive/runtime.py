@@ -1,0 +1,42 @@
+"""Opening the archive from its configuration: object store, index, pipeline."""
+
+from __future__ import annotations
+
+from archive.config import Config
+from archive.index import Catalog, Database, open_database, upgrade
+from archive.ingest import IngestPipeline
+from storage import ObjectStore, open_store
+
+
+def open_object_store(config: Config) -> ObjectStore:
+    """The configured object store (creating an S3 bucket when asked to)."""
+    store = open_store(
+        config.storage_url, s3_endpoint_url=config["s3.endpoint_url"], s3_region=config["s3.region"]
+    )
+    if config["s3.create_bucket"] and hasattr(store, "ensure_bucket"):
+        store.ensure_bucket()
+    return store
+
+
+class Archive:
+    """The archive core as one object: what every command and server needs."""
+
+    def __init__(self, config: Config, *, migrate: bool = True, writer: bool = True) -> None:
+        self.config = config
+        self.db: Database = open_database(config.index_url)
+        if migrate:
+            upgrade(self.db)
+        self.store: ObjectStore = open_object_store(config)
+        self.catalog = Catalog(self.db)
+        self.pipeline = IngestPipeline(config, self.store, self.db, writer=writer)
+
+    def close(self) -> None:
+        self.pipeline.close()
+        self.store.close()
+        self.db.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,97 @@
+"""``imag serve``: the HTTP side of the archive.
+
+The core serves ``/health`` and ``/metrics``; every other route comes from a
+service package (DICOMweb, worklists, viewer API) that registers a setup
+function in the ``imag.routes`` entry point group.  That keeps imports
+pointing inward: the archive never imports the services around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from importlib.metadata import entry_points
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from archive.runtime import Archive
+
+log = logging.getLogger(__name__)
+ARCHIVE = web.AppKey("archive", Archive)
+
+HTTP_REQUESTS = Counter("imag_http_requests_total", "HTTP requests", ["method", "status"])
+HTTP_SECONDS = Histogram("imag_http_request_seconds", "HTTP request duration", ["method"])
+
+
+def problem(status: int, title: str, detail: str) -> web.Response:
+    """An RFC 9457 problem details response."""
+    return web.Response(
+        status=status,
+        content_type="application/problem+json",
+        text=json.dumps(
+            {"type": "about:blank", "title": title, "status": status, "detail": detail}
+        ),
+    )
+
+
+@web.middleware
+async def errors_and_metrics(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Count and time every request; turn errors into problem details."""
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = problem(exc.status, exc.reason, exc.text or exc.reason)
+    except Exception:  # noqa: BLE001 - the client gets a 500, the log the traceback
+        log.exception("request failed", extra={"path": request.path, "method": request.method})
+        response = problem(
+            500,
+            "Internal Server Error",
+            "the server failed on this request; the error is in its log",
+        )
+    HTTP_REQUESTS.labels(request.method, str(response.status)).inc()
+    HTTP_SECONDS.labels(request.method).observe(time.perf_counter() - started)
+    return response
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness and readiness: the index answers a query."""
+    archive = request.app[ARCHIVE]
+    try:
+        await asyncio.to_thread(archive.db.scalar, "SELECT 1")
+    except Exception as exc:  # noqa: BLE001
+        return web.json_response({"status": "error", "index": str(exc)}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def make_app(archive: Archive) -> web.Application:
+    """The aiohttp application: core routes plus every registered service."""
+    app = web.Application(middlewares=[errors_and_metrics])
+    app[ARCHIVE] = archive
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    for ep in entry_points(group="imag.routes"):
+        ep.load()(app, archive)
+        log.info("routes mounted", extra={"service": ep.name})
+    return app
+
+
+async def serve_http(archive: Archive, host: str, port: int) -> web.AppRunner:
+    """Start the HTTP server; return the runner (call ``cleanup`` to stop)."""
+    runner = web.AppRunner(make_app(archive), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner

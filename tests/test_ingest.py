@@ -1,0 +1,207 @@
+"""The ingest pipeline: what is accepted is durable and indexed; what is
+refused gets a clear reason and leaves everything already stored intact."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import pydicom
+import pytest
+
+from archive.config import Config
+from archive.identity import Source
+from archive.index import StoreOutcome
+from archive.runtime import Archive
+from tests.dicomfiles import make_instance
+
+SOURCE = Source(kind="import", site="SITE-A")
+
+
+def snapshot(archive: Archive) -> tuple:
+    """Everything stored: counts, and every object's bytes by key."""
+    objects = {k: archive.store.get(k) for k in archive.store.iter_keys()}
+    return archive.catalog.counts(), objects
+
+
+def test_an_accepted_instance_is_stored_bit_identical_and_indexed(archive: Archive) -> None:
+    data = make_instance()
+    result = archive.pipeline.ingest(data, SOURCE)
+    assert result.ok and result.outcome is StoreOutcome.STORED
+    assert archive.store.get(result.object_key) == data
+    stored = archive.catalog.find_instance(result.sop_instance_uid)
+    assert stored.sha256 == hashlib.sha256(data).digest()
+    assert stored.size == len(data)
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    row = archive.db.query_one(
+        "SELECT p.issuer, p.patient_id, st.site, se.modality, i.stored_ts, i.original_ts "
+        "FROM instances i JOIN series se ON se.id = i.series_ref "
+        "JOIN studies st ON st.id = se.study_ref JOIN patients p ON p.id = st.patient_ref"
+    )
+    assert row == (
+        "SITE-A",
+        ds.PatientID,
+        "SITE-A",
+        "CT",
+        ds.file_meta.TransferSyntaxUID,
+        ds.file_meta.TransferSyntaxUID,
+    )
+
+
+def test_resending_identical_bytes_is_an_idempotent_success(archive: Archive) -> None:
+    data = make_instance()
+    first = archive.pipeline.ingest(data, SOURCE)
+    before = snapshot(archive)
+    again = archive.pipeline.ingest(data, SOURCE)
+    assert again.ok and again.outcome is StoreOutcome.DUPLICATE
+    assert again.object_key == first.object_key
+    assert snapshot(archive) == before
+
+
+def test_a_different_object_under_a_known_uid_is_kept_by_default(archive: Archive) -> None:
+    data = make_instance()
+    ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+    first = archive.pipeline.ingest(data, SOURCE)
+    before = snapshot(archive)
+    ds.StudyDescription = "changed"
+    other = archive.pipeline.ingest(_encode(ds), SOURCE)
+    assert other.ok and other.outcome is StoreOutcome.KEPT
+    assert snapshot(archive) == before
+    assert archive.store.get(first.object_key) == data
+
+
+def test_replace_policy_swaps_the_object_and_removes_the_old_one(
+    make_config: Callable[..., Config], index_url: str
+) -> None:
+    with Archive(
+        make_config(index_url=index_url, settings={"ingest.on_conflict": "replace"})
+    ) as archive:
+        data = make_instance()
+        ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+        first = archive.pipeline.ingest(data, SOURCE)
+        ds.StudyDescription = "corrected"
+        new = _encode(ds)
+        second = archive.pipeline.ingest(new, SOURCE)
+        assert second.outcome is StoreOutcome.REPLACED
+        assert list(archive.store.iter_keys()) == [second.object_key]
+        assert not archive.store.exists(first.object_key)
+        assert archive.store.get(second.object_key) == new
+        assert archive.catalog.counts()["instances"] == 1
+        assert archive.catalog.counts()["bytes"] == len(new)
+
+
+def _encode(ds: pydicom.FileDataset) -> bytes:
+    from tests.dicomfiles import encode
+
+    return encode(ds)
+
+
+def _drop(keyword: str) -> Callable[[pydicom.FileDataset], None]:
+    def edit(ds: pydicom.FileDataset) -> None:
+        delattr(ds, keyword)
+
+    return edit
+
+
+def _set(keyword: str, value: str) -> Callable[[pydicom.FileDataset], None]:
+    def edit(ds: pydicom.FileDataset) -> None:
+        setattr(ds, keyword, value)
+        if keyword == "SOPInstanceUID":
+            ds.file_meta.MediaStorageSOPInstanceUID = value
+
+    return edit
+
+
+BAD_INPUTS = {
+    "truncated pixel data": (lambda: make_instance()[:-1000], "truncated", "truncated"),
+    "truncated inside the header": (lambda: make_instance()[:699], "truncated", "truncated"),
+    "non-DICOM bytes": (lambda: b"%PDF-1.7 this is not an image" * 20, "not-dicom", "DICM"),
+    "empty": (lambda: b"", "not-dicom", "DICM"),
+    "missing SOP Instance UID": (
+        lambda: make_instance(_drop("SOPInstanceUID")),
+        "missing-attribute",
+        "SOPInstanceUID",
+    ),
+    "missing Study Instance UID": (
+        lambda: make_instance(_drop("StudyInstanceUID")),
+        "missing-attribute",
+        "StudyInstanceUID",
+    ),
+    "missing Series Instance UID": (
+        lambda: make_instance(_drop("SeriesInstanceUID")),
+        "missing-attribute",
+        "SeriesInstanceUID",
+    ),
+    "UID with letters": (
+        lambda: make_instance(_set("SOPInstanceUID", "1.2.abc.4")),
+        "invalid-uid",
+        "SOPInstanceUID",
+    ),
+    "UID with path separators": (
+        lambda: make_instance(_set("StudyInstanceUID", "1.2/../../etc")),
+        "invalid-uid",
+        "StudyInstanceUID",
+    ),
+    "UID too long": (
+        lambda: make_instance(_set("SeriesInstanceUID", "1." + "2" * 70)),
+        "invalid-uid",
+        "at most 64",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_with_a_reason_and_changes_nothing(
+    archive: Archive, case: str
+) -> None:
+    kept = make_instance()
+    archive.pipeline.ingest(kept, SOURCE)
+    before = snapshot(archive)
+    build, code, words = BAD_INPUTS[case]
+    result = archive.pipeline.ingest(build(), SOURCE)
+    assert not result.ok
+    assert result.code == code, result.reason
+    assert words in result.reason
+    assert snapshot(archive) == before
+
+
+def test_an_object_over_the_size_limit_is_refused(
+    make_config: Callable[..., Config], index_url: str
+) -> None:
+    with Archive(
+        make_config(index_url=index_url, settings={"ingest.max_object_bytes": 10_000})
+    ) as archive:
+        result = archive.pipeline.ingest(make_instance(), SOURCE)
+        assert (result.ok, result.code) == (False, "too-large")
+        assert "ingest.max_object_bytes" in result.reason
+        assert archive.catalog.counts()["instances"] == 0
+        assert list(archive.store.iter_keys()) == []
+
+
+def test_an_unreachable_object_store_refuses_and_indexes_nothing(
+    make_config: Callable[..., Config], tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real S3 client against a port where nothing listens."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    config = make_config(
+        storage_url="s3://bucket/prefix",
+        settings={"s3.endpoint_url": "http://127.0.0.1:9", "s3.region": "x"},
+    )
+    with Archive(config) as archive:
+        result = archive.pipeline.ingest(make_instance(), SOURCE)
+        assert (result.ok, result.code) == (False, "storage-error")
+        assert archive.catalog.counts()["instances"] == 0
+
+
+def test_same_local_patient_id_at_two_sites_without_issuer_stays_two_patients(
+    archive: Archive,
+) -> None:
+    def no_issuer(ds: pydicom.FileDataset) -> None:
+        ds.PatientID = "12345"
+        if "IssuerOfPatientID" in ds:
+            del ds.IssuerOfPatientID
+
+    archive.pipeline.ingest(make_instance(no_issuer), Source("import", site="A"))
+    archive.pipeline.ingest(make_instance(no_issuer), Source("import", site="B"))
+    assert archive.catalog.counts()["patients"] == 2
