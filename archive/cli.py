@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -79,12 +80,13 @@ def cmd_import(args: argparse.Namespace) -> int:
         if result.outcome is None and not args.quiet:
             bar.write(f"rejected {path}: {result.reason}")
 
+    started = time.monotonic()
     with Archive(config) as archive:
         summary = run_import(
             archive, args.paths, site=args.site, workers=args.workers, on_result=on_result
         )
     bar.close()
-    elapsed = bar.format_dict.get("elapsed") or 0.0
+    elapsed = time.monotonic() - started
     if args.json:
         out = summary.as_dict() | {
             "seconds": round(elapsed, 3),

@@ -1,0 +1,86 @@
+"""Start a throwaway Orthanc (Debian package ``orthanc``) for side-by-side figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Orthanc:
+    http_url: str
+    dicom_port: int
+    aet: str
+    folder: Path
+
+
+def available() -> bool:
+    return shutil.which("Orthanc") is not None
+
+
+@contextmanager
+def running_orthanc(extra: dict | None = None) -> Iterator[Orthanc]:
+    """An Orthanc on loopback with its own storage and SQLite index, removed after."""
+    folder = Path(tempfile.mkdtemp(prefix="imag-bench-orthanc-"))
+    http_port, dicom_port = _free_port(), _free_port()
+    config = {
+        "Name": "bench",
+        "StorageDirectory": str(folder / "db"),
+        "IndexDirectory": str(folder / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "HttpServerEnabled": True,
+        "Plugins": [],
+        "DicomCheckCalledAet": False,
+        "UnknownSopClassAccepted": True,
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowGet": True,
+        "DicomAlwaysAllowMove": True,
+        "StableAge": 3600,
+        "SaveJobs": False,
+        "LogLevel": "default",
+    } | (extra or {})
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "w")  # noqa: SIM115 - open while Orthanc runs
+    proc = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/system", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:]
+                    ) from None
+                time.sleep(0.1)
+        yield Orthanc(url, dicom_port, "ORTHANC", folder)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)

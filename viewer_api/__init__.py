@@ -1,0 +1,1 @@
+"""Share links, the viewer's JSON API and the web viewer page."""

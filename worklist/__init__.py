@@ -1,0 +1,1 @@
+"""Teleradiology reading worklist and the screening second-read queue."""
