@@ -95,8 +95,12 @@ class StoredInstance:
     integrity: str
 
 
-def _norm(name: str | None) -> str | None:
-    return None if name is None else name.upper()
+def normalise_pn(name: str | None) -> str | None:
+    """The form person names are matched in: upper case (MÜLLER matches
+    Müller), without trailing empty components ("DOE^JOHN^^" is "DOE^JOHN")."""
+    if name is None:
+        return None
+    return name.upper().rstrip("^ ")
 
 
 class Catalog:
@@ -185,7 +189,7 @@ class Catalog:
                 r.issuer,
                 r.patient_id,
                 r.patient_name,
-                _norm(r.patient_name),
+                normalise_pn(r.patient_name),
                 r.birth_date,
                 r.sex,
                 now,
@@ -225,7 +229,7 @@ class Catalog:
                 r.study_id,
                 r.study_description,
                 r.referring_physician_name,
-                _norm(r.referring_physician_name),
+                normalise_pn(r.referring_physician_name),
                 r.institution_name,
                 r.site,
                 now,

@@ -83,6 +83,9 @@ class Database:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=60000")
+            # LIKE is case-sensitive as DICOM wildcard matching is (names are
+            # matched on an upper-cased column), and prefix LIKEs use indexes.
+            conn.execute("PRAGMA case_sensitive_like=ON")
         else:
             try:
                 conn = psycopg.connect(self.url, autocommit=True)

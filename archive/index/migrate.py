@@ -31,6 +31,12 @@ def available() -> list[tuple[int, str, str]]:
 
 
 def _statements(sql: str, dialect: str) -> list[str]:
+    """The statements of a migration for ``dialect``.  A migration whose first
+    line is ``-- dialect: NAME`` runs only there (elsewhere it is recorded as
+    applied with nothing to do), so both backends keep one version sequence."""
+    first = sql.lstrip().splitlines()[0] if sql.strip() else ""
+    if first.startswith("-- dialect:") and first.split(":", 1)[1].strip() != dialect:
+        return []
     body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
     body = body.format(**TYPES[dialect])
     return [s.strip() for s in body.split(";") if s.strip()]

@@ -1,0 +1,329 @@
+"""The one query model behind C-FIND and QIDO-RS.
+
+A :class:`Query` names a level (PATIENT, STUDY, SERIES, IMAGE), matching keys
+with DICOM values, and return keys.  :func:`search` translates it once into
+SQL for either index backend, following the matching rules of PS3.4 C.2.2.2:
+
+* universal matching: an empty value matches everything (the key is returned);
+* single value matching; for PN case-insensitive (names are compared on an
+  upper-cased copy, so MÜLLER matches müller), trailing "^" ignored;
+* wildcard matching with ``*`` and ``?`` (LIKE, so prefix patterns use the
+  indexes);
+* range matching for DA and TM (``A-B``, ``-B``, ``A-``);
+* list of UID matching (``uid1\\uid2``);
+* ModalitiesInStudy matches when any of the study's modalities matches any
+  value of the key.
+
+Access scope (the sites a caller may see) is a WHERE clause of the same SQL,
+so counts, limits and offsets are right by construction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from archive.index.catalog import normalise_pn
+from archive.index.db import Database
+from archive.uids import is_valid_uid
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+_DEPTH = {name: i for i, name in enumerate(LEVELS)}
+
+
+class QueryError(ValueError):
+    """A query the archive cannot answer as asked: unknown attribute, bad value."""
+
+
+@dataclass(frozen=True)
+class Attr:
+    keyword: str
+    level: str
+    column: str  # SQL expression
+    vr: str
+    match: bool = True  # may be used as a matching key
+
+
+# The attributes the index holds, by keyword.  Counts come from the counters
+# kept on studies and series, so returning them costs nothing.
+ATTRIBUTES: dict[str, Attr] = {
+    a.keyword: a
+    for a in [
+        Attr("PatientID", "PATIENT", "p.patient_id", "LO"),
+        Attr("IssuerOfPatientID", "PATIENT", "p.issuer", "LO"),
+        Attr("PatientName", "PATIENT", "p.patient_name", "PN"),
+        Attr("PatientBirthDate", "PATIENT", "p.birth_date", "DA"),
+        Attr("PatientSex", "PATIENT", "p.sex", "CS"),
+        Attr("NumberOfPatientRelatedStudies", "PATIENT", "", "IS", match=False),
+        Attr("NumberOfPatientRelatedSeries", "PATIENT", "", "IS", match=False),
+        Attr("NumberOfPatientRelatedInstances", "PATIENT", "", "IS", match=False),
+        Attr("StudyInstanceUID", "STUDY", "st.study_uid", "UI"),
+        Attr("StudyDate", "STUDY", "st.study_date", "DA"),
+        Attr("StudyTime", "STUDY", "st.study_time", "TM"),
+        Attr("AccessionNumber", "STUDY", "st.accession_number", "SH"),
+        Attr("StudyID", "STUDY", "st.study_id", "SH"),
+        Attr("StudyDescription", "STUDY", "st.study_description", "LO"),
+        Attr("ReferringPhysicianName", "STUDY", "st.referring_physician_name", "PN"),
+        Attr("ModalitiesInStudy", "STUDY", "st.modalities", "CS"),
+        Attr("InstitutionName", "STUDY", "st.institution_name", "LO"),
+        Attr("NumberOfStudyRelatedSeries", "STUDY", "st.num_series", "IS", match=False),
+        Attr("NumberOfStudyRelatedInstances", "STUDY", "st.num_instances", "IS", match=False),
+        Attr("SeriesInstanceUID", "SERIES", "se.series_uid", "UI"),
+        Attr("Modality", "SERIES", "se.modality", "CS"),
+        Attr("SeriesNumber", "SERIES", "se.series_number", "IS"),
+        Attr("SeriesDescription", "SERIES", "se.series_description", "LO"),
+        Attr("BodyPartExamined", "SERIES", "se.body_part_examined", "CS"),
+        Attr("PerformedProcedureStepStartDate", "SERIES", "se.pps_start_date", "DA"),
+        Attr("PerformedProcedureStepStartTime", "SERIES", "se.pps_start_time", "TM"),
+        Attr("NumberOfSeriesRelatedInstances", "SERIES", "se.num_instances", "IS", match=False),
+        Attr("SOPInstanceUID", "IMAGE", "i.sop_instance_uid", "UI"),
+        Attr("SOPClassUID", "IMAGE", "i.sop_class_uid", "UI"),
+        Attr("InstanceNumber", "IMAGE", "i.instance_number", "IS"),
+        Attr("NumberOfFrames", "IMAGE", "i.number_of_frames", "IS"),
+    ]
+}
+_NORMALISED = {
+    "p.patient_name": "p.patient_name_norm",
+    "st.referring_physician_name": "st.referring_physician_name_norm",
+}
+_FROM = {
+    "PATIENT": "patients p",
+    "STUDY": "studies st JOIN patients p ON p.id = st.patient_ref",
+    "SERIES": "series se JOIN studies st ON st.id = se.study_ref "
+    "JOIN patients p ON p.id = st.patient_ref",
+    "IMAGE": "instances i JOIN series se ON se.id = i.series_ref "
+    "JOIN studies st ON st.id = se.study_ref JOIN patients p ON p.id = st.patient_ref",
+}
+UNIQUE_KEYS = {
+    "PATIENT": ("PatientID", "IssuerOfPatientID"),
+    "STUDY": ("StudyInstanceUID",),
+    "SERIES": ("SeriesInstanceUID",),
+    "IMAGE": ("SOPInstanceUID",),
+}
+_ORDER = {"PATIENT": "p.id", "STUDY": "st.id", "SERIES": "se.id", "IMAGE": "i.id"}
+_DATE = re.compile(r"^\d{8}$")
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+
+
+@dataclass
+class Query:
+    """A search at one level: matching keys (keyword → DICOM value string,
+    empty for universal matching) and extra return keys."""
+
+    level: str
+    keys: dict[str, str] = field(default_factory=dict)
+    return_keys: Sequence[str] = ()
+    limit: int | None = None
+    offset: int = 0
+    #: sites whose studies the caller may see; None = everything
+    sites: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.level not in _DEPTH:
+            raise QueryError(f"unknown query level {self.level!r}: use one of {LEVELS}")
+
+
+@dataclass
+class _Sql:
+    where: list[str] = field(default_factory=list)
+    params: list[Any] = field(default_factory=list)
+
+    def add(self, clause: str, *params: Any) -> None:
+        self.where.append(clause)
+        self.params.extend(params)
+
+
+def _like(value: str) -> str:
+    escaped = value.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _time_bound(value: str, upper: bool) -> str:
+    """A TM value as an inclusive bound: "12" is 12:00:00 as a lower bound and
+    12:59:59.999999 as an upper one (a time stands for its whole precision)."""
+    if not _TIME.match(value):
+        raise QueryError(f"invalid time {value!r}: expected HHMMSS (or HH, HHMM, HHMMSS.FFFFFF)")
+    whole, dot, _ = value.partition(".")
+    if not upper:
+        return whole.ljust(6, "0")
+    if dot:
+        return value
+    return whole + "235959"[len(whole) :] + ".999999"
+
+
+def _match(sql: _Sql, attr: Attr, value: str) -> None:
+    column = _NORMALISED.get(attr.column, attr.column)
+    if attr.vr == "UI":
+        uids = value.split("\\")
+        for uid in uids:
+            if not is_valid_uid(uid):
+                raise QueryError(f"{attr.keyword}: {uid!r} is not a valid UID")
+        if len(uids) == 1:
+            sql.add(f"{column} = ?", uids[0])
+        else:
+            sql.add(f"{column} IN ({', '.join('?' * len(uids))})", *uids)
+        return
+    if attr.vr in ("DA", "TM"):
+        check = _DATE if attr.vr == "DA" else _TIME
+        if "-" in value:
+            lo, _, hi = value.partition("-")
+            if not lo and not hi:
+                raise QueryError(f"{attr.keyword}: empty range {value!r}")
+            for part in (lo, hi):
+                if part and not check.match(part):
+                    raise QueryError(_bad(attr, part))
+            if attr.vr == "TM":
+                lo = _time_bound(lo, upper=False) if lo else ""
+                hi = _time_bound(hi, upper=True) if hi else ""
+            if lo:
+                sql.add(f"{column} >= ?", lo)
+            if hi:
+                sql.add(f"{column} <= ?", hi)
+            return
+        if _has_wildcard(value):
+            sql.add(f"{column} LIKE ? ESCAPE '!'", _like(value))
+            return
+        if not check.match(value):
+            raise QueryError(_bad(attr, value))
+        if attr.vr == "TM":  # a time matches every time within its precision
+            sql.add(f"{column} >= ?", _time_bound(value, upper=False))
+            sql.add(f"{column} <= ?", _time_bound(value, upper=True))
+        else:
+            sql.add(f"{column} = ?", value)
+        return
+    if attr.vr == "IS":
+        try:
+            number = int(value)
+        except ValueError:
+            raise QueryError(f"{attr.keyword}: {value!r} is not an integer") from None
+        sql.add(f"{column} = ?", number)
+        return
+    if attr.keyword == "ModalitiesInStudy":
+        alternatives = []
+        for modality in value.split("\\"):
+            pattern = _like(modality)
+            alternatives.append(
+                f"({column} LIKE ? ESCAPE '!' OR {column} LIKE ? ESCAPE '!' OR "
+                f"{column} LIKE ? ESCAPE '!' OR {column} LIKE ? ESCAPE '!')"
+            )
+            sql.params.extend([pattern, pattern + "\\%", "%\\" + pattern, "%\\" + pattern + "\\%"])
+        sql.where.append("(" + " OR ".join(alternatives) + ")")
+        return
+    if attr.vr == "PN":
+        value = normalise_pn(value) or ""
+    if _has_wildcard(value):
+        sql.add(f"{column} LIKE ? ESCAPE '!'", _like(value))
+    else:
+        sql.add(f"{column} = ?", value)
+
+
+def _bad(attr: Attr, value: str) -> str:
+    form = "YYYYMMDD" if attr.vr == "DA" else "HHMMSS"
+    return (
+        f"{attr.keyword}: {value!r} is not a valid {attr.vr} value (expected {form} or a range A-B)"
+    )
+
+
+def _patient_counts(level_sites: Sequence[str] | None) -> dict[str, str]:
+    scope = ""
+    if level_sites is not None:
+        scope = (
+            " AND s2.site IN (" + ", ".join("?" * len(level_sites)) + ")"
+            if level_sites
+            else " AND 1 = 0"
+        )
+    where = f"FROM studies s2 WHERE s2.patient_ref = p.id{scope}"
+    return {
+        "NumberOfPatientRelatedStudies": f"(SELECT COUNT(*) {where})",
+        "NumberOfPatientRelatedSeries": f"(SELECT COALESCE(SUM(s2.num_series), 0) {where})",
+        "NumberOfPatientRelatedInstances": f"(SELECT COALESCE(SUM(s2.num_instances), 0) {where})",
+    }
+
+
+def attributes_for(level: str) -> list[str]:
+    """Keywords an answer at ``level`` can carry (its level and those above)."""
+    depth = _DEPTH[level]
+    return [
+        k
+        for k, a in ATTRIBUTES.items()
+        if _DEPTH[a.level] <= depth
+        and not (a.level == "PATIENT" and a.column == "" and level != "PATIENT")
+    ]
+
+
+def search(db: Database, query: Query) -> list[dict[str, Any]]:
+    """Run ``query``; return one dict per match with the matching and return
+    keys (keyword → value; None for an empty value), ordered by insertion."""
+    depth = _DEPTH[query.level]
+    sql = _Sql()
+    for keyword, value in query.keys.items():
+        attr = ATTRIBUTES.get(keyword)
+        if attr is None:
+            raise QueryError(f"{keyword} is not an attribute this archive can match on")
+        if _DEPTH[attr.level] > depth:
+            raise QueryError(
+                f"{keyword} is a {attr.level}-level attribute; it cannot be "
+                f"matched in a {query.level}-level query"
+            )
+        if not attr.match:
+            raise QueryError(f"{keyword} can be returned but not matched on")
+        value = (value or "").strip()
+        if value and value != "*":
+            _match(sql, attr, value)
+
+    sites = None if query.sites is None else list(query.sites)
+    if sites is not None:
+        if query.level == "PATIENT":
+            sql.add(
+                "EXISTS (SELECT 1 FROM studies s3 WHERE s3.patient_ref = p.id AND s3.site IN "
+                f"({', '.join('?' * len(sites)) or 'NULL'}))",
+                *sites,
+            )
+        else:
+            sql.add(f"st.site IN ({', '.join('?' * len(sites)) or 'NULL'})", *sites)
+
+    wanted = _ordered([*UNIQUE_KEYS[query.level], *query.keys, *query.return_keys], query.level)
+    counts = _patient_counts(sites)
+    select: list[str] = []
+    select_params: list[Any] = []
+    for keyword in wanted:
+        attr = ATTRIBUTES[keyword]
+        if keyword in counts:
+            select.append(counts[keyword])
+            select_params.extend(sites or [])
+        else:
+            select.append(attr.column)
+    text = f"SELECT {', '.join(select)} FROM {_FROM[query.level]}"
+    if sql.where:
+        text += " WHERE " + " AND ".join(sql.where)
+    text += f" ORDER BY {_ORDER[query.level]}"
+    params = select_params + sql.params
+    if query.limit is not None:
+        text += " LIMIT ? OFFSET ?"
+        params += [query.limit, query.offset]
+    elif query.offset:
+        text += " LIMIT -1 OFFSET ?" if db.dialect == "sqlite" else " OFFSET ?"
+        params.append(query.offset)
+    rows = db.query(text, params)
+    return [dict(zip(wanted, row, strict=True)) for row in rows]
+
+
+def _ordered(keywords: Iterable[str], level: str) -> list[str]:
+    """Known keywords, deduplicated, valid at ``level`` (others are dropped:
+    a return key the index does not hold is answered empty by the caller)."""
+    depth = _DEPTH[level]
+    seen: dict[str, None] = {}
+    for keyword in keywords:
+        attr = ATTRIBUTES.get(keyword)
+        if attr is None or _DEPTH[attr.level] > depth:
+            continue
+        if attr.level == "PATIENT" and attr.column == "" and level != "PATIENT":
+            continue
+        seen[keyword] = None
+    return list(seen)
