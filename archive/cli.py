@@ -197,18 +197,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         archive = Archive(config)
+        dicom = None
+        if config["dicom.enabled"]:
+            from archive.dimse.server import DicomServer
+
+            dicom = DicomServer(archive)
+            dicom.start(config["dicom.host"], config["dicom.port"])
         runner = await serve_http(archive, config["http.host"], config["http.port"])
-        log.info(
-            "imag serving",
-            extra={
-                "http": f"http://{config['http.host']}:{config['http.port']}",
-                "index": config.masked()["index.url"],
-                "storage": config.storage_url,
-            },
-        )
+        http = f"http://{config['http.host']}:{config['http.port']}"
+        where = {"http": http, "index": config.masked()["index.url"], "storage": config.storage_url}
+        if dicom is not None:
+            where["dicom"] = f"{config['dicom.aet']}@{config['dicom.host']}:{dicom.port}"
+        log.info("imag serving", extra=where)
         print(
-            f"IMAG listening on http://{config['http.host']}:{config['http.port']} "
-            f"(index {config.masked()['index.url']}, storage {config.storage_url})",
+            "IMAG listening: " + ", ".join(f"{k} {v}" for k, v in where.items()),
             file=sys.stderr,
             flush=True,
         )
@@ -217,6 +219,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        if dicom is not None:
+            dicom.stop()
         await runner.cleanup()
         archive.close()
 

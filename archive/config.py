@@ -11,6 +11,7 @@ Every value is validated at load time: a bad value stops start-up with a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -111,6 +112,43 @@ def _size(value: Any) -> int:
     return n
 
 
+def _peers(value: Any) -> list[dict]:
+    """[[dicom.peers]] tables (or a JSON array in IMAG_DICOM_PEERS)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise TypeError("a JSON array of {aet, host, port, site} objects") from None
+    if not isinstance(value, list):
+        raise TypeError("a list of [[dicom.peers]] tables with aet, host, port and site")
+    peers = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise TypeError(f"a table for peer #{i + 1}")
+        unknown = set(item) - {"aet", "host", "port", "site", "regional"}
+        if unknown:
+            raise TypeError(
+                f"peer #{i + 1}: only aet, host, port, site, regional "
+                f"(unknown: {', '.join(sorted(unknown))})"
+            )
+        try:
+            peers.append(
+                {
+                    "aet": _aet(item.get("aet")),
+                    "host": _str(item.get("host", "*")),
+                    "port": _int(0, 65535)(item.get("port", 104)),
+                    "site": _str(item.get("site", "")),
+                    "regional": _bool(item.get("regional", False)),
+                }
+            )
+        except TypeError as exc:
+            raise TypeError(f"peer #{i + 1} ({item.get('aet')!r}): {exc}") from None
+    titles = [p["aet"] for p in peers]
+    if len(set(titles)) != len(titles):
+        raise TypeError("peers with distinct AE titles")
+    return peers
+
+
 # -- the settings table ---------------------------------------------------------
 
 
@@ -147,6 +185,28 @@ SETTINGS: list[Setting] = [
     Setting("dicom.host", "0.0.0.0", _str, "DICOM listen address"),
     Setting("dicom.port", 11112, _int(0, 65535), "DICOM listen port"),
     Setting("dicom.aet", "IMAG", _aet, "our AE title"),
+    Setting("dicom.enabled", True, _bool, "run the DICOM listener in imag serve"),
+    Setting(
+        "dicom.peers",
+        [],
+        _peers,
+        "known DICOM peers: [[dicom.peers]] aet, host, port, site, regional (env: JSON array)",
+    ),
+    Setting(
+        "dicom.accept_unknown",
+        False,
+        _bool,
+        "accept associations from AE titles / addresses not in dicom.peers",
+    ),
+    Setting("dicom.check_called_aet", True, _bool, "refuse associations not addressed to our AE"),
+    Setting("dicom.max_associations", 32, _int(1, 1000), "concurrent associations at most"),
+    Setting("dicom.max_pdu", 4 * 2**20, _size, "largest PDU we accept (bytes)"),
+    Setting(
+        "dicom.network_timeout",
+        60,
+        _int(1, 3600),
+        "seconds of silence before a connection is dropped",
+    ),
     Setting(
         "ingest.max_object_bytes", 4 * 2**30, _size, "largest object accepted (bytes, or e.g. 2GiB)"
     ),

@@ -168,7 +168,7 @@ def test_serve_answers_health_and_prometheus_metrics(env: dict, ct_folder: Path)
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "archive.cli", "serve"],
-        env=env | {"IMAG_HTTP_PORT": str(port)},
+        env=env | {"IMAG_HTTP_PORT": str(port), "IMAG_DICOM_PORT": str(_free_port())},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -1,0 +1,1 @@
+"""DICOM network services (DIMSE): C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE."""

@@ -1,0 +1,294 @@
+"""pynetdicom event handlers: DICOM services on top of the archive core.
+
+Every C-STORE goes through the one ingest pipeline and is answered only when
+the instance is durable and indexed; C-FIND uses the one query model; C-GET
+and C-MOVE use the one retrieval path.  The peer table decides who may
+associate and which sites' studies they see.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+
+from archive.dimse.identifiers import answer, query_from_identifier, retrieve_keys
+from archive.dimse.peers import Peer, PeerTable
+from archive.identity import Source
+from archive.query import QueryError, search
+from archive.retrieve import StoredObject, convert_for, locate, read
+from archive.runtime import Archive
+
+log = logging.getLogger(__name__)
+
+ASSOCIATIONS = Counter("imag_dicom_associations_total", "DICOM associations requested", ["outcome"])
+ACTIVE = Gauge("imag_dicom_associations_active", "DICOM associations in progress")
+OPERATIONS = Counter(
+    "imag_dicom_operations_total", "DIMSE operations by service and status", ["service", "status"]
+)
+OPERATION_SECONDS = Histogram(
+    "imag_dicom_operation_seconds",
+    "Duration of DIMSE operations",
+    ["service"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+)
+
+# DIMSE status of a refused C-STORE, by the pipeline's rejection code (PS3.4 B.2.3)
+STORE_STATUS = {
+    "too-large": 0xA700,  # Refused: out of resources
+    "storage-error": 0xA700,
+    "index-error": 0xA700,
+    "missing-attribute": 0xA900,  # Error: data set does not match SOP class
+    "invalid-uid": 0xA900,
+    "inconsistent": 0xA900,
+}
+CANNOT_UNDERSTAND = 0xC000
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """No Nagle delay: each C-STORE round trip would otherwise wait ~40 ms for
+    a delayed ACK."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class DicomServices:
+    """The handlers bound to one AE, sharing the archive and the peer table."""
+
+    def __init__(self, archive: Archive, peers: PeerTable, aet: str) -> None:
+        self.archive = archive
+        self.peers = peers
+        self.aet = aet
+        self._peer_of: weakref.WeakKeyDictionary[Any, Peer | None] = weakref.WeakKeyDictionary()
+
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_RELEASED, self.on_closed),
+            (evt.EVT_ABORTED, self.on_closed),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_C_MOVE, self.on_move),
+        ]
+
+    # -- associations -------------------------------------------------------------
+
+    def on_requested(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        decision = self.peers.check(requestor.ae_title, requestor.address)
+        if not decision.allowed:
+            ASSOCIATIONS.labels("rejected").inc()
+            log.warning(
+                "association rejected",
+                extra={
+                    "calling_aet": requestor.ae_title,
+                    "address": requestor.address,
+                    "reason": decision.reason,
+                },
+            )
+            # Rejected permanent, by the service user: calling AE title not recognised
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            return
+        self._peer_of[event.assoc] = decision.peer
+
+    def on_established(self, event: evt.Event) -> None:
+        ASSOCIATIONS.labels("accepted").inc()
+        ACTIVE.inc()
+
+    def on_closed(self, event: evt.Event) -> None:
+        if event.assoc in self._peer_of:
+            ACTIVE.dec()
+            self._peer_of.pop(event.assoc, None)
+
+    def _peer(self, event: evt.Event) -> Peer | None:
+        return self._peer_of.get(event.assoc)
+
+    def _scope(self, event: evt.Event) -> list[str] | None:
+        peer = self._peer(event)
+        return None if peer is None else (None if peer.regional else [peer.site])
+
+    def _source(self, event: evt.Event) -> Source:
+        peer = self._peer(event)
+        requestor = event.assoc.requestor
+        return Source(
+            kind="dicom",
+            site=peer.site if peer else self.archive.config["ingest.default_site"],
+            calling_aet=requestor.ae_title.strip(),
+            address=requestor.address,
+        )
+
+    # -- services -------------------------------------------------------------------
+
+    def on_echo(self, event: evt.Event) -> int:
+        OPERATIONS.labels("C-ECHO", "0x0000").inc()
+        return 0x0000
+
+    def on_store(self, event: evt.Event) -> Dataset | int:
+        started = time.perf_counter()
+        try:
+            data = event.encoded_dataset()
+        except Exception as exc:  # noqa: BLE001 - a dataset pynetdicom cannot frame
+            return self._store_status(
+                started, CANNOT_UNDERSTAND, f"cannot read the data set: {exc}"
+            )
+        result = self.archive.pipeline.ingest(data, self._source(event))
+        if result.ok:
+            OPERATIONS.labels("C-STORE", "0x0000").inc()
+            OPERATION_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
+            return 0x0000
+        return self._store_status(
+            started, STORE_STATUS.get(result.code, CANNOT_UNDERSTAND), result.reason
+        )
+
+    @staticmethod
+    def _store_status(started: float, status: int, reason: str) -> Dataset:
+        OPERATIONS.labels("C-STORE", f"0x{status:04X}").inc()
+        OPERATION_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
+        ds = Dataset()
+        ds.Status = status
+        ds.ErrorComment = reason[:64]
+        return ds
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
+        started = time.perf_counter()
+        try:
+            query, tags = query_from_identifier(event.identifier, self._scope(event))
+            rows = search(self.archive.db, query)
+        except QueryError as exc:
+            OPERATIONS.labels("C-FIND", "0xA900").inc()
+            yield _failure(0xA900, str(exc)), None
+            return
+        for row in rows:
+            if event.is_cancelled:
+                OPERATIONS.labels("C-FIND", "0xFE00").inc()
+                yield 0xFE00, None
+                return
+            yield 0xFF00, answer(row, tags, query.level, self.aet)
+        OPERATIONS.labels("C-FIND", "0x0000").inc()
+        OPERATION_SECONDS.labels("C-FIND").observe(time.perf_counter() - started)
+
+    def _locate(self, event: evt.Event) -> list[StoredObject]:
+        level, keys = retrieve_keys(event.identifier)
+        return locate(self.archive.db, level, keys, self._scope(event))
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        # A bad identifier raises here; pynetdicom answers 0xC413 (unable to process).
+        items = self._locate(event)
+        yield len(items)
+        accepted = _accepted_by_sop_class(event.assoc, role="scp")
+        yield from self._send(event, items, accepted, "C-GET")
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        name = event.move_destination
+        name = name.decode("ascii", "replace") if isinstance(name, bytes) else str(name)
+        destination = self.peers.get(name)
+        if destination is None:
+            log.warning("C-MOVE to an unknown destination", extra={"destination": name})
+            OPERATIONS.labels("C-MOVE", "0xA801").inc()
+            yield None, None  # pynetdicom answers 0xA801: move destination unknown
+            return
+        try:
+            items, error = self._locate(event), None
+        except QueryError as exc:
+            items, error = [], exc
+        store_assoc: dict[str, Any] = {}
+
+        def remember(ev: evt.Event) -> None:
+            store_assoc["assoc"] = ev.assoc
+
+        yield (
+            destination.host,
+            destination.port,
+            {
+                "contexts": _contexts_for(items),
+                "max_pdu": self.archive.config["dicom.max_pdu"],
+                "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ESTABLISHED, remember)],
+            },
+        )
+        if error is not None:
+            raise error  # pynetdicom answers 0xC513 (unable to process)
+        yield len(items)
+        assoc = store_assoc.get("assoc")
+        accepted = _accepted_by_sop_class(assoc, role="scu") if assoc else {}
+        yield from self._send(event, items, accepted, "C-MOVE")
+
+    def _send(
+        self,
+        event: evt.Event,
+        items: list[StoredObject],
+        accepted: dict[str, set[str]],
+        service: str,
+    ) -> Iterator[Any]:
+        started = time.perf_counter()
+        for item in items:
+            if event.is_cancelled:
+                OPERATIONS.labels(service, "0xFE00").inc()
+                yield 0xFE00, None
+                return
+            try:
+                ds = convert_for(
+                    read(self.archive.store, item), accepted.get(item.sop_class_uid, set())
+                )
+            except Exception as exc:  # noqa: BLE001 - counted as a failed sub-operation
+                log.warning(
+                    "cannot read a stored instance for %s",
+                    service,
+                    extra={"sop_instance_uid": item.sop_instance_uid, "error": str(exc)},
+                )
+                ds = Dataset()  # pynetdicom counts it as failed with an empty UID
+                ds.SOPInstanceUID = item.sop_instance_uid
+            yield 0xFF00, ds
+        OPERATIONS.labels(service, "done").inc()
+        OPERATION_SECONDS.labels(service).observe(time.perf_counter() - started)
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _accepted_by_sop_class(assoc: Any, role: str) -> dict[str, set[str]]:
+    """SOP class → transfer syntaxes the peer accepted for storage towards it."""
+    accepted: dict[str, set[str]] = {}
+    for cx in assoc.accepted_contexts:
+        if role == "scp" and not cx.as_scp:
+            continue
+        accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+    return accepted
+
+
+def _contexts_for(items: list[StoredObject]) -> list:
+    """Presentation contexts to propose to a C-MOVE destination: per SOP class,
+    the stored syntaxes first, then the uncompressed ones every SCP takes."""
+    by_class: dict[str, list[str]] = {}
+    for item in items:
+        syntaxes = by_class.setdefault(item.sop_class_uid, [])
+        if item.transfer_syntax not in syntaxes:
+            syntaxes.append(item.transfer_syntax)
+    contexts = []
+    for sop_class, syntaxes in by_class.items():
+        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if ts not in syntaxes:
+                syntaxes.append(ts)
+        # one context per syntax so that the SCP can accept each independently
+        for ts in syntaxes:
+            contexts.append(build_context(sop_class, [ts]))
+    return contexts[:128]
