@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
 import time
@@ -190,24 +192,39 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args)
+    processes = config["dicom.processes"] if config["dicom.enabled"] else 1
+    multiproc_dir = None
+    if processes > 1:
+        # Before prometheus_client is first imported: every process then writes
+        # its metrics to this folder and /metrics adds them up.
+        from archive.dimse.processes import metrics_dir
+
+        multiproc_dir = metrics_dir(config)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+
     from archive.runtime import Archive
     from archive.server import serve_http
-
-    config = _load(args)
 
     async def main() -> None:
         archive = Archive(config)
         dicom = None
+        children: list = []
         if config["dicom.enabled"]:
+            from archive.dimse.processes import start_listeners
             from archive.dimse.server import DicomServer
 
             dicom = DicomServer(archive)
             dicom.start(config["dicom.host"], config["dicom.port"])
+            if processes > 1:
+                children = start_listeners(config, dicom.port, processes - 1)
         runner = await serve_http(archive, config["http.host"], config["http.port"])
         http = f"http://{config['http.host']}:{config['http.port']}"
         where = {"http": http, "index": config.masked()["index.url"], "storage": config.storage_url}
         if dicom is not None:
-            where["dicom"] = f"{config['dicom.aet']}@{config['dicom.host']}:{dicom.port}"
+            where["dicom"] = f"{config['dicom.aet']}@{config['dicom.host']}:{dicom.port}" + (
+                f" ({processes} processes)" if processes > 1 else ""
+            )
         log.info("imag serving", extra=where)
         print(
             "IMAG listening: " + ", ".join(f"{k} {v}" for k, v in where.items()),
@@ -219,12 +236,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        if children:
+            from archive.dimse.processes import stop_listeners
+
+            await asyncio.to_thread(stop_listeners, children)
         if dicom is not None:
             dicom.stop()
         await runner.cleanup()
         archive.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if multiproc_dir:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
     return 0
 
 

@@ -199,6 +199,13 @@ SETTINGS: list[Setting] = [
         "accept associations from AE titles / addresses not in dicom.peers",
     ),
     Setting("dicom.check_called_aet", True, _bool, "refuse associations not addressed to our AE"),
+    Setting(
+        "dicom.processes",
+        1,
+        _int(1, 64),
+        "DICOM listener processes sharing the port "
+        "(SO_REUSEPORT); more than one uses more cores for C-STORE ingest",
+    ),
     Setting("dicom.max_associations", 32, _int(1, 1000), "concurrent associations at most"),
     Setting("dicom.max_pdu", 4 * 2**20, _size, "largest PDU we accept (bytes)"),
     Setting(

@@ -236,3 +236,35 @@ def test_iterating_instances_walks_every_row_in_batches(catalog: Catalog) -> Non
     catalog.commit([record(f"1.8.{i}") for i in range(25)])
     seen = [i.sop_instance_uid for i in catalog.iter_instances(batch=7)]
     assert sorted(seen) == sorted(f"1.8.{i}" for i in range(25))
+
+
+def test_short_lived_threads_share_pooled_connections(index_url: str) -> None:
+    """Every DICOM association runs in its own thread: connections must go
+    back to a pool, not stay open once per thread that ever queried."""
+    db = open_database(index_url)
+    upgrade_index(db)
+    opened: list[object] = []
+    connect = db._connect
+
+    def counting_connect():  # noqa: ANN202 - wraps the real connect, counts calls
+        conn = connect()
+        opened.append(conn)
+        return conn
+
+    db._connect = counting_connect
+    for _ in range(30):  # one association after another
+        t = threading.Thread(target=Catalog(db).counts)
+        t.start()
+        t.join()
+    assert len(opened) == 1
+    threads = [threading.Thread(target=Catalog(db).counts) for _ in range(20)]  # at once
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(db._idle) <= db.max_idle
+    if db.dialect == "postgresql":
+        name = index_url.rsplit("/", 1)[1]
+        open_now = db.scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = ?", (name,))
+        assert open_now <= db.max_idle + 1
+    db.close()

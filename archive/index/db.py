@@ -49,9 +49,16 @@ class IndexError_(Exception):
 
 
 class Database:
-    """A connection factory for one index URL, with per-thread connections."""
+    """A pool of connections to one index URL.
 
-    def __init__(self, url: str) -> None:
+    Work is done on a connection borrowed for one statement, or for the whole
+    of a :meth:`transaction` (statements issued inside it on the same thread
+    use its connection).  Connections go back to the pool, so thousands of
+    short-lived association threads share a handful of connections instead of
+    each leaving one open.
+    """
+
+    def __init__(self, url: str, max_idle: int = 8) -> None:
         self.url = url
         scheme = urlsplit(url).scheme
         if scheme == "sqlite":
@@ -64,9 +71,10 @@ class Database:
             self.path = None
         else:
             raise ValueError(f"unsupported index URL {url!r}: use sqlite:/// or postgresql://")
-        self._local = threading.local()
-        self._all: list[Any] = []
+        self.max_idle = max_idle
+        self._idle: list[Any] = []
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     # -- connections ------------------------------------------------------------
 
@@ -86,51 +94,70 @@ class Database:
             # LIKE is case-sensitive as DICOM wildcard matching is (names are
             # matched on an upper-cased column), and prefix LIKEs use indexes.
             conn.execute("PRAGMA case_sensitive_like=ON")
-        else:
-            try:
-                conn = psycopg.connect(self.url, autocommit=True)
-            except psycopg.OperationalError as exc:
-                raise IndexError_(
-                    f"cannot connect to the index at {_safe(self.url)}: {exc}"
-                ) from None
-        with self._lock:
-            self._all.append(conn)
-        return conn
+            return conn
+        try:
+            return psycopg.connect(self.url, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise IndexError_(f"cannot connect to the index at {_safe(self.url)}: {exc}") from None
 
-    @property
-    def conn(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or (self.dialect == "postgresql" and conn.closed):
+    def _usable(self, conn: Any) -> bool:
+        return self.dialect == "sqlite" or not (conn.closed or conn.broken)
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        """Borrow a connection (the transaction's own, inside a transaction)."""
+        current = getattr(self._local, "conn", None)
+        if current is not None:
+            yield current
+            return
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None or not self._usable(conn):
             conn = self._connect()
-            self._local.conn = conn
-        return conn
+        try:
+            yield conn
+        finally:
+            self._release(conn)
+
+    def _release(self, conn: Any) -> None:
+        if self._usable(conn):
+            with self._lock:
+                if len(self._idle) < self.max_idle:
+                    self._idle.append(conn)
+                    return
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
 
     def close(self) -> None:
         with self._lock:
-            for conn in self._all:
-                try:
-                    conn.close()
-                except Exception:  # noqa: BLE001 - closing is best effort
-                    pass
-            self._all.clear()
-        self._local = threading.local()
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     # -- statements -------------------------------------------------------------
 
     def sql(self, text: str) -> str:
-        """Translate ``?`` placeholders and type tokens for this dialect."""
+        """Translate ``?`` placeholders for this dialect."""
         if self.dialect == "postgresql":
             text = _PLACEHOLDER.sub("%s", text)
         return text
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.conn.execute(self.sql(sql), _adapt(params, self.dialect))
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        with self.connection() as conn:
+            conn.execute(self.sql(sql), _adapt(params, self.dialect))
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        return list(self.execute(sql, params).fetchall())
+        with self.connection() as conn:
+            return list(conn.execute(self.sql(sql), _adapt(params, self.dialect)).fetchall())
 
     def query_one(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
-        return self.execute(sql, params).fetchone()
+        with self.connection() as conn:
+            return conn.execute(self.sql(sql), _adapt(params, self.dialect)).fetchone()
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         row = self.query_one(sql, params)
@@ -140,29 +167,36 @@ class Database:
         if not rows:
             return
         adapted = [_adapt(r, self.dialect) for r in rows]
-        if self.dialect == "sqlite":
-            self.conn.executemany(self.sql(sql), adapted)
-        else:
-            with self.conn.cursor() as cur:
-                cur.executemany(self.sql(sql), adapted)
+        with self.connection() as conn:
+            if self.dialect == "sqlite":
+                conn.executemany(self.sql(sql), adapted)
+            else:
+                with conn.cursor() as cur:
+                    cur.executemany(self.sql(sql), adapted)
 
     @contextmanager
     def transaction(self) -> Iterator[Database]:
         """A write transaction: everything inside commits together or not at all."""
-        conn = self.conn
-        if self.dialect == "sqlite":
-            # IMMEDIATE takes the write lock up front, so two writers queue on
-            # busy_timeout instead of failing with a deadlock on lock upgrade.
-            conn.execute("BEGIN IMMEDIATE")
+        if getattr(self._local, "conn", None) is not None:
+            raise RuntimeError("transactions do not nest")
+        with self.connection() as conn:
+            self._local.conn = conn
             try:
-                yield self
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        else:
-            with conn.transaction():
-                yield self
+                if self.dialect == "sqlite":
+                    # IMMEDIATE takes the write lock up front, so two writers queue
+                    # on busy_timeout instead of failing on lock upgrade.
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield self
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                    conn.execute("COMMIT")
+                else:
+                    with conn.transaction():
+                        yield self
+            finally:
+                self._local.conn = None
 
 
 def _adapt(params: Sequence[Any], dialect: str) -> Sequence[Any]:
