@@ -171,6 +171,8 @@ def _match(sql: _Sql, attr: Attr, value: str) -> None:
         return
     if attr.vr in ("DA", "TM"):
         check = _DATE if attr.vr == "DA" else _TIME
+        if value.count("-") > 1:
+            raise QueryError(_bad(attr, value))
         if "-" in value:
             lo, _, hi = value.partition("-")
             if not lo and not hi:

@@ -1,0 +1,209 @@
+"""QIDO-RS (PS3.18 10.6): searches for studies, series and instances.
+
+Query parameters become a :class:`archive.query.Query`, the same model
+C-FIND uses, so both services match the same way.  Results are built as
+pydicom datasets and serialised in the DICOM JSON model by pydicom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from archive.query import ATTRIBUTES, LEVELS, Query, QueryError, search
+from archive.server import ARCHIVE, problem
+
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 1000
+
+# What each level returns by default (PS3.18 Table 10.6.3-3, limited to what
+# the index holds; the rest is answered when asked for with includefield).
+DEFAULT_FIELDS = {
+    "STUDY": [
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ModalitiesInStudy",
+        "ReferringPhysicianName",
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyID",
+        "StudyDescription",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+    ],
+    "SERIES": [
+        "Modality",
+        "SeriesDescription",
+        "SeriesNumber",
+        "SeriesInstanceUID",
+        "NumberOfSeriesRelatedInstances",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+        "BodyPartExamined",
+        "StudyInstanceUID",
+    ],
+    "IMAGE": [
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "InstanceNumber",
+        "NumberOfFrames",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+    ],
+}
+CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+# Values that carry lists: commas in QIDO become DICOM's backslash.
+_LIST_VRS = {"UI", "CS"}
+
+
+class BadRequest(ValueError):
+    """A QIDO parameter the archive cannot accept."""
+
+
+def _keyword(name: str) -> str:
+    """An attribute given by keyword (PatientName) or tag (00100010)."""
+    name = name.strip()
+    if len(name) == 8 and all(c in "0123456789abcdefABCDEF" for c in name):
+        keyword = keyword_for_tag(Tag(int(name, 16)))
+        if keyword:
+            return keyword
+        raise BadRequest(f"attribute {name} is not a known DICOM tag")
+    if tag_for_keyword(name) is None:
+        raise BadRequest(f"{name!r} is neither a DICOM keyword nor a tag (ggggeeee)")
+    return name
+
+
+def _int_param(params: Any, name: str, default: int, maximum: int | None = None) -> int:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a non-negative integer, not {raw!r}") from None
+    if value < 0:
+        raise BadRequest(f"{name} must be a non-negative integer, not {raw!r}")
+    return min(value, maximum) if maximum is not None else value
+
+
+def build_query(level: str, params: Any, path_keys: dict[str, str]) -> tuple[Query, list[str]]:
+    """The query a QIDO request asks; also the fields to return."""
+    keys: dict[str, str] = dict(path_keys)
+    includes: list[str] = []
+    include_all = False
+    for name, value in params.items():
+        if name in CONTROL:
+            if name == "includefield":
+                for field in value.split(","):
+                    if field.strip() == "all":
+                        include_all = True
+                    elif field.strip():
+                        includes.append(_keyword(field))
+            elif name == "fuzzymatching" and value.lower() not in ("true", "false"):
+                raise BadRequest(f"fuzzymatching must be true or false, not {value!r}")
+            continue
+        keyword = _keyword(name)
+        attr = ATTRIBUTES.get(keyword)
+        if attr is None or not attr.match:
+            raise BadRequest(f"{keyword} is not an attribute this archive can search on")
+        if LEVELS.index(attr.level) > LEVELS.index(level):
+            raise BadRequest(
+                f"{keyword} is a {attr.level.lower()}-level attribute; it cannot "
+                f"be searched at the {level.lower()} level"
+            )
+        if attr.vr in _LIST_VRS:
+            value = value.replace(",", "\\")
+        if keyword in keys and keys[keyword] != value:
+            raise BadRequest(f"{keyword} is given twice with different values")
+        keys[keyword] = value
+    fields = list(DEFAULT_FIELDS[level])
+    if include_all:
+        fields += [k for k, a in ATTRIBUTES.items() if LEVELS.index(a.level) <= LEVELS.index(level)]
+    fields += includes
+    limit = _int_param(params, "limit", DEFAULT_LIMIT, MAX_LIMIT)
+    offset = _int_param(params, "offset", 0)
+    # one more than asked, to know whether the answer was cut
+    return Query(level, keys, fields, limit=limit + 1, offset=offset), fields
+
+
+def to_json(rows: list[dict[str, Any]], fields: list[str], base_url: str, level: str) -> list[dict]:
+    out = []
+    for row in rows:
+        ds = Dataset()
+        for keyword in dict.fromkeys(fields):
+            if keyword not in ATTRIBUTES and keyword not in row:
+                tag = tag_for_keyword(keyword)
+                if tag is not None:  # asked for but not indexed: present and empty
+                    ds.add_new(tag, dictionary_VR(tag), None)
+                continue
+            value = row.get(keyword)
+            tag = tag_for_keyword(keyword)
+            vr = dictionary_VR(tag)
+            if value is not None and keyword == "ModalitiesInStudy":
+                value = [m for m in str(value).split("\\") if m]
+            ds.add_new(tag, vr, value if value not in ("",) else None)
+        ds.InstanceAvailability = "ONLINE"
+        study = row.get("StudyInstanceUID")
+        url = f"{base_url}/studies/{study}"
+        if level in ("SERIES", "IMAGE") and row.get("SeriesInstanceUID"):
+            url += f"/series/{row['SeriesInstanceUID']}"
+        if level == "IMAGE":
+            url += f"/instances/{row['SOPInstanceUID']}"
+        ds.RetrieveURL = url
+        out.append(ds.to_json_dict())
+    return out
+
+
+def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohttp handler
+    async def handle(request: web.Request) -> web.Response:
+        archive = request.app[ARCHIVE]
+        path_keys = {
+            {"study": "StudyInstanceUID", "series": "SeriesInstanceUID"}[p]: request.match_info[p]
+            for p in path_params
+        }
+        try:
+            query, fields = build_query(level, request.query, path_keys)
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+                if keyword not in fields and (level != "STUDY" or keyword == "StudyInstanceUID"):
+                    fields.append(keyword)
+            query.return_keys = fields
+            rows = await asyncio.to_thread(search, archive.db, query)
+        except (BadRequest, QueryError) as exc:
+            return problem(400, "Bad Request", str(exc))
+        limit = query.limit - 1
+        cut = len(rows) > limit
+        rows = rows[:limit]
+        base = f"{request.scheme}://{request.host}{request.app['prefix']}"
+        body = to_json(rows, fields, base, level)
+        headers = {}
+        if cut:
+            headers["Warning"] = (
+                '299 IMAG "The number of results exceeded the limit; request more with offset."'
+            )
+        return web.Response(
+            text=json.dumps(body), content_type="application/dicom+json", headers=headers
+        )
+
+    return handle
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/studies", _handler("STUDY", ()))
+    app.router.add_get("/series", _handler("SERIES", ()))
+    app.router.add_get("/instances", _handler("IMAGE", ()))
+    app.router.add_get("/studies/{study}/series", _handler("SERIES", ("study",)))
+    app.router.add_get("/studies/{study}/instances", _handler("IMAGE", ("study",)))
+    app.router.add_get(
+        "/studies/{study}/series/{series}/instances", _handler("IMAGE", ("study", "series"))
+    )

@@ -1,0 +1,20 @@
+"""Mount the DICOMweb services under ``/dicom-web`` (entry point ``imag.routes``)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from archive.runtime import Archive
+from archive.server import ARCHIVE
+from dicomweb import qido
+
+PREFIX = "/dicom-web"
+
+
+def setup(app: web.Application, archive: Archive) -> None:
+    """Add the DICOMweb sub-application to the archive's HTTP app."""
+    sub = web.Application()
+    sub[ARCHIVE] = archive
+    sub["prefix"] = PREFIX  # noqa: RUF - plain key, read by handlers
+    qido.add_routes(sub)
+    app.add_subapp(PREFIX, sub)
