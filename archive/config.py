@@ -182,6 +182,13 @@ SETTINGS: list[Setting] = [
     Setting("s3.create_bucket", False, _bool, "create the bucket at start-up if missing"),
     Setting("http.host", "127.0.0.1", _str, "HTTP listen address"),
     Setting("http.port", 8080, _int(0, 65535), "HTTP listen port"),
+    Setting(
+        "http.public_url",
+        "",
+        _str,
+        "base URL clients reach us at, for the links we "
+        "return (default: from the request's Host / X-Forwarded-* headers)",
+    ),
     Setting("dicom.host", "0.0.0.0", _str, "DICOM listen address"),
     Setting("dicom.port", 11112, _int(0, 65535), "DICOM listen port"),
     Setting("dicom.aet", "IMAG", _aet, "our AE title"),

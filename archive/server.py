@@ -70,6 +70,27 @@ async def errors_and_metrics(
     return response
 
 
+def public_base(request: web.Request) -> str:
+    """The scheme://host[:port] clients use to reach us, for links in answers.
+
+    ``http.public_url`` wins; behind a proxy X-Forwarded-Proto / -Host tell;
+    otherwise the Host header, with our port added when a client (such as
+    dicomweb-client) leaves it out.
+    """
+    configured = request.app[ARCHIVE].config["http.public_url"] if ARCHIVE in request.app else ""
+    if configured:
+        return configured.rstrip("/")
+    proto = request.headers.get("X-Forwarded-Proto", request.scheme)
+    host = request.headers.get("X-Forwarded-Host")
+    if not host:
+        host = request.host
+        has_port = host.rsplit("]", 1)[-1].count(":") == 1
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not has_port and sockname and sockname[1] not in (80, 443):
+            host = f"{host}:{sockname[1]}"
+    return f"{proto}://{host}"
+
+
 async def health(request: web.Request) -> web.Response:
     """Liveness and readiness: the index answers a query."""
     archive = request.app[ARCHIVE]

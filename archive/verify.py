@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from archive.index.catalog import Catalog, StoredInstance
+from archive.metadata import PREFIX as METADATA_PREFIX
 from storage import ObjectNotFound, ObjectStore
 
 _CHUNK = 4 * 2**20
@@ -97,6 +98,8 @@ def verify(
 
     for key in store.iter_keys():
         tick("orphans")
+        if key.startswith(METADATA_PREFIX):  # derived data, rebuilt on demand
+            continue
         match = _KEY.match(key)
         known = catalog.find_instance(match[1]) if match else None
         if known is None or known.object_key != key:

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from archive.query import ATTRIBUTES, LEVELS, Query, QueryError, search
-from archive.server import ARCHIVE, problem
+from archive.server import ARCHIVE, problem, public_base
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 1000
@@ -184,7 +184,7 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
         limit = query.limit - 1
         cut = len(rows) > limit
         rows = rows[:limit]
-        base = f"{request.scheme}://{request.host}{request.app['prefix']}"
+        base = public_base(request) + request.app["prefix"]
         body = to_json(rows, fields, base, level)
         headers = {}
         if cut:

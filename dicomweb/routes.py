@@ -6,7 +6,7 @@ from aiohttp import web
 
 from archive.runtime import Archive
 from archive.server import ARCHIVE
-from dicomweb import qido
+from dicomweb import qido, wado
 
 PREFIX = "/dicom-web"
 
@@ -17,4 +17,5 @@ def setup(app: web.Application, archive: Archive) -> None:
     sub[ARCHIVE] = archive
     sub["prefix"] = PREFIX  # noqa: RUF - plain key, read by handlers
     qido.add_routes(sub)
+    wado.add_routes(sub)
     app.add_subapp(PREFIX, sub)
