@@ -192,7 +192,7 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
                 '299 IMAG "The number of results exceeded the limit; request more with offset."'
             )
         return web.Response(
-            text=json.dumps(body), content_type="application/dicom+json", headers=headers
+            body=json.dumps(body).encode(), content_type="application/dicom+json", headers=headers
         )
 
     return handle

@@ -6,16 +6,18 @@ from aiohttp import web
 
 from archive.runtime import Archive
 from archive.server import ARCHIVE
-from dicomweb import qido, wado
+from dicomweb import qido, stow, wado
 
 PREFIX = "/dicom-web"
 
 
 def setup(app: web.Application, archive: Archive) -> None:
     """Add the DICOMweb sub-application to the archive's HTTP app."""
-    sub = web.Application()
+    # STOW-RS bodies are streamed part by part with their own limits
+    sub = web.Application(client_max_size=archive.config["ingest.max_object_bytes"])
     sub[ARCHIVE] = archive
     sub["prefix"] = PREFIX  # noqa: RUF - plain key, read by handlers
     qido.add_routes(sub)
     wado.add_routes(sub)
+    stow.add_routes(sub)
     app.add_subapp(PREFIX, sub)

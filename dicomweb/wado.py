@@ -121,7 +121,7 @@ async def metadata(request: web.Request) -> web.Response:
                 or []
             )
     return web.Response(
-        text=meta.with_base(body, base_url(request)), content_type="application/dicom+json"
+        body=meta.with_base(body, base_url(request)).encode(), content_type="application/dicom+json"
     )
 
 

@@ -1,0 +1,179 @@
+"""STOW-RS (PS3.18 10.5): store instances sent as multipart/related application/dicom.
+
+The body is read part by part (never whole) and each part goes through the one
+ingest pipeline.  The answer lists every stored instance (ReferencedSOPSequence)
+and every refused part with its reason (FailedSOPSequence):
+
+* 200 everything stored;
+* 202 some parts refused, some stored;
+* 409 every part refused;
+* 400 a body that is not a well-formed multipart;
+* 415 a request that is not multipart/related with application/dicom parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import BodyPartReader, MultipartReader, web
+from pydicom.dataset import Dataset
+
+from archive.identity import Source
+from archive.server import ARCHIVE, problem, public_base
+
+# PS3.18 Table 10.5.3-2 / PS3.4 B.2.3 failure reasons, by the pipeline's code
+FAILURE = {
+    "too-large": 0xA700,
+    "storage-error": 0xA700,
+    "index-error": 0xA700,
+    "missing-attribute": 0xA900,
+    "invalid-uid": 0xA900,
+    "inconsistent": 0xA900,
+    "study-mismatch": 0xA900,
+}
+CANNOT_UNDERSTAND = 0xC000
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_part(part: BodyPartReader, limit: int) -> bytes:
+    chunks = []
+    size = 0
+    while chunk := await part.read_chunk(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            # drain the rest of the part so the next one can be read
+            while await part.read_chunk(1 << 20):
+                pass
+            raise _TooLarge(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _failed(sop_class: str, sop_instance: str, reason: int) -> Dataset:
+    item = Dataset()
+    if sop_class:
+        item.ReferencedSOPClassUID = sop_class
+    if sop_instance:
+        item.ReferencedSOPInstanceUID = sop_instance
+    item.FailureReason = reason
+    return item
+
+
+async def store(request: web.Request) -> web.Response:
+    archive = request.app[ARCHIVE]
+    content_type = request.headers.get("Content-Type", "")
+    if not content_type.lower().startswith("multipart/related"):
+        return problem(
+            415,
+            "Unsupported Media Type",
+            'STOW-RS takes multipart/related; type="application/dicom"; '
+            f"got {content_type or 'no Content-Type'}",
+        )
+    part_type = ""
+    for field in content_type.split(";")[1:]:
+        name, _, value = field.partition("=")
+        if name.strip().lower() == "type":
+            part_type = value.strip().strip('"').lower()
+    if part_type and part_type != "application/dicom":
+        return problem(
+            415,
+            "Unsupported Media Type",
+            f"parts of type {part_type} are not supported: send application/dicom",
+        )
+    try:
+        reader = MultipartReader(request.headers, request.content)
+    except (AssertionError, ValueError, KeyError) as exc:
+        return problem(400, "Bad Request", f"malformed multipart body: {exc}")
+
+    study_in_path = request.match_info.get("study")
+    limit: int = archive.config["ingest.max_object_bytes"]
+    peer = request.remote or ""
+    source = Source(kind="stow", site=archive.config["ingest.default_site"], address=peer)
+    base = public_base(request) + request.app["prefix"]
+    referenced: list[Dataset] = []
+    failed: list[Dataset] = []
+    parts = 0
+    try:
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                return problem(400, "Bad Request", "nested multipart bodies are not supported")
+            parts += 1
+            kind = part.headers.get("Content-Type", part_type or "application/dicom")
+            if kind.split(";")[0].strip().lower() != "application/dicom":
+                await part.release()
+                failed.append(_failed("", "", CANNOT_UNDERSTAND))
+                continue
+            try:
+                data = await _read_part(part, limit)
+            except _TooLarge:
+                failed.append(_failed("", "", FAILURE["too-large"]))
+                continue
+            result = await _ingest(archive, data, source, study_in_path)
+            if result.ok:
+                item = Dataset()
+                item.ReferencedSOPClassUID = result.sop_class_uid
+                item.ReferencedSOPInstanceUID = result.sop_instance_uid
+                item.RetrieveURL = (
+                    f"{base}/studies/{result.study_uid}/series/"
+                    f"{result.series_uid}/instances/{result.sop_instance_uid}"
+                )
+                referenced.append(item)
+            else:
+                failed.append(
+                    _failed(
+                        result.sop_class_uid,
+                        result.sop_instance_uid,
+                        FAILURE.get(result.code, CANNOT_UNDERSTAND),
+                    )
+                )
+    except (ValueError, AssertionError) as exc:  # aiohttp's complaints about framing
+        return problem(400, "Bad Request", f"malformed multipart body: {exc}")
+    if parts == 0:
+        return problem(400, "Bad Request", "the multipart body holds no part")
+
+    answer = Dataset()
+    if study_in_path:
+        answer.RetrieveURL = f"{base}/studies/{study_in_path}"
+    if referenced:
+        answer.ReferencedSOPSequence = referenced
+    if failed:
+        answer.FailedSOPSequence = failed
+    status = 200 if not failed else (202 if referenced else 409)
+    return web.Response(
+        status=status,
+        body=json.dumps(answer.to_json_dict()).encode(),
+        content_type="application/dicom+json",
+    )
+
+
+async def _ingest(archive, data: bytes, source: Source, study: str | None):  # noqa: ANN001, ANN202
+    from archive.ingest import IngestResult
+    from archive.parse import Rejected, parse_header
+
+    if study:
+        # PS3.18: instances of another study than the one in the path are refused
+        try:
+            header = await asyncio.to_thread(parse_header, data)
+        except Rejected as exc:
+            return IngestResult.rejected(exc)
+        if header.study_uid != study:
+            return IngestResult.rejected(
+                Rejected("study-mismatch", f"instance of study {header.study_uid}, not {study}"),
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                study_uid=header.study_uid,
+                series_uid=header.series_uid,
+            )
+    return await asyncio.to_thread(archive.pipeline.ingest, data, source)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/studies", store)
+    app.router.add_post("/studies/{study}", store)
