@@ -101,6 +101,8 @@ def _init_worker(config: Config, source: Source) -> None:
 def _prepare_file(path: str) -> Prepared | IngestResult:
     assert _worker is not None and _source is not None
     try:
+        if os.path.getsize(path) > _worker.config["ingest.stream_threshold"]:
+            return _worker.prepare_file(path, _source)  # never whole in memory
         with open(path, "rb") as fh:
             data = fh.read(_worker.max_bytes + 1)
     except OSError as exc:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -33,7 +35,7 @@ from archive.metrics import (
     INGEST_REJECTED,
     INGEST_SECONDS,
 )
-from archive.parse import Rejected, index_fields, parse_header
+from archive.parse import Header, Rejected, index_fields, parse_header, parse_header_file
 from archive.uids import object_key
 from storage import ObjectStore, StorageError
 
@@ -110,16 +112,53 @@ class IngestPipeline:
         Returns a :class:`Prepared` to commit, or a final :class:`IngestResult`
         when nothing needs committing (rejected, or already stored).
         """
+        return self._prepare(
+            source,
+            len(data),
+            lambda: parse_header(data),
+            lambda: hashlib.sha256(data).digest(),
+            lambda key: self.store.put(key, data),
+        )
+
+    def prepare_file(self, path: str | os.PathLike, source: Source) -> Prepared | IngestResult:
+        """Like :meth:`prepare` for an object in a file, which is never loaded
+        whole: the header is parsed alone, the digest computed and the object
+        stored by streaming (objects of several GB)."""
+        try:
+            fp = open(path, "rb")  # noqa: SIM115 - closed below, after the lambdas ran
+        except OSError as exc:
+            return IngestResult.rejected(Rejected("unreadable", f"cannot read the file: {exc}"))
+        with fp:
+            size = os.fstat(fp.fileno()).st_size
+
+            def digest() -> bytes:
+                fp.seek(0)
+                return hashlib.file_digest(fp, "sha256").digest()
+
+            def put(key: str) -> None:
+                fp.seek(0)
+                self.store.put(key, fp)
+
+            return self._prepare(source, size, lambda: parse_header_file(fp, size), digest, put)
+
+    def _prepare(
+        self,
+        source: Source,
+        size: int,
+        header_of: Callable[[], Header],
+        digest_of: Callable[[], bytes],
+        put: Callable[[str], object],
+    ) -> Prepared | IngestResult:
         started = time.perf_counter()
         uids: dict[str, str] = {}
         try:
-            if len(data) > self.max_bytes:
+            if size > self.max_bytes:
                 raise Rejected(
                     "too-large",
-                    f"the object is {len(data)} bytes, over the limit of {self.max_bytes} "
+                    f"the object is {size} bytes, over the limit of {self.max_bytes} "
                     "(setting ingest.max_object_bytes)",
                 )
-            header = parse_header(data)
+            header = header_of()
             uids = {
                 "sop_instance_uid": header.sop_instance_uid,
                 "study_uid": header.study_uid,
@@ -128,7 +167,7 @@ class IngestPipeline:
             }
             ds = header.dataset
             who = self.identity.resolve(ds, source)
-            digest = hashlib.sha256(data).digest()
+            digest = digest_of()
             key = object_key(
                 header.study_uid, header.series_uid, header.sop_instance_uid, digest.hex()
             )
@@ -163,13 +202,13 @@ class IngestPipeline:
                 stored_ts=header.transfer_syntax,
                 original_ts=header.transfer_syntax,
                 object_key=key,
-                size=len(data),
+                size=size,
                 sha256=digest,
                 received_at=utcnow(),
                 **fields,
             )
             try:
-                self.store.put(key, data)
+                put(key)
             except StorageError as exc:
                 raise Rejected("storage-error", f"the object could not be stored: {exc}") from None
         except Rejected as exc:
@@ -194,6 +233,13 @@ class IngestPipeline:
     def ingest(self, data: bytes, source: Source) -> IngestResult:
         """Store one object; return once it is durable and indexed (or rejected)."""
         step = self.prepare(data, source)
+        if isinstance(step, IngestResult):
+            return step
+        return self.commit(step).result()
+
+    def ingest_file(self, path: str | os.PathLike, source: Source) -> IngestResult:
+        """:meth:`ingest` for an object in a file, streamed rather than loaded."""
+        step = self.prepare_file(path, source)
         if isinstance(step, IngestResult):
             return step
         return self.commit(step).result()

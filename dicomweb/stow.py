@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import tempfile
+from pathlib import Path
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from pydicom.dataset import Dataset
@@ -39,17 +42,40 @@ class _TooLarge(Exception):
     pass
 
 
-async def _read_part(part: BodyPartReader, limit: int) -> bytes:
-    chunks = []
+async def _read_part(
+    part: BodyPartReader, limit: int, spool_above: int, folder: Path
+) -> bytes | Path:
+    """The part's bytes, or past ``spool_above`` bytes a temporary file holding
+    them (large objects are never held in memory)."""
+    chunks: list[bytes] = []
     size = 0
-    while chunk := await part.read_chunk(1 << 20):
-        size += len(chunk)
-        if size > limit:
-            # drain the rest of the part so the next one can be read
-            while await part.read_chunk(1 << 20):
-                pass
-            raise _TooLarge(size)
-        chunks.append(chunk)
+    spool = None
+    try:
+        while chunk := await part.read_chunk(1 << 20):
+            size += len(chunk)
+            if size > limit:
+                while await part.read_chunk(1 << 20):  # drain: the next part must be readable
+                    pass
+                raise _TooLarge(size)
+            if spool is None and size > spool_above:
+                folder.mkdir(parents=True, exist_ok=True)
+                spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below
+                    dir=folder, prefix="stow-", delete=False
+                )
+                await asyncio.to_thread(spool.writelines, chunks)
+                chunks = []
+            if spool is not None:
+                await asyncio.to_thread(spool.write, chunk)
+            else:
+                chunks.append(chunk)
+    except BaseException:
+        if spool is not None:
+            spool.close()
+            os.unlink(spool.name)
+        raise
+    if spool is not None:
+        spool.close()
+        return Path(spool.name)
     return b"".join(chunks)
 
 
@@ -111,11 +137,20 @@ async def store(request: web.Request) -> web.Response:
                 failed.append(_failed("", "", CANNOT_UNDERSTAND))
                 continue
             try:
-                data = await _read_part(part, limit)
+                data = await _read_part(
+                    part,
+                    limit,
+                    archive.config["ingest.stream_threshold"],
+                    archive.config.data_dir / "tmp",
+                )
             except _TooLarge:
                 failed.append(_failed("", "", FAILURE["too-large"]))
                 continue
-            result = await _ingest(archive, data, source, study_in_path)
+            try:
+                result = await _ingest(archive, data, source, study_in_path)
+            finally:
+                if isinstance(data, Path):
+                    data.unlink(missing_ok=True)
             if result.ok:
                 item = Dataset()
                 item.ReferencedSOPClassUID = result.sop_class_uid
@@ -153,14 +188,18 @@ async def store(request: web.Request) -> web.Response:
     )
 
 
-async def _ingest(archive, data: bytes, source: Source, study: str | None):  # noqa: ANN001, ANN202
+async def _ingest(archive, data: bytes | Path, source: Source, study: str | None):  # noqa: ANN001, ANN202
     from archive.ingest import IngestResult
-    from archive.parse import Rejected, parse_header
+    from archive.parse import Rejected, parse_header, parse_header_file
 
     if study:
         # PS3.18: instances of another study than the one in the path are refused
         try:
-            header = await asyncio.to_thread(parse_header, data)
+            if isinstance(data, Path):
+                with open(data, "rb") as fp:
+                    header = await asyncio.to_thread(parse_header_file, fp, data.stat().st_size)
+            else:
+                header = await asyncio.to_thread(parse_header, data)
         except Rejected as exc:
             return IngestResult.rejected(exc)
         if header.study_uid != study:
@@ -171,6 +210,8 @@ async def _ingest(archive, data: bytes, source: Source, study: str | None):  # n
                 study_uid=header.study_uid,
                 series_uid=header.series_uid,
             )
+    if isinstance(data, Path):
+        return await asyncio.to_thread(archive.pipeline.ingest_file, data, source)
     return await asyncio.to_thread(archive.pipeline.ingest, data, source)
 
 
