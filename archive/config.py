@@ -225,6 +225,12 @@ SETTINGS: list[Setting] = [
         "ingest.max_object_bytes", 4 * 2**30, _size, "largest object accepted (bytes, or e.g. 2GiB)"
     ),
     Setting(
+        "ingest.stream_threshold",
+        64 * 2**20,
+        _size,
+        "objects larger than this are streamed through a file, never held in memory",
+    ),
+    Setting(
         "ingest.on_conflict",
         "keep",
         _choice("keep", "replace"),

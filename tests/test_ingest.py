@@ -205,3 +205,26 @@ def test_same_local_patient_id_at_two_sites_without_issuer_stays_two_patients(
     archive.pipeline.ingest(make_instance(no_issuer), Source("import", site="A"))
     archive.pipeline.ingest(make_instance(no_issuer), Source("import", site="B"))
     assert archive.catalog.counts()["patients"] == 2
+
+
+@pytest.mark.parametrize("case", ["valid", "truncated pixel data", "truncated header",
+                                  "trailing element cut"])
+def test_file_ingest_streams_and_checks_framing_like_the_in_memory_path(
+    archive: Archive, tmp_path, case: str
+) -> None:
+    """Objects over ingest.stream_threshold are parsed header-only and
+    streamed; completeness is judged from the pixel data framing instead."""
+    data = make_instance()
+    cut = {"valid": data, "truncated pixel data": data[:-1000], "truncated header": data[:699],
+           "trailing element cut": data[:-1]}[case]
+    path = tmp_path / "object.dcm"
+    path.write_bytes(cut)
+    in_memory = archive.pipeline.prepare(cut, SOURCE)
+    streamed = archive.pipeline.ingest_file(path, SOURCE)
+    if case == "valid":
+        assert streamed.ok and streamed.outcome is StoreOutcome.STORED
+        assert archive.store.get(streamed.object_key) == data
+    else:
+        assert not streamed.ok and streamed.code == "truncated", streamed.reason
+        assert not getattr(in_memory, "ok", True) or in_memory.outcome is None
+        assert archive.catalog.counts()["instances"] == 0
