@@ -6,7 +6,7 @@ from aiohttp import web
 
 from archive.runtime import Archive
 from archive.server import ARCHIVE
-from dicomweb import qido, stow, wado
+from dicomweb import qido, stow, wado, wado_uri
 
 PREFIX = "/dicom-web"
 
@@ -20,4 +20,5 @@ def setup(app: web.Application, archive: Archive) -> None:
     qido.add_routes(sub)
     wado.add_routes(sub)
     stow.add_routes(sub)
+    wado_uri.add_routes(sub)
     app.add_subapp(PREFIX, sub)

@@ -1,0 +1,114 @@
+"""WADO-URI (PS3.18 9): ``?requestType=WADO&studyUID=..&seriesUID=..&objectUID=..``.
+
+``contentType=application/dicom`` returns the instance (in ``transferSyntax``
+when given and producible); ``image/jpeg`` (the default) and ``image/png``
+return a rendered frame, with ``frameNumber``, ``rows`` / ``columns``,
+``windowCenter`` / ``windowWidth`` and ``imageQuality``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pydicom
+from aiohttp import web
+
+from archive import pixels
+from archive.query import QueryError
+from archive.retrieve import locate
+from archive.server import ARCHIVE, problem
+from archive.transcode import encode_as, producible
+
+RENDERED = ("image/jpeg", "image/png", "image/gif")
+
+
+def _int(params: dict, name: str, lo: int, hi: int) -> int | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise QueryError(f"{name} must be an integer, not {raw!r}") from None
+    if not lo <= value <= hi:
+        raise QueryError(f"{name} must be between {lo} and {hi}, not {value}")
+    return value
+
+
+async def wado(request: web.Request) -> web.Response:
+    archive = request.app[ARCHIVE]
+    params = request.query
+    if params.get("requestType") != "WADO":
+        return problem(400, "Bad Request", "requestType=WADO is required")
+    missing = [p for p in ("studyUID", "seriesUID", "objectUID") if not params.get(p)]
+    if missing:
+        return problem(400, "Bad Request", f"missing parameter(s): {', '.join(missing)}")
+    content_types = [c.strip() for c in params.get("contentType", "image/jpeg").split(",")]
+    try:
+        items = await asyncio.to_thread(
+            locate,
+            archive.db,
+            "IMAGE",
+            {
+                "StudyInstanceUID": params["studyUID"],
+                "SeriesInstanceUID": params["seriesUID"],
+                "SOPInstanceUID": params["objectUID"],
+            },
+            None,
+        )
+        frame = _int(params, "frameNumber", 1, 2**31) or 1
+        rows = _int(params, "rows", 1, 65535)
+        columns = _int(params, "columns", 1, 65535)
+        quality = _int(params, "imageQuality", 1, 100) or 90
+        center, width = params.get("windowCenter"), params.get("windowWidth")
+        window = None
+        if center is not None or width is not None:
+            try:
+                window = (float(center or ""), float(width or ""))
+            except ValueError:
+                raise QueryError("windowCenter and windowWidth must both be numbers") from None
+    except QueryError as exc:
+        return problem(400, "Bad Request", str(exc))
+    if not items:
+        return problem(404, "Not Found", "no such instance in this archive")
+    item = items[0]
+
+    if "application/dicom" in content_types:
+        target = params.get("transferSyntax") or item.transfer_syntax
+        if target not in producible(item.transfer_syntax):
+            return problem(
+                406, "Not Acceptable", f"cannot send this instance in transfer syntax {target}"
+            )
+        data = await asyncio.to_thread(archive.store.get, item.object_key)
+        data = await asyncio.to_thread(encode_as, data, target)
+        return web.Response(body=data, content_type="application/dicom")
+
+    media = next((c for c in content_types if c in RENDERED or c == "*/*"), None)
+    if media is None:
+        return problem(
+            406,
+            "Not Acceptable",
+            f"contentType must be application/dicom or one of {', '.join(RENDERED)}",
+        )
+    media = "image/jpeg" if media == "*/*" else media
+    data = await asyncio.to_thread(archive.store.get, item.object_key)
+    viewport = (columns or rows or 0, rows or columns or 0) if (rows or columns) else None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        body = await asyncio.to_thread(
+            pixels.render,
+            ds,
+            frame,
+            media_type=media,
+            window=window,
+            viewport=viewport,
+            quality=quality,
+        )
+    except (pixels.FrameError, pixels.RenderError) as exc:
+        return problem(400, "Bad Request", str(exc))
+    return web.Response(body=body, content_type=media)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/wado", wado)
