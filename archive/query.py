@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 from archive.index.catalog import normalise_pn
@@ -103,8 +104,35 @@ UNIQUE_KEYS = {
     "IMAGE": ("SOPInstanceUID",),
 }
 _ORDER = {"PATIENT": "p.id", "STUDY": "st.id", "SERIES": "se.id", "IMAGE": "i.id"}
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_DATE_RE = re.compile(r"^\d{8}$")
+_TIME_RE = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
+
+
+class _Check:
+    """Whole-value checks of DA and TM query values (a real calendar date, a
+    real time of day), with the ``match`` interface of a compiled pattern."""
+
+    def __init__(self, vr: str) -> None:
+        self.vr = vr
+
+    def match(self, value: str) -> bool:
+        if self.vr == "DA":
+            if not _DATE_RE.match(value):
+                return False
+            try:
+                date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+            except ValueError:
+                return False
+            return True
+        m = _TIME_RE.match(value)
+        if not m or (m[4] and not m[3]):
+            return False
+        hh, mm, ss = int(m[1]), int(m[2] or 0), int(m[3] or 0)
+        return hh < 24 and mm < 60 and ss < 61  # 60: leap second
+
+
+_DATE = _Check("DA")
+_TIME = _Check("TM")
 
 
 @dataclass
@@ -216,6 +244,19 @@ def _match(sql: _Sql, attr: Attr, value: str) -> None:
             )
             sql.params.extend([pattern, pattern + "\\%", "%\\" + pattern, "%\\" + pattern + "\\%"])
         sql.where.append("(" + " OR ".join(alternatives) + ")")
+        return
+    if attr.vr == "CS" and "\\" in value:
+        # several values (QIDO's comma list): any of them matches
+        alternatives = [v for v in value.split("\\") if v]
+        clauses = []
+        for v in alternatives:
+            if _has_wildcard(v):
+                clauses.append(f"{column} LIKE ? ESCAPE '!'")
+                sql.params.append(_like(v))
+            else:
+                clauses.append(f"{column} = ?")
+                sql.params.append(v)
+        sql.where.append("(" + " OR ".join(clauses) + ")")
         return
     if attr.vr == "PN":
         value = normalise_pn(value) or ""

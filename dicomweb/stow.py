@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 
 from archive.identity import Source
 from archive.server import ARCHIVE, problem, public_base
+from archive.uids import is_valid_uid
 
 # PS3.18 Table 10.5.3-2 / PS3.4 B.2.3 failure reasons, by the pipeline's code
 FAILURE = {
@@ -116,6 +117,8 @@ async def store(request: web.Request) -> web.Response:
         return problem(400, "Bad Request", f"malformed multipart body: {exc}")
 
     study_in_path = request.match_info.get("study")
+    if study_in_path is not None and not is_valid_uid(study_in_path):
+        return problem(400, "Bad Request", f"{study_in_path!r} is not a valid Study Instance UID")
     limit: int = archive.config["ingest.max_object_bytes"]
     peer = request.remote or ""
     source = Source(kind="stow", site=archive.config["ingest.default_site"], address=peer)

@@ -189,6 +189,13 @@ def test_patient_level_keeps_issuers_apart_and_counts_their_studies(db) -> None:
     ) == [("B", 1, 1), ("C", 1, 1)]
 
 
+def test_a_list_of_values_for_a_single_valued_code_matches_any_of_them(db) -> None:
+    rows = search(db, Query("SERIES", {"Modality": "CT\\MR"}))
+    assert sorted({r["SeriesInstanceUID"] for r in rows}) == ["1.1.1", "1.2.1"]
+    rows = search(db, Query("SERIES", {"Modality": "M?\\SR"}))
+    assert sorted({r["SeriesInstanceUID"] for r in rows}) == ["1.1.2", "1.2.1", "1.3.1"]
+
+
 def test_series_and_image_levels(db) -> None:
     series = search(
         db,
@@ -237,6 +244,9 @@ def test_limit_and_offset_page_in_a_stable_order(db) -> None:
         ("STUDY", {"StudyDate": "2026-01-15"}, "YYYYMMDD"),
         ("STUDY", {"StudyDate": "20260101-2026"}, "YYYYMMDD"),
         ("STUDY", {"StudyTime": "25h"}, "HHMMSS"),
+    ("STUDY", {"StudyDate": "20261345"}, "YYYYMMDD"),  # no 13th month
+    ("STUDY", {"StudyDate": "20260230-20260301"}, "YYYYMMDD"),  # no 30 February
+    ("STUDY", {"StudyTime": "256199"}, "HHMMSS"),
         ("STUDY", {"StudyInstanceUID": "1.2.*"}, "not a valid UID"),
         ("STUDY", {"Modality": "CT"}, "SERIES-level"),
         ("SERIES", {"SeriesNumber": "one"}, "integer"),
