@@ -70,6 +70,16 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return check
 
 
+def _fraction(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError("a number between 0 and 1") from None
+    if not 0 <= number <= 1:
+        raise TypeError("a number between 0 and 1")
+    return number
+
+
 def _aet(value: Any) -> str:
     text = _str(value)
     if not 1 <= len(text) <= 16 or not text.isascii() or "\\" in text or text != text.strip():
@@ -149,6 +159,34 @@ def _peers(value: Any) -> list[dict]:
     return peers
 
 
+STORE_AS = ("as-received", "htj2k-lossless", "j2k-lossless", "jpegls-lossless", "rle-lossless")
+
+
+def _sites(value: Any) -> list[dict]:
+    """[[sites]] tables: name, and optionally store_as (a per-producer policy)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise TypeError("a JSON array of {name, store_as} objects") from None
+    if not isinstance(value, list):
+        raise TypeError("a list of [[sites]] tables with name and store_as")
+    sites = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping) or not item.get("name"):
+            raise TypeError(f"site #{i + 1}: a table with at least a name")
+        unknown = set(item) - {"name", "store_as"}
+        if unknown:
+            raise TypeError(
+                f"site #{i + 1}: only name and store_as (unknown: {', '.join(sorted(unknown))})"
+            )
+        store_as = item.get("store_as")
+        if store_as is not None and store_as not in STORE_AS:
+            raise TypeError(f"site {item['name']!r}: store_as one of {', '.join(STORE_AS)}")
+        sites.append({"name": _str(item["name"]), "store_as": store_as})
+    return sites
+
+
 # -- the settings table ---------------------------------------------------------
 
 
@@ -169,6 +207,25 @@ class Setting:
 
 SETTINGS: list[Setting] = [
     Setting("data_dir", "./imag-data", _str, "folder for the embedded index and object store"),
+    Setting(
+        "store_as",
+        "as-received",
+        _choice(*STORE_AS),
+        "stored transfer syntax policy, for sites without their own store_as",
+    ),
+    Setting("sites", [], _sites, "producing sites: [[sites]] name, store_as"),
+    Setting(
+        "transcode.verify",
+        "always",
+        _choice("always", "sample"),
+        "verify lossless re-encoding bit-exact for every instance, or a sample",
+    ),
+    Setting(
+        "transcode.verify_sample",
+        0.1,
+        _fraction,
+        "fraction of instances verified when transcode.verify = sample",
+    ),
     Setting(
         "index.url",
         None,

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -34,12 +35,22 @@ from archive.metrics import (
     INGEST_INSTANCES,
     INGEST_REJECTED,
     INGEST_SECONDS,
+    TRANSCODE_SECONDS,
 )
 from archive.parse import Header, Rejected, index_fields, parse_header, parse_header_file
+from archive.transcode import LossySource, TranscodeError, transcode
 from archive.uids import object_key
 from storage import ObjectStore, StorageError
 
 log = logging.getLogger(__name__)
+
+#: ``store_as`` policies and the transfer syntax each stores in
+POLICY_TARGETS = {
+    "htj2k-lossless": "1.2.840.10008.1.2.4.201",
+    "j2k-lossless": "1.2.840.10008.1.2.4.90",
+    "jpegls-lossless": "1.2.840.10008.1.2.4.80",
+    "rle-lossless": "1.2.840.10008.1.2.5",
+}
 
 
 @dataclass
@@ -93,6 +104,9 @@ class IngestPipeline:
         self.catalog = Catalog(db)
         self.identity = identity or load_identity_plugin(config["plugins.identity"])
         self.max_bytes: int = config["ingest.max_object_bytes"]
+        self.site_policy: dict[str, str] = {
+            s["name"]: s["store_as"] for s in config["sites"] if s.get("store_as")
+        }
         self.on_conflict: str = config["ingest.on_conflict"]
         self.writer = (
             IndexWriter(self.catalog, store, config["ingest.batch_size"], self.on_conflict)
@@ -117,7 +131,8 @@ class IngestPipeline:
             len(data),
             lambda: parse_header(data),
             lambda: hashlib.sha256(data).digest(),
-            lambda key: self.store.put(key, data),
+            lambda key, body: self.store.put(key, data if body is None else body),
+            data=data,
         )
 
     def prepare_file(self, path: str | os.PathLike, source: Source) -> Prepared | IngestResult:
@@ -135,9 +150,9 @@ class IngestPipeline:
                 fp.seek(0)
                 return hashlib.file_digest(fp, "sha256").digest()
 
-            def put(key: str) -> None:
+            def put(key: str, body: bytes | None) -> None:
                 fp.seek(0)
-                self.store.put(key, fp)
+                self.store.put(key, fp if body is None else body)
 
             return self._prepare(source, size, lambda: parse_header_file(fp, size), digest, put)
 
@@ -147,7 +162,8 @@ class IngestPipeline:
         size: int,
         header_of: Callable[[], Header],
         digest_of: Callable[[], bytes],
-        put: Callable[[str], object],
+        put: Callable[[str, bytes | None], object],
+        data: bytes | None = None,
     ) -> Prepared | IngestResult:
         started = time.perf_counter()
         uids: dict[str, str] = {}
@@ -175,9 +191,9 @@ class IngestPipeline:
             if (
                 known is not None
                 and known.integrity == "ok"
-                and (known.sha256 == digest or self.on_conflict == "keep")
+                and (known.matches(digest) or self.on_conflict == "keep")
             ):
-                outcome = StoreOutcome.DUPLICATE if known.sha256 == digest else StoreOutcome.KEPT
+                outcome = StoreOutcome.DUPLICATE if known.matches(digest) else StoreOutcome.KEPT
                 if outcome is StoreOutcome.KEPT:
                     log.warning(
                         "different object under a stored SOP Instance UID: kept the stored one",
@@ -191,6 +207,16 @@ class IngestPipeline:
                 self._count(source.kind, result, started)
                 return result
             fields = index_fields(ds)
+            stored_ts, body, original = header.transfer_syntax, None, None
+            target = self.target_for(source.site)
+            if target and data is not None and target != header.transfer_syntax:
+                body = self._transcode(data, target, header)
+                if body is not None:
+                    stored_ts, original = target, digest
+                    digest, size = hashlib.sha256(body).digest(), len(body)
+                    key = object_key(
+                        header.study_uid, header.series_uid, header.sop_instance_uid, digest.hex()
+                    )
             record = InstanceRecord(
                 issuer=who.issuer,
                 patient_id=who.patient_id,
@@ -199,16 +225,17 @@ class IngestPipeline:
                 sop_class_uid=header.sop_class_uid,
                 study_uid=header.study_uid,
                 series_uid=header.series_uid,
-                stored_ts=header.transfer_syntax,
+                stored_ts=stored_ts,
                 original_ts=header.transfer_syntax,
                 object_key=key,
                 size=size,
                 sha256=digest,
                 received_at=utcnow(),
+                original_sha256=original,
                 **fields,
             )
             try:
-                put(key)
+                put(key, body)
             except StorageError as exc:
                 raise Rejected("storage-error", f"the object could not be stored: {exc}") from None
         except Rejected as exc:
@@ -220,6 +247,31 @@ class IngestPipeline:
             )
             return result
         return Prepared(record, source.kind, started)
+
+    def target_for(self, site: str) -> str | None:
+        """The transfer syntax the site's policy stores in (None: as received)."""
+        policy = self.site_policy.get(site) or self.config["store_as"]
+        return POLICY_TARGETS.get(policy)
+
+    def _transcode(self, data: bytes, target: str, header: Header) -> bytes | None:
+        """The object re-encoded for storage, None to store it as received
+        (data that arrived lossy is never re-encoded)."""
+        verify = (
+            self.config["transcode.verify"] == "always"
+            or random.random() < self.config["transcode.verify_sample"]
+        )
+        started = time.perf_counter()
+        try:
+            body = transcode(data, target, verify=verify)
+        except LossySource:
+            return None
+        except TranscodeError as exc:
+            raise Rejected(
+                "corrupt-pixel-data",
+                f"the pixel data cannot be re-encoded losslessly as the storage policy asks: {exc}",
+            ) from None
+        TRANSCODE_SECONDS.labels(target).observe(time.perf_counter() - started)
+        return body
 
     # -- second half: the index commit ---------------------------------------------------
 

@@ -29,3 +29,9 @@ INDEX_BATCH_SIZE = Histogram(
     "Instances per index transaction (group commit)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+TRANSCODE_SECONDS = Histogram(
+    "imag_transcode_seconds",
+    "Time to re-encode (and verify) one instance for storage, by target syntax",
+    ["target"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)

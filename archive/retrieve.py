@@ -2,32 +2,24 @@
 
 :func:`locate` turns a retrieve request (a level and the unique keys of that
 level, within the caller's scope) into the list of stored instances, in
-series and instance order.  :func:`load` reads one instance back from the
-object store and, when the receiver does not accept the stored transfer
-syntax, converts it to one it does.
+series and instance order; :func:`read` reads one back from the object
+store.  Converting it for a receiver that does not accept the stored
+transfer syntax is :func:`archive.transcode.convert_for`.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataset import FileDataset
-from pydicom.uid import (
-    UID,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
 
 from archive.index.db import Database
 from archive.query import QueryError
 from archive.uids import is_valid_uid
 from storage import ObjectStore
-
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 
 
 @dataclass(frozen=True)
@@ -113,23 +105,3 @@ def locate(
 def read(store: ObjectStore, item: StoredObject) -> FileDataset:
     """The stored instance as a dataset (pixel data not decoded)."""
     return pydicom.dcmread(io.BytesIO(store.get(item.object_key)))
-
-
-def convert_for(ds: FileDataset, accepted: Collection[str]) -> FileDataset:
-    """Make ``ds`` sendable to a receiver that accepts ``accepted`` transfer
-    syntaxes for its SOP class.
-
-    The stored syntax is kept when accepted; uncompressed data can be sent in
-    any accepted uncompressed syntax (the network layer re-encodes it);
-    compressed data is decoded to Explicit VR Little Endian when the receiver
-    takes only uncompressed data.  Re-encoding into another compressed syntax
-    is the transcoding module's job (issue: transcoding).
-    """
-    stored = UID(ds.file_meta.TransferSyntaxUID)
-    if stored in accepted or not accepted:
-        return ds
-    if stored in UNCOMPRESSED or stored.is_deflated:
-        return ds
-    if any(UID(ts) in UNCOMPRESSED for ts in accepted):
-        ds.decompress()
-    return ds

@@ -16,7 +16,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from archive.query import ATTRIBUTES, LEVELS, Query, QueryError, search
+from archive.query import ATTRIBUTES, LEVELS, Query, QueryError, attributes_for, search
 from archive.server import ARCHIVE, problem, public_base
 
 MAX_LIMIT = 1000
@@ -129,8 +129,9 @@ def build_query(level: str, params: Any, path_keys: dict[str, str]) -> tuple[Que
         keys[keyword] = value
     fields = list(DEFAULT_FIELDS[level])
     if include_all:
-        fields += [k for k, a in ATTRIBUTES.items() if LEVELS.index(a.level) <= LEVELS.index(level)]
+        fields += attributes_for(level)
     fields += includes
+    fields += keys  # matching keys are returned too (PS3.18 10.6.3.3), as C-FIND does
     limit = _int_param(params, "limit", DEFAULT_LIMIT, MAX_LIMIT)
     offset = _int_param(params, "offset", 0)
     # one more than asked, to know whether the answer was cut

@@ -20,7 +20,7 @@ from archive.query import QueryError
 from archive.retrieve import StoredObject, locate
 from archive.runtime import Archive
 from archive.server import ARCHIVE, problem, public_base
-from archive.transcode import encode_as, producible
+from archive.transcode import convert_for, encode_as, producible
 from dicomweb.accept import NotAcceptable, dicom_transfer_syntax, parse_accept, wants
 
 CHUNK = 1 << 20
@@ -143,6 +143,9 @@ async def bulkdata(request: web.Request) -> web.Response:
         return problem(400, "Bad Request", "bulk data is addressed by an 8-digit hex tag")
     data = await asyncio.to_thread(archive.store.get, items[0].object_key)
     ds = pydicom.dcmread(io.BytesIO(data))
+    if ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRBigEndian:
+        # bulk data is sent little endian (PS3.18 8.7.3.3.2): swap the OW/OL/OF/OD/OV words
+        ds = convert_for(ds, {ExplicitVRLittleEndian})
     if tag not in ds or not isinstance(ds[tag].value, bytes):
         return problem(404, "Not Found", f"instance has no bulk data element {tag:08X}")
     boundary = secrets.token_hex(16)

@@ -24,8 +24,9 @@ from archive.dimse.identifiers import answer, query_from_identifier, retrieve_ke
 from archive.dimse.peers import Peer, PeerTable
 from archive.identity import Source
 from archive.query import QueryError, search
-from archive.retrieve import StoredObject, convert_for, locate, read
+from archive.retrieve import StoredObject, locate, read
 from archive.runtime import Archive
+from archive.transcode import convert_for
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +92,27 @@ class DicomServices:
 
     def on_requested(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        decision = self.peers.check(requestor.ae_title, requestor.address)
+        # requestor.ae_title is only filled in by the negotiation that follows
+        # this event: the calling AE title is read from the request itself.
+        calling_aet = str(requestor.primitive.calling_ae_title or "").strip()
+        decision = self.peers.check(calling_aet, requestor.address)
         if not decision.allowed:
             ASSOCIATIONS.labels("rejected").inc()
             log.warning(
-                "association rejected",
+                "association rejected: %s",
+                decision.reason,
                 extra={
-                    "calling_aet": requestor.ae_title,
+                    "calling_aet": calling_aet,
                     "address": requestor.address,
                     "reason": decision.reason,
                 },
             )
             # Rejected permanent, by the service user: calling AE title not recognised
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ
+            # is sent and the peer has closed (or ARTIM expired) before the socket
+            # is shut down, or the peer sees an abort instead of the rejection.
+            event.assoc.kill()
             return
         self._peer_of[event.assoc] = decision.peer
 
@@ -191,7 +200,7 @@ class DicomServices:
         # A bad identifier raises here; pynetdicom answers 0xC413 (unable to process).
         items = self._locate(event)
         yield len(items)
-        accepted = _accepted_by_sop_class(event.assoc, role="scp")
+        accepted = _accepted_by_sop_class(event.assoc)
         yield from self._send(event, items, accepted, "C-GET")
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
@@ -225,7 +234,7 @@ class DicomServices:
             raise error  # pynetdicom answers 0xC513 (unable to process)
         yield len(items)
         assoc = store_assoc.get("assoc")
-        accepted = _accepted_by_sop_class(assoc, role="scu") if assoc else {}
+        accepted = _accepted_by_sop_class(assoc) if assoc else {}
         yield from self._send(event, items, accepted, "C-MOVE")
 
     def _send(
@@ -265,11 +274,16 @@ def _failure(status: int, comment: str) -> Dataset:
     return ds
 
 
-def _accepted_by_sop_class(assoc: Any, role: str) -> dict[str, set[str]]:
-    """SOP class → transfer syntaxes the peer accepted for storage towards it."""
+def _accepted_by_sop_class(assoc: Any) -> dict[str, set[str]]:
+    """SOP class → transfer syntaxes the peer accepted for storage towards it.
+
+    Only the contexts on which we may act as the storage SCU count: on a C-GET
+    association these are the ones the peer proposed with the SCP role (there
+    ``as_scp`` is false, ``as_scu`` true); pynetdicom sends C-STORE only on those.
+    """
     accepted: dict[str, set[str]] = {}
     for cx in assoc.accepted_contexts:
-        if role == "scp" and not cx.as_scp:
+        if not cx.as_scu:
             continue
         accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
     return accepted

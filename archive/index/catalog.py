@@ -70,6 +70,8 @@ class InstanceRecord:
     size: int
     sha256: bytes
     received_at: datetime = field(default_factory=utcnow)
+    #: digest of the bytes as received, when the stored object was transcoded
+    original_sha256: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,13 @@ class StoredInstance:
     size: int
     sha256: bytes
     integrity: str
+    original_sha256: bytes | None = None
+    stored_ts: str = ""
+
+    def matches(self, received_sha256: bytes) -> bool:
+        """Whether bytes with this digest are the object stored (or the object
+        as received, before it was transcoded)."""
+        return received_sha256 in (self.sha256, self.original_sha256)
 
 
 def normalise_pn(name: str | None) -> str | None:
@@ -285,7 +294,7 @@ class Catalog:
         row = db.query_one(
             "INSERT INTO instances (series_ref, sop_instance_uid, sop_class_uid, "
             "instance_number, number_of_frames, stored_ts, original_ts, object_key, size, "
-            "sha256, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "sha256, received_at, original_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id",
             (
                 series_ref,
@@ -299,18 +308,21 @@ class Catalog:
                 r.size,
                 r.sha256,
                 r.received_at,
+                r.original_sha256,
             ),
         )
         if row:
             return CommitResult(StoreOutcome.STORED, object_key=r.object_key), [
                 (series_ref, 1, r.size)
             ]
-        old_id, old_series, old_key, old_size, old_sha, integrity = db.query_one(
-            "SELECT id, series_ref, object_key, size, sha256, integrity FROM instances "
-            "WHERE sop_instance_uid = ?",
+        old_id, old_series, old_key, old_size, old_sha, old_original, integrity = db.query_one(
+            "SELECT id, series_ref, object_key, size, sha256, original_sha256, integrity "
+            "FROM instances WHERE sop_instance_uid = ?",
             (r.sop_instance_uid,),
         )
-        if bytes(old_sha) == r.sha256 and integrity == "ok":
+        received = r.original_sha256 or r.sha256
+        same = received in (bytes(old_sha), bytes(old_original) if old_original else None)
+        if same and integrity == "ok":
             obsolete = r.object_key if r.object_key != old_key else None
             return CommitResult(StoreOutcome.DUPLICATE, obsolete, old_key), []
         if on_conflict == "keep" and integrity == "ok":
@@ -323,7 +335,7 @@ class Catalog:
         db.execute(
             "UPDATE instances SET series_ref = ?, sop_class_uid = ?, instance_number = ?, "
             "number_of_frames = ?, stored_ts = ?, original_ts = ?, object_key = ?, size = ?, "
-            "sha256 = ?, received_at = ?, integrity = 'ok' WHERE id = ?",
+            "sha256 = ?, received_at = ?, original_sha256 = ?, integrity = 'ok' WHERE id = ?",
             (
                 series_ref,
                 r.sop_class_uid,
@@ -335,6 +347,7 @@ class Catalog:
                 r.size,
                 r.sha256,
                 r.received_at,
+                r.original_sha256,
                 old_id,
             ),
         )
@@ -414,12 +427,22 @@ class Catalog:
 
 _STORED_SELECT = (
     "SELECT i.id, i.sop_instance_uid, st.study_uid, se.series_uid, i.object_key, i.size, "
-    "i.sha256, i.integrity FROM instances i JOIN series se ON se.id = i.series_ref "
+    "i.sha256, i.integrity, i.original_sha256, i.stored_ts FROM instances i "
+    "JOIN series se ON se.id = i.series_ref "
     "JOIN studies st ON st.id = se.study_ref"
 )
 
 
 def _stored(row: tuple) -> StoredInstance:
     return StoredInstance(
-        row[0], row[1], row[2], row[3], row[4], int(row[5]), bytes(row[6]), row[7]
+        row[0],
+        row[1],
+        row[2],
+        row[3],
+        row[4],
+        int(row[5]),
+        bytes(row[6]),
+        row[7],
+        bytes(row[8]) if row[8] is not None else None,
+        row[9],
     )
