@@ -158,6 +158,57 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def cmd_transcode(args: argparse.Namespace) -> int:
+    from archive.ingest import POLICY_TARGETS
+    from archive.reencode import reencode
+    from archive.runtime import Archive
+
+    config = _load(args)
+    with Archive(config, writer=False) as archive:
+        total = None
+        target = POLICY_TARGETS.get(args.to or "") if args.to else None
+        if target is None and not config["sites"]:
+            target = POLICY_TARGETS.get(config["store_as"])
+        if target is not None:
+            total = archive.db.scalar(
+                "SELECT COUNT(*) FROM instances WHERE stored_ts <> ? AND integrity = 'ok'",
+                (target,),
+            )
+        elif not args.to and config["store_as"] == "as-received" and not config["sites"]:
+            print(
+                "store_as is as-received and no site has a policy: nothing to convert "
+                "(give --to POLICY)"
+            )
+            return 0
+        bar = tqdm(
+            total=total, unit="obj", desc="transcode", disable=args.quiet, dynamic_ncols=True
+        )
+
+        def done(task, outcome: str) -> None:  # noqa: ANN001 - reencode.Task
+            bar.update(1)
+
+        summary = reencode(archive, to=args.to, site=args.site, workers=args.workers, on_done=done)
+        bar.close()
+    if args.json:
+        print(
+            json.dumps(
+                summary.as_dict()
+                | {"failures": [{"sop_instance_uid": u, "reason": r} for u, r in summary.failed]},
+                indent=2,
+            )
+        )
+    else:
+        saved = summary.bytes_before - summary.bytes_after
+        print(
+            f"{summary.converted} converted ({_human(summary.bytes_before)} -> "
+            f"{_human(summary.bytes_after)}, {_human(saved)} saved), "
+            f"{summary.skipped_lossy} lossy left as received, {len(summary.failed)} failed"
+        )
+        for uid, reason in summary.failed:
+            print(f"  failed {uid}: {reason}")
+    return 1 if summary.failed else 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from archive.index import Catalog
 
@@ -296,6 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "transcode",
+        help="re-encode stored objects to the storage policy (resumable; lossless, verified)",
+    )
+    p.add_argument(
+        "--to",
+        choices=["htj2k-lossless", "j2k-lossless", "jpegls-lossless", "rle-lossless"],
+        help="target for every instance (default: each site's store_as policy)",
+    )
+    p.add_argument("--site", help="only this producing site's instances")
+    p.add_argument("--workers", type=int, default=0, help="parallel workers (default: CPUs)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_transcode)
 
     p = sub.add_parser("stats", help="patients, studies, series, instances, bytes")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -118,3 +118,85 @@ def test_an_htj2k_stored_instance_is_retrieved_uncompressed_with_equal_pixels(
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         original = pydicom.dcmread(io.BytesIO(data))
         assert ds.PixelData == original.PixelData
+
+
+def test_imag_transcode_converts_what_is_stored_and_resumes_after_sigkill(
+    tmp_path, index_url: str
+) -> None:
+    """Stored as received, then converted by `imag transcode`: killed part-way
+    and run again, every instance ends converted once, counters follow, the
+    store verifies, and the originals are still recognised as duplicates."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from archive.index import Catalog, open_database
+    from archive.synthetic import generate_ct_series
+
+    folder = tmp_path / "ct"
+    files = generate_ct_series(folder, 60, seed=3)
+    env = {
+        "PATH": os.environ["PATH"],
+        "IMAG_DATA_DIR": str(tmp_path / "data"),
+        "IMAG_INDEX_URL": index_url,
+        "IMAG_LOG_LEVEL": "WARNING",
+    }
+
+    def imag(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "archive.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    assert imag("import", "-q", str(folder)).returncode == 0
+    db = open_database(index_url)
+    before = Catalog(db).counts()["bytes"]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "archive.cli",
+            "transcode",
+            "-q",
+            "--to",
+            "htj2k-lossless",
+            "--workers",
+            "2",
+        ],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = db.scalar("SELECT COUNT(*) FROM instances WHERE stored_ts = ?", (HTJ2KLossless,))
+        if done >= 5:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = db.scalar("SELECT COUNT(*) FROM instances WHERE stored_ts = ?", (HTJ2KLossless,))
+    assert 0 < partial < len(files)
+
+    run = imag("transcode", "--json", "-q", "--to", "htj2k-lossless")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["converted"] == len(files) - partial
+    assert db.scalar("SELECT COUNT(*) FROM instances WHERE stored_ts = ?", (HTJ2KLossless,)) == len(
+        files
+    )
+    after = Catalog(db).counts()["bytes"]
+    assert after == db.scalar("SELECT SUM(size) FROM instances") < before
+    repaired = imag("verify", "--repair", "--json", "-q")  # orphan copies of the killed run
+    assert json.loads(repaired.stdout)["missing"] == []
+    final = imag("verify", "--json", "-q")
+    assert final.returncode == 0 and json.loads(final.stdout)["clean"]
+    again = json.loads(imag("import", "--json", "-q", str(folder)).stdout)
+    assert again["duplicate"] == len(files) and again["stored"] == 0
+    db.close()

@@ -363,6 +363,51 @@ class Catalog:
             [(old_series, -1, -old_size), (series_ref, 1, r.size)],
         )
 
+    def switch_object(
+        self,
+        instance_id: int,
+        expected_key: str,
+        new_key: str,
+        new_size: int,
+        new_sha256: bytes,
+        stored_ts: str,
+    ) -> bool:
+        """Point an instance at a re-encoded copy of its object, in one
+        transaction, only if it still points at ``expected_key`` (a concurrent
+        replace wins); the digest of the received bytes is kept for duplicate
+        detection.  Returns whether the switch happened."""
+        with self.db.transaction():
+            row = self.db.query_one(
+                "SELECT series_ref, size, sha256, original_sha256 FROM instances "
+                "WHERE id = ? AND object_key = ?",
+                (instance_id, expected_key),
+            )
+            if row is None:
+                return False
+            series_ref, old_size, old_sha, original = row
+            self.db.execute(
+                "UPDATE instances SET object_key = ?, size = ?, sha256 = ?, stored_ts = ?, "
+                "original_sha256 = ? WHERE id = ?",
+                (
+                    new_key,
+                    new_size,
+                    new_sha256,
+                    stored_ts,
+                    bytes(original) if original is not None else bytes(old_sha),
+                    instance_id,
+                ),
+            )
+            delta = new_size - int(old_size)
+            self.db.execute(
+                "UPDATE series SET total_bytes = total_bytes + ? WHERE id = ?", (delta, series_ref)
+            )
+            self.db.execute(
+                "UPDATE studies SET total_bytes = total_bytes + ? WHERE id = "
+                "(SELECT study_ref FROM series WHERE id = ?)",
+                (delta, series_ref),
+            )
+        return True
+
     def mark_integrity(self, instance_id: int, state: str) -> None:
         with self.db.transaction():
             self.db.execute("UPDATE instances SET integrity = ? WHERE id = ?", (state, instance_id))
