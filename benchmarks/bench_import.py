@@ -89,6 +89,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000, help="CT slices (default 1000)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-orthanc", action="store_true")
+    parser.add_argument(
+        "--policies",
+        default="",
+        help="also import under these store_as policies (SQLite), e.g. "
+        "htj2k-lossless,j2k-lossless,jpegls-lossless,rle-lossless",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="imag-bench-") as tmp:
@@ -127,10 +133,29 @@ def main() -> None:
         elif not args.no_orthanc:
             print("Orthanc not installed (apt-get install orthanc): no comparison", file=sys.stderr)
 
-        print(f"{'':42} {'inst/s':>8} {'MB/s':>8} {'vs Orthanc':>10}")
+        stored: dict[str, float] = {}
+        for policy in [p for p in args.policies.split(",") if p]:
+            data = tmp / f"policy-{policy}"
+            result = imag_import(
+                tmp / "ct", f"sqlite:///{data / 'index.db'}", data, args.workers, store_as=policy
+            )
+            rows.append((f"imag import, SQLite, store_as={policy}", result["wall"]))
+            stored[policy] = result["bytes_stored"] / 1e6
+
+        print(f"{'':48} {'inst/s':>8} {'MB/s':>8} {'vs Orthanc':>10}")
         for name, seconds in rows:
             ratio = f"{orthanc_s / seconds:9.2f}x" if orthanc_s else ""
-            print(f"{name:42} {args.count / seconds:8.0f} {total_mb / seconds:8.1f} {ratio:>10}")
+            print(f"{name:48} {args.count / seconds:8.0f} {total_mb / seconds:8.1f} {ratio:>10}")
+        if stored:
+            print(
+                f"\nstored size of the {total_mb:.0f} MB received (synthetic CT: the noise "
+                "level sets the ratios, clinical CT compresses better):"
+            )
+            for policy, mb in stored.items():
+                print(
+                    f"  {policy:18} {mb:8.1f} MB  ({100 * (1 - mb / total_mb):4.1f}% saved, "
+                    f"ratio {total_mb / mb:.2f})"
+                )
 
 
 if __name__ == "__main__":
