@@ -31,12 +31,15 @@ from benchmarks import orthanc
 PG_URL = os.environ.get("IMAG_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def imag_import(folder: Path, index_url: str, data_dir: Path, workers: int) -> dict:
+def imag_import(
+    folder: Path, index_url: str, data_dir: Path, workers: int, store_as: str = "as-received"
+) -> dict:
     env = {
         "PATH": os.environ["PATH"],
         "IMAG_DATA_DIR": str(data_dir),
         "IMAG_INDEX_URL": index_url,
         "IMAG_LOG_LEVEL": "WARNING",
+        "IMAG_STORE_AS": store_as,
     }
     started = time.perf_counter()
     run = subprocess.run(
