@@ -31,7 +31,11 @@ from archive.transcode import convert_for
 log = logging.getLogger(__name__)
 
 ASSOCIATIONS = Counter("imag_dicom_associations_total", "DICOM associations requested", ["outcome"])
-ACTIVE = Gauge("imag_dicom_associations_active", "DICOM associations in progress")
+ACTIVE = Gauge(
+    "imag_dicom_associations_active",
+    "DICOM associations in progress",
+    multiprocess_mode="livesum",  # summed over dicom.processes
+)
 OPERATIONS = Counter(
     "imag_dicom_operations_total", "DIMSE operations by service and status", ["service", "status"]
 )
@@ -78,6 +82,7 @@ class DicomServices:
         return [
             (evt.EVT_CONN_OPEN, set_nodelay),
             (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
             (evt.EVT_ESTABLISHED, self.on_established),
             (evt.EVT_RELEASED, self.on_closed),
             (evt.EVT_ABORTED, self.on_closed),
@@ -115,6 +120,15 @@ class DicomServices:
             event.assoc.kill()
             return
         self._peer_of[event.assoc] = decision.peer
+
+    def on_conn_close(self, event: evt.Event) -> None:
+        """A connection that closes before its A-ASSOCIATE-RQ (port scans, TCP
+        health checks) must free its association slot now: pynetdicom's
+        acceptor would wait for the request until the ACSE timeout.  It stops
+        waiting when it receives "no request" (None) from the upper layer."""
+        assoc = event.assoc
+        if not assoc.is_established and assoc.requestor.primitive is None:
+            assoc.dul.to_user_queue.put(None)
 
     def on_established(self, event: evt.Event) -> None:
         ASSOCIATIONS.labels("accepted").inc()
