@@ -15,10 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_free_port = free_port
 
 
 @dataclass
@@ -27,6 +31,13 @@ class Orthanc:
     dicom_port: int
     aet: str
     folder: Path
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of Orthanc's log (stdout and stderr)."""
+        try:
+            return (self.folder / "orthanc.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
 
 
 def available() -> bool:
