@@ -10,6 +10,7 @@ import pytest
 
 from archive.config import Config, load_config
 from archive.runtime import Archive
+from tests.pgserver import fresh_database
 
 pytest_plugins = ["tests.s3server", "tests.pgserver"]
 
@@ -20,6 +21,21 @@ def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'index.db'}"
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def module_index_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Like ``index_url``, but one index per backend for a whole module (for
+    modules that share one server across their tests)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('index') / 'index.db'}"
+        return
+    with fresh_database(request.getfixturevalue("pg_admin_url"), "imag_module") as url:
+        yield url
 
 
 @pytest.fixture

@@ -18,14 +18,12 @@ import shutil
 import subprocess
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import pydicom
 import pytest
 import requests
@@ -128,24 +126,10 @@ def header(path: Path) -> Dataset:
 # -- the archive under test: one per index backend, the corpus stored once --------------------
 
 
-@pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-)
-def index_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """One index per backend for the whole module (the conftest fixture of
-    the same name is per test)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('index') / 'index.db'}"
-        return
-    admin = request.getfixturevalue("pg_admin_url")
-    name = f"imag_dicomweb_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{admin.rsplit('/', 1)[0]}/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+@pytest.fixture(scope="module")
+def index_url(module_index_url: str) -> str:
+    """One index per backend for the whole module (conftest's is per test)."""
+    return module_index_url
 
 
 @dataclass

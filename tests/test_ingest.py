@@ -207,16 +207,21 @@ def test_same_local_patient_id_at_two_sites_without_issuer_stays_two_patients(
     assert archive.catalog.counts()["patients"] == 2
 
 
-@pytest.mark.parametrize("case", ["valid", "truncated pixel data", "truncated header",
-                                  "trailing element cut"])
+@pytest.mark.parametrize(
+    "case", ["valid", "truncated pixel data", "truncated header", "trailing element cut"]
+)
 def test_file_ingest_streams_and_checks_framing_like_the_in_memory_path(
     archive: Archive, tmp_path, case: str
 ) -> None:
     """Objects over ingest.stream_threshold are parsed header-only and
     streamed; completeness is judged from the pixel data framing instead."""
     data = make_instance()
-    cut = {"valid": data, "truncated pixel data": data[:-1000], "truncated header": data[:699],
-           "trailing element cut": data[:-1]}[case]
+    cut = {
+        "valid": data,
+        "truncated pixel data": data[:-1000],
+        "truncated header": data[:699],
+        "trailing element cut": data[:-1],
+    }[case]
     path = tmp_path / "object.dcm"
     path.write_bytes(cut)
     in_memory = archive.pipeline.prepare(cut, SOURCE)

@@ -244,9 +244,9 @@ def test_limit_and_offset_page_in_a_stable_order(db) -> None:
         ("STUDY", {"StudyDate": "2026-01-15"}, "YYYYMMDD"),
         ("STUDY", {"StudyDate": "20260101-2026"}, "YYYYMMDD"),
         ("STUDY", {"StudyTime": "25h"}, "HHMMSS"),
-    ("STUDY", {"StudyDate": "20261345"}, "YYYYMMDD"),  # no 13th month
-    ("STUDY", {"StudyDate": "20260230-20260301"}, "YYYYMMDD"),  # no 30 February
-    ("STUDY", {"StudyTime": "256199"}, "HHMMSS"),
+        ("STUDY", {"StudyDate": "20261345"}, "YYYYMMDD"),  # no 13th month
+        ("STUDY", {"StudyDate": "20260230-20260301"}, "YYYYMMDD"),  # no 30 February
+        ("STUDY", {"StudyTime": "256199"}, "HHMMSS"),
         ("STUDY", {"StudyInstanceUID": "1.2.*"}, "not a valid UID"),
         ("STUDY", {"Modality": "CT"}, "SERIES-level"),
         ("SERIES", {"SeriesNumber": "one"}, "integer"),
