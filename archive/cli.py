@@ -1,4 +1,4 @@
-"""The ``imag`` command: serve, import, verify, stats, db and config."""
+"""The ``imag`` command: serve, import, verify, stats, jobs, worker, db and config."""
 
 from __future__ import annotations
 
@@ -269,6 +269,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             dicom.start(config["dicom.host"], config["dicom.port"])
             if processes > 1:
                 children = start_listeners(config, dicom.port, processes - 1)
+        from archive.jobs import JobQueue, Worker, load_handlers
+        from archive.metrics import watch_job_queue
+
+        load_handlers()
+        queue = JobQueue(archive.db)
+        watch_job_queue(queue)
+        worker = (
+            Worker(
+                archive, f"serve-{os.getpid()}", queue=queue, concurrency=config["jobs.workers"]
+            ).start()
+            if config["jobs.workers"]
+            else None
+        )
+        archive.changes.start()
         runner = await serve_http(archive, config["http.host"], config["http.port"])
         http = f"http://{config['http.host']}:{config['http.port']}"
         where = {"http": http, "index": config.masked()["index.url"], "storage": config.storage_url}
@@ -294,6 +308,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if dicom is not None:
             dicom.stop()
         await runner.cleanup()
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)
+        archive.changes.stop()
         archive.close()
 
     try:
@@ -302,6 +319,84 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
     return 0
+
+
+def _queue(args: argparse.Namespace):  # noqa: ANN202 - (Database, JobQueue)
+    from archive.jobs import JobQueue
+
+    config = _load(args)
+    db = open_database(config.index_url)
+    upgrade(db)
+    return db, JobQueue(db)
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    db, queue = _queue(args)
+    try:
+        jobs = queue.list(state=args.state, kind=args.kind, limit=args.limit)
+        depth = queue.depth()
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps({"jobs": [j.as_dict() for j in jobs], "depth": depth}, indent=2))
+        return 0
+    for j in jobs:
+        line = (
+            f"{j.id:>8} {j.state:<9} {j.kind:<24} {j.attempts:>2}/{j.max_attempts:<2} "
+            f"due {j.due_at.isoformat(timespec='seconds')}"
+        )
+        if j.worker:
+            line += f" worker {j.worker}"
+        if j.last_error:
+            error = j.last_error.replace("\n", " ")
+            line += f"  last error: {error[:120]}"
+        print(line)
+    print(", ".join(f"{n} {state}" for state, n in depth.items()))
+    return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    from archive.jobs import JobError
+
+    db, queue = _queue(args)
+    try:
+        queue.retry(args.id)
+    except JobError as exc:
+        print(f"imag jobs retry: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    print(f"job {args.id} pending again, due now")
+    return 0
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    from archive.jobs import JobError
+
+    db, queue = _queue(args)
+    try:
+        queue.cancel(args.id)
+    except JobError as exc:
+        print(f"imag jobs cancel: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    print(f"job {args.id} cancelled")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from archive.jobs import run_worker_process
+
+    config = _load(args)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+    return run_worker_process(
+        config,
+        kinds=kinds,
+        concurrency=args.concurrency,
+        poll_interval=args.poll_interval,
+        lease_seconds=args.lease_seconds,
+    )
 
 
 # -- argument parsing ------------------------------------------------------------------------
@@ -366,6 +461,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="patients, studies, series, instances, bytes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
+
+    jobs = sub.add_parser("jobs", help="the job queue: list (default), retry, cancel")
+    jobsub = jobs.add_subparsers(dest="jobs_command", metavar="COMMAND")
+    listing = jobsub.add_parser("list", help="list jobs, newest first")
+    for target, defaults in ((jobs, (None, None, 100, False)), (listing, None)):
+        # "imag jobs" has the defaults; "imag jobs list" SUPPRESSes its own so it
+        # keeps what "imag jobs" parsed
+        state, kind, limit, as_json = defaults or (argparse.SUPPRESS,) * 4
+        target.add_argument(
+            "--state", choices=["pending", "running", "done", "dead", "cancelled"], default=state
+        )
+        target.add_argument("--kind", default=kind)
+        target.add_argument("--limit", type=int, default=limit)
+        target.add_argument("--json", action="store_true", default=as_json)
+        target.set_defaults(func=cmd_jobs_list)
+    p = jobsub.add_parser("retry", help="a dead or cancelled job: pending again, due now")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_jobs_retry)
+    p = jobsub.add_parser("cancel", help="cancel a pending job")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_jobs_cancel)
+
+    p = sub.add_parser(
+        "worker", help="run jobs until SIGTERM (scale-out beside imag serve's own workers)"
+    )
+    p.add_argument("--kinds", help="comma-separated job kinds (default: every kind handled here)")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs run at once (threads)")
+    p.add_argument(
+        "--poll-interval", type=float, default=0.5, help="seconds between polls when idle"
+    )
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60,
+        help="lease of a claimed job, renewed while it runs; a dead worker's job is "
+        "reclaimed after it",
+    )
+    p.set_defaults(func=cmd_worker)
 
     db = sub.add_parser("db", help="index database maintenance")
     dbsub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")

@@ -175,15 +175,21 @@ def _sites(value: Any) -> list[dict]:
     for i, item in enumerate(value):
         if not isinstance(item, Mapping) or not item.get("name"):
             raise TypeError(f"site #{i + 1}: a table with at least a name")
-        unknown = set(item) - {"name", "store_as"}
+        unknown = set(item) - {"name", "store_as", "stable_after_seconds"}
         if unknown:
             raise TypeError(
-                f"site #{i + 1}: only name and store_as (unknown: {', '.join(sorted(unknown))})"
+                f"site #{i + 1}: only name, store_as and stable_after_seconds "
+                f"(unknown: {', '.join(sorted(unknown))})"
             )
         store_as = item.get("store_as")
         if store_as is not None and store_as not in STORE_AS:
             raise TypeError(f"site {item['name']!r}: store_as one of {', '.join(STORE_AS)}")
-        sites.append({"name": _str(item["name"]), "store_as": store_as})
+        stable = item.get("stable_after_seconds")
+        if stable is not None:
+            stable = _int(1, 7 * 86400)(stable)
+        sites.append(
+            {"name": _str(item["name"]), "store_as": store_as, "stable_after_seconds": stable}
+        )
     return sites
 
 
@@ -213,7 +219,13 @@ SETTINGS: list[Setting] = [
         _choice(*STORE_AS),
         "stored transfer syntax policy, for sites without their own store_as",
     ),
-    Setting("sites", [], _sites, "producing sites: [[sites]] name, store_as"),
+    Setting("sites", [], _sites, "producing sites: [[sites]] name, store_as, stable_after_seconds"),
+    Setting(
+        "stable_after_seconds",
+        60,
+        _int(1, 7 * 86400),
+        "a study with no new instance for this long is stable (per site: [[sites]])",
+    ),
     Setting(
         "transcode.verify",
         "always",
@@ -296,6 +308,12 @@ SETTINGS: list[Setting] = [
     Setting("ingest.default_site", "", _str, "producing site recorded when the source names none"),
     Setting(
         "ingest.batch_size", 64, _int(1, 10000), "index rows committed per transaction at most"
+    ),
+    Setting(
+        "jobs.workers",
+        1,
+        _int(0, 64),
+        "job worker threads inside imag serve (0: only separate `imag worker` processes)",
     ),
     Setting("import.workers", 0, _int(0, 256), "parallel import workers (0: one per CPU)"),
     Setting("plugins.identity", "default", _str, "identity plugin (entry point in imag.identity)"),

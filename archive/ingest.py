@@ -20,13 +20,14 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from archive.config import Config
 from archive.identity import IdentityPlugin, Source, load_identity_plugin
 from archive.index import Catalog, Database, InstanceRecord, StoreOutcome
+from archive.index.catalog import CommitHook
 from archive.index.db import utcnow
 from archive.metrics import (
     INDEX_BATCH_SIZE,
@@ -38,6 +39,7 @@ from archive.metrics import (
     TRANSCODE_SECONDS,
 )
 from archive.parse import Header, Rejected, index_fields, parse_header, parse_header_file
+from archive.stability import commit_hook
 from archive.transcode import LossySource, TranscodeError, transcode
 from archive.uids import object_key
 from storage import ObjectStore, StorageError
@@ -109,7 +111,13 @@ class IngestPipeline:
         }
         self.on_conflict: str = config["ingest.on_conflict"]
         self.writer = (
-            IndexWriter(self.catalog, store, config["ingest.batch_size"], self.on_conflict)
+            IndexWriter(
+                self.catalog,
+                store,
+                config["ingest.batch_size"],
+                self.on_conflict,
+                hooks=[commit_hook(config)],
+            )
             if writer
             else None
         )
@@ -323,9 +331,15 @@ class IndexWriter:
     """
 
     def __init__(
-        self, catalog: Catalog, store: ObjectStore, batch_size: int, on_conflict: str
+        self,
+        catalog: Catalog,
+        store: ObjectStore,
+        batch_size: int,
+        on_conflict: str,
+        hooks: Sequence[CommitHook] = (),
     ) -> None:
         self.catalog = catalog
+        self.hooks = list(hooks)
         self.store = store
         self.batch_size = batch_size
         self.on_conflict = on_conflict
@@ -369,7 +383,9 @@ class IndexWriter:
     def _commit(self, batch: list[tuple[Prepared, Future]]) -> None:
         started = time.perf_counter()
         try:
-            results = self.catalog.commit([p.record for p, _ in batch], self.on_conflict)
+            results = self.catalog.commit(
+                [p.record for p, _ in batch], self.on_conflict, self.hooks
+            )
         except Exception:  # noqa: BLE001 - isolate the failing row below
             if len(batch) > 1:
                 for one in batch:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 INGEST_INSTANCES = Counter(
     "imag_ingest_instances_total",
@@ -35,3 +41,81 @@ TRANSCODE_SECONDS = Histogram(
     ["target"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+
+# -- the job queue (archive/jobs.py) ---------------------------------------------------------
+
+JOB_RUNS = Counter(
+    "imag_job_runs_total",
+    "Job runs by kind and outcome: done, retry (failed, will run again), dead (failed for "
+    "good), lost (the lease was lost before the outcome was recorded)",
+    ["kind", "outcome"],
+)
+JOB_SECONDS = Histogram(
+    "imag_job_seconds",
+    "Duration of one job run (its handler), by kind",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+JOB_LATENCY = Histogram(
+    "imag_job_latency_seconds",
+    "Time from a job's due time to its claim by a worker, by kind",
+    ["kind"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+
+
+class JobQueueCollector:
+    """Queue gauges computed at scrape time from the index: ``imag_jobs{state}``
+    (done jobs are not counted) and ``imag_jobs_oldest_due_seconds``.
+
+    Two indexed queries per scrape, cached ``ttl`` seconds so frequent scrapes
+    (or several Prometheus servers) cost no more; nothing is reported while the
+    index does not answer.  Registered in the default registry; with
+    PROMETHEUS_MULTIPROC_DIR the /metrics handler must add it to its registry.
+    """
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self.queue = None  # an archive.jobs.JobQueue, set by watch_job_queue
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, int], float] | None = None
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        queue = self.queue
+        if queue is None:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] > self.ttl:
+                try:
+                    self._cached = (now, queue.depth(), queue.oldest_due_seconds())
+                except Exception as exc:  # noqa: BLE001 - /metrics must answer anyway
+                    logging.getLogger(__name__).debug("job queue depth unavailable: %s", exc)
+                    self._cached = None
+                    return
+            _, depth, oldest = self._cached
+        gauge = GaugeMetricFamily(
+            "imag_jobs", "Jobs in the queue by state (done ones not counted)", labels=["state"]
+        )
+        for state, n in sorted(depth.items()):
+            gauge.add_metric([state], n)
+        yield gauge
+        yield GaugeMetricFamily(
+            "imag_jobs_oldest_due_seconds",
+            "How long the longest-waiting due pending job has waited",
+            value=oldest,
+        )
+
+
+JOB_QUEUE = JobQueueCollector()
+REGISTRY.register(JOB_QUEUE)
+
+
+def watch_job_queue(queue) -> None:  # noqa: ANN001 - archive.jobs.JobQueue (no import cycle)
+    """Report this queue's depth in /metrics (replaces any queue watched before)."""
+    with JOB_QUEUE._lock:
+        JOB_QUEUE.queue = queue
+        JOB_QUEUE._cached = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from archive.changes import ChangeFollower
 from archive.config import Config
 from archive.index import Catalog, Database, open_database, upgrade
 from archive.ingest import IngestPipeline
@@ -29,6 +30,8 @@ class Archive:
         self.store: ObjectStore = open_object_store(config)
         self.catalog = Catalog(self.db)
         self.pipeline = IngestPipeline(config, self.store, self.db, writer=writer)
+        #: subscribe to changes (study.stable, ...) here; `imag serve` starts it
+        self.changes = ChangeFollower(self.db)
 
     def close(self) -> None:
         self.pipeline.close()

@@ -101,11 +101,44 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def changes_feed(request: web.Request) -> web.Response:
+    """The change feed: ``GET /changes?since=<seq>&limit=<n>[&type=study.stable]``.
+
+    Entries are oldest first; follow the feed by passing the last ``seq`` seen
+    as ``since``.  ``last`` is the highest sequence number returned (or
+    ``since`` when nothing new)."""
+    from archive import changes
+
+    archive = request.app[ARCHIVE]
+    try:
+        since = int(request.query.get("since", "0"))
+        limit = int(request.query.get("limit", "100"))
+        if since < 0 or not 1 <= limit <= 1000:
+            raise ValueError
+    except ValueError:
+        return problem(400, "Bad Request", "since must be a non-negative integer and limit 1-1000")
+    types = request.query.getall("type", [])
+    unknown = [t for t in types if t not in changes.TYPES]
+    if unknown:
+        return problem(
+            400,
+            "Bad Request",
+            f"unknown change type(s) {', '.join(unknown)}: one of {', '.join(changes.TYPES)}",
+        )
+    rows = await asyncio.to_thread(changes.read, archive.db, since, limit, types)
+    return web.json_response(
+        {"changes": [c.as_dict() for c in rows], "last": rows[-1].seq if rows else since}
+    )
+
+
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics; with several processes (dicom.processes), the sum of all."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from archive.metrics import JOB_QUEUE
+
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(JOB_QUEUE)  # computed at scrape, not shared through files
         body = generate_latest(registry)
     else:
         body = generate_latest()
@@ -118,6 +151,7 @@ def make_app(archive: Archive) -> web.Application:
     app[ARCHIVE] = archive
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/changes", changes_feed)
     for ep in entry_points(group="imag.routes"):
         ep.load()(app, archive)
         log.info("routes mounted", extra={"service": ep.name})

@@ -10,7 +10,6 @@ import pytest
 
 from archive.config import Config, load_config
 from archive.runtime import Archive
-from tests.pgserver import fresh_database
 
 pytest_plugins = ["tests.s3server", "tests.pgserver"]
 
@@ -34,6 +33,8 @@ def module_index_url(
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('index') / 'index.db'}"
         return
+    from tests.pgserver import fresh_database  # a plugin module: imported by pytest first
+
     with fresh_database(request.getfixturevalue("pg_admin_url"), "imag_module") as url:
         yield url
 

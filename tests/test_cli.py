@@ -154,7 +154,7 @@ def test_import_reports_rejections_and_exits_2(env: dict, tmp_path: Path) -> Non
 
 def test_db_upgrade_reports_the_schema_version(env: dict) -> None:
     first = imag(env, "db", "upgrade").stdout
-    assert "schema version 3" in first and "applied" in first
+    assert "schema version 4" in first and "applied" in first
     assert "already current" in imag(env, "db", "upgrade").stdout
 
 

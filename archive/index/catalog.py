@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -85,6 +85,9 @@ class CommitResult:
     object_key: str = ""
 
 
+CommitHook = Callable[["Database", list[tuple[InstanceRecord, CommitResult]]], None]
+
+
 @dataclass(frozen=True)
 class StoredInstance:
     id: int
@@ -121,9 +124,16 @@ class Catalog:
     # -- writes -----------------------------------------------------------------
 
     def commit(
-        self, records: Sequence[InstanceRecord], on_conflict: str = "keep"
+        self,
+        records: Sequence[InstanceRecord],
+        on_conflict: str = "keep",
+        hooks: Sequence[CommitHook] = (),
     ) -> list[CommitResult]:
-        """Commit ``records`` in one transaction and say what happened to each."""
+        """Commit ``records`` in one transaction and say what happened to each.
+
+        ``hooks`` run inside the transaction with (record, result) pairs, so
+        what they write (the change feed, stability jobs) commits with the
+        rows or not at all."""
         db = self.db
         now = utcnow()
         results: list[CommitResult] = []
@@ -181,6 +191,9 @@ class Catalog:
                 db.execute(
                     "UPDATE studies SET num_series = num_series + ? WHERE id = ?", (count, ref)
                 )
+            done = list(zip(records, results, strict=True))
+            for hook in hooks:
+                hook(db, done)
         return results
 
     def _patient(self, r: InstanceRecord, now: datetime) -> int:
