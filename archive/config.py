@@ -193,6 +193,63 @@ def _sites(value: Any) -> list[dict]:
     return sites
 
 
+ROUTE_MATCH = ("site", "calling_aet", "modality", "sop_class", "study_description", "body_part")
+
+
+def _routes(value: Any) -> list[dict]:
+    """[[routes]]: send matching instances (when = "instance") or stable studies
+    (when = "stable") to a DICOM peer (to_dicom = AE title of a [[dicom.peers]])
+    or a STOW-RS endpoint (to_stow = base URL).  Match values are exact,
+    wildcards (* ?) or regular expressions written "re:..."."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise TypeError("a JSON array of route objects") from None
+    if not isinstance(value, list):
+        raise TypeError("a list of [[routes]] tables")
+    routes = []
+    for i, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            raise TypeError(f"route #{i + 1}: a table")
+        name = str(item.get("name") or f"route-{i + 1}")
+        allowed = {"name", "when", "to_dicom", "to_stow", *ROUTE_MATCH}
+        unknown = set(item) - allowed
+        if unknown:
+            raise TypeError(
+                f"route {name!r}: unknown key(s) {', '.join(sorted(unknown))}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+        when = item.get("when", "instance")
+        if when not in ("instance", "stable"):
+            raise TypeError(f"route {name!r}: when = 'instance' or 'stable'")
+        targets = [k for k in ("to_dicom", "to_stow") if item.get(k)]
+        if len(targets) != 1:
+            raise TypeError(f"route {name!r}: exactly one of to_dicom or to_stow")
+        for key in ROUTE_MATCH:
+            pattern = item.get(key)
+            if isinstance(pattern, str) and pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise TypeError(
+                        f"route {name!r}: {key} is not a valid regular expression: {exc}"
+                    ) from None
+        routes.append(
+            {
+                "name": name,
+                "when": when,
+                "to_dicom": item.get("to_dicom"),
+                "to_stow": item.get("to_stow"),
+                **{k: item.get(k) for k in ROUTE_MATCH},
+            }
+        )
+    names = [r["name"] for r in routes]
+    if len(set(names)) != len(names):
+        raise TypeError("routes with distinct names")
+    return routes
+
+
 # -- the settings table ---------------------------------------------------------
 
 
@@ -308,6 +365,12 @@ SETTINGS: list[Setting] = [
     Setting("ingest.default_site", "", _str, "producing site recorded when the source names none"),
     Setting(
         "ingest.batch_size", 64, _int(1, 10000), "index rows committed per transaction at most"
+    ),
+    Setting(
+        "routes",
+        [],
+        _routes,
+        "routing rules: [[routes]] name, when, match keys, to_dicom or to_stow (env: JSON array)",
     ),
     Setting(
         "jobs.workers",

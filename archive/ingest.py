@@ -39,6 +39,7 @@ from archive.metrics import (
     TRANSCODE_SECONDS,
 )
 from archive.parse import Header, Rejected, index_fields, parse_header, parse_header_file
+from archive.routing import commit_hook as routing_hook
 from archive.stability import commit_hook
 from archive.transcode import LossySource, TranscodeError, transcode
 from archive.uids import object_key
@@ -116,7 +117,7 @@ class IngestPipeline:
                 store,
                 config["ingest.batch_size"],
                 self.on_conflict,
-                hooks=[commit_hook(config)],
+                hooks=[commit_hook(config), routing_hook(config)],
             )
             if writer
             else None
@@ -240,6 +241,7 @@ class IngestPipeline:
                 sha256=digest,
                 received_at=utcnow(),
                 original_sha256=original,
+                calling_aet=source.calling_aet,
                 **fields,
             )
             try:

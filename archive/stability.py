@@ -82,5 +82,8 @@ def run(archive, payload: dict) -> None:  # noqa: ANN001 - Archive; a job handle
         last_at = last if isinstance(last, datetime) else datetime.fromisoformat(last)
         if last_at + wait <= utcnow():
             changes.record(db, [("study.stable", site, study_uid, None, None)])
+            from archive.routing import on_stable  # routing imports this module's peers
+
+            on_stable(archive.config, db, study_uid)
         else:
             schedule(db, study_uid, site, last_at + wait)

@@ -72,6 +72,8 @@ class InstanceRecord:
     received_at: datetime = field(default_factory=utcnow)
     #: digest of the bytes as received, when the stored object was transcoded
     original_sha256: bytes | None = None
+    #: the sender's AE title (routing rules match on it; not stored)
+    calling_aet: str = ""
 
 
 @dataclass(frozen=True)
