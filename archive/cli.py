@@ -355,34 +355,28 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_jobs_retry(args: argparse.Namespace) -> int:
+def _job_action(args: argparse.Namespace, verb: str, done: str) -> int:
+    """Apply JobQueue.<verb> to job ``args.id``; print ``done`` or the reason it cannot."""
     from archive.jobs import JobError
 
     db, queue = _queue(args)
     try:
-        queue.retry(args.id)
+        getattr(queue, verb)(args.id)
     except JobError as exc:
-        print(f"imag jobs retry: {exc}", file=sys.stderr)
+        print(f"imag jobs {verb}: {exc}", file=sys.stderr)
         return 1
     finally:
         db.close()
-    print(f"job {args.id} pending again, due now")
+    print(f"job {args.id} {done}")
     return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    return _job_action(args, "retry", "pending again, due now")
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
-    from archive.jobs import JobError
-
-    db, queue = _queue(args)
-    try:
-        queue.cancel(args.id)
-    except JobError as exc:
-        print(f"imag jobs cancel: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        db.close()
-    print(f"job {args.id} cancelled")
-    return 0
+    return _job_action(args, "cancel", "cancelled")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from archive.config import Config
 from archive.index.catalog import CommitResult, InstanceRecord, StoreOutcome
 from archive.index.db import Database, utcnow
 from archive.jobs import JobQueue, handler
+from archive.routing import on_stable
 
 KIND = "study.stability"
 
@@ -82,8 +83,6 @@ def run(archive, payload: dict) -> None:  # noqa: ANN001 - Archive; a job handle
         last_at = last if isinstance(last, datetime) else datetime.fromisoformat(last)
         if last_at + wait <= utcnow():
             changes.record(db, [("study.stable", site, study_uid, None, None)])
-            from archive.routing import on_stable  # routing imports this module's peers
-
             on_stable(archive.config, db, study_uid)
         else:
             schedule(db, study_uid, site, last_at + wait)

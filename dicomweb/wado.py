@@ -12,12 +12,13 @@ import secrets
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.dataset import FileDataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from archive import metadata as meta
 from archive import pixels
 from archive.query import QueryError
-from archive.retrieve import StoredObject, locate
+from archive.retrieve import StoredObject, locate, read
 from archive.runtime import Archive
 from archive.server import ARCHIVE, problem, public_base
 from archive.transcode import convert_for, encode_as, producible
@@ -129,11 +130,6 @@ async def metadata(request: web.Request) -> web.Response:
 
 async def bulkdata(request: web.Request) -> web.Response:
     """A top-level bulk data element of an instance (application/octet-stream)."""
-    import io
-
-    import pydicom
-
-    archive = request.app[ARCHIVE]
     try:
         items = await _locate(request)
         tag = int(request.match_info["tag"], 16)
@@ -141,26 +137,13 @@ async def bulkdata(request: web.Request) -> web.Response:
         return problem(400, "Bad Request", str(exc))
     except ValueError:
         return problem(400, "Bad Request", "bulk data is addressed by an 8-digit hex tag")
-    data = await asyncio.to_thread(archive.store.get, items[0].object_key)
-    ds = pydicom.dcmread(io.BytesIO(data))
-    if ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRBigEndian:
+    ds = await _dataset(request, items[0])
+    if ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian:
         # bulk data is sent little endian (PS3.18 8.7.3.3.2): swap the OW/OL/OF/OD/OV words
         ds = convert_for(ds, {ExplicitVRLittleEndian})
     if tag not in ds or not isinstance(ds[tag].value, bytes):
         return problem(404, "Not Found", f"instance has no bulk data element {tag:08X}")
-    boundary = secrets.token_hex(16)
-    body = (
-        f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
-        + ds[tag].value
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return web.Response(
-        body=body,
-        headers={
-            "Content-Type": f'multipart/related; type="application/octet-stream"; '
-            f"boundary={boundary}"
-        },
-    )
+    return _multipart([("application/octet-stream", ds[tag].value)])
 
 
 # PS3.18 Table 8.7.3-2: media types of compressed frames, by transfer syntax
@@ -197,13 +180,8 @@ def _multipart(parts: list[tuple[str, bytes]]) -> web.Response:
     )
 
 
-async def _dataset(request: web.Request, item: StoredObject):  # noqa: ANN202 - FileDataset
-    import io
-
-    import pydicom
-
-    data = await asyncio.to_thread(request.app[ARCHIVE].store.get, item.object_key)
-    return await asyncio.to_thread(pydicom.dcmread, io.BytesIO(data))
+async def _dataset(request: web.Request, item: StoredObject) -> FileDataset:
+    return await asyncio.to_thread(read, request.app[ARCHIVE].store, item)
 
 
 def _frame_numbers(text: str) -> list[int]:

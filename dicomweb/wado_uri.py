@@ -9,14 +9,12 @@ return a rendered frame, with ``frameNumber``, ``rows`` / ``columns``,
 from __future__ import annotations
 
 import asyncio
-import io
 
-import pydicom
 from aiohttp import web
 
 from archive import pixels
 from archive.query import QueryError
-from archive.retrieve import locate
+from archive.retrieve import locate, read
 from archive.server import ARCHIVE, problem
 from archive.transcode import encode_as, producible
 
@@ -92,10 +90,9 @@ async def wado(request: web.Request) -> web.Response:
             f"contentType must be application/dicom or one of {', '.join(RENDERED)}",
         )
     media = "image/jpeg" if media == "*/*" else media
-    data = await asyncio.to_thread(archive.store.get, item.object_key)
+    ds = await asyncio.to_thread(read, archive.store, item)
     viewport = (columns or rows or 0, rows or columns or 0) if (rows or columns) else None
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
         body = await asyncio.to_thread(
             pixels.render,
             ds,

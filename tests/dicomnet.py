@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,17 +25,12 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import evt
 
+from tests.processes import HOST, ServerProcess, free_port
+
 #: dcmtk's tools without Nagle's algorithm (each round trip would otherwise
 #: wait ~40 ms for a delayed ACK).
 TOOL_ENV = {**os.environ, "TCP_NODELAY": "1"}
-HOST = "127.0.0.1"
 SERVER_AET = "IMAG"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def run_tool(
@@ -68,7 +62,7 @@ def _toml_value(value: object) -> str:
 
 
 @dataclass
-class ImagServer:
+class ImagServer(ServerProcess):
     """``imag serve`` in a subprocess with its own data folder, config file and
     free ports; ``peers`` become ``[[dicom.peers]]`` tables, ``settings`` other
     TOML tables (``{"ingest": {"max_object_bytes": "100KB"}}``)."""
@@ -141,22 +135,6 @@ class ImagServer:
                 self.kill()
                 raise AssertionError(f"imag serve did not answer C-ECHO:\n{self.log()}")
             time.sleep(0.1)
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, wait, return the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"imag serve ignored SIGTERM:\n{self.log()}") from None
-
-    def kill(self) -> None:
-        """SIGKILL, as a power cut or the OOM killer would."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
     def imag(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run another ``imag`` command on the same configuration."""

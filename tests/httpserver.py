@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+from tests.processes import HOST, ServerProcess, free_port
 
 
 @dataclass
-class HttpImag:
+class HttpImag(ServerProcess):
     """One ``imag serve``.  ``dicom`` also opens the DICOM listener on loopback,
     accepting unknown AE titles; ``settings`` adds or overrides ``IMAG_*``
     variables."""
@@ -107,23 +98,6 @@ class HttpImag:
                 self.kill()
                 raise AssertionError(f"imag serve did not answer /health:\n{self.log()}")
             time.sleep(0.05)
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM, wait, return the exit code."""
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            return self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"imag serve ignored SIGTERM:\n{self.log()}") from None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 @contextmanager

@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
+from tests.processes import free_port
 
 DEFAULT_URL = os.environ.get("IMAG_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -30,12 +31,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_cluster() -> tuple[str, callable]:
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not bins:
@@ -46,7 +41,7 @@ def _start_cluster() -> tuple[str, callable]:
     bindir = Path(bins[-1]).parent
     root = Path(tempfile.mkdtemp(prefix="imag-pg-"))
     data = root / "data"
-    port = _free_port()
+    port = free_port()
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root
         shutil.chown(root, "postgres", "postgres")

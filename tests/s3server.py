@@ -8,7 +8,6 @@ through botocore exactly as they would against AWS or MinIO.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import free_port
+
 _START_TIMEOUT = 20.0
 
 
@@ -31,13 +32,6 @@ class S3Server:
     endpoint_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
-
-
-def _free_port() -> int:
-    """Ask the kernel for a free port (tiny race with other processes, retried below)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers_http(url: str) -> bool:
@@ -53,7 +47,7 @@ def _answers_http(url: str) -> bool:
 
 def _start(log_path: Path) -> S3Server:
     """Start moto on a free port and wait until it answers; raise with its log if not."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     # Keep the server's environment free of real AWS settings (it needs none).
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

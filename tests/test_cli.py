@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from archive.index import Catalog, open_database
 from archive.synthetic import generate_ct_series
+from tests.processes import free_port
 
 
 def imag(
@@ -158,17 +158,11 @@ def test_db_upgrade_reports_the_schema_version(env: dict) -> None:
     assert "already current" in imag(env, "db", "upgrade").stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_answers_health_and_prometheus_metrics(env: dict, ct_folder: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "archive.cli", "serve"],
-        env=env | {"IMAG_HTTP_PORT": str(port), "IMAG_DICOM_PORT": str(_free_port())},
+        env=env | {"IMAG_HTTP_PORT": str(port), "IMAG_DICOM_PORT": str(free_port())},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -1,0 +1,47 @@
+"""What the tests' server wrappers share: free loopback ports, and stopping a
+server process the way an administrator (SIGTERM) or a power cut (SIGKILL) would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now (a tiny race
+    with other processes remains; the fixtures retry or fail loudly)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """Mixin for a wrapper with ``proc`` (the server's Popen, started in its own
+    session) and ``log()`` (what it wrote so far)."""
+
+    proc: subprocess.Popen | None
+
+    def log(self) -> str:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, wait, return the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            return self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"imag serve ignored SIGTERM:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group, as a power cut or the OOM killer would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
