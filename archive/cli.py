@@ -259,6 +259,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         archive = Archive(config)
+        from archive.security.commands import ensure_admin_token
+        from archive.security.principals import Principals
+
+        token_file = ensure_admin_token(config, Principals(archive.db))
+        if token_file is not None:
+            log.warning("first start: admin token written", extra={"path": str(token_file)})
+            print(
+                f"IMAG first start: the admin API token is in {token_file} (readable only by "
+                "you); send it as 'Authorization: Bearer <token>', and create users with "
+                "'imag user add' and 'imag token create'",
+                file=sys.stderr,
+                flush=True,
+            )
+        if not config["auth.enabled"]:
+            log.warning("authentication is OFF (auth.enabled = false): local development only")
         dicom = None
         children: list = []
         if config["dicom.enabled"]:
@@ -284,7 +299,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         archive.changes.start()
         runner = await serve_http(archive, config["http.host"], config["http.port"])
-        http = f"http://{config['http.host']}:{config['http.port']}"
+        scheme = "https" if config["http.tls_cert"] else "http"
+        http = f"{scheme}://{config['http.host']}:{config['http.port']}"
         where = {"http": http, "index": config.masked()["index.url"], "storage": config.storage_url}
         if dicom is not None:
             where["dicom"] = f"{config['dicom.aet']}@{config['dicom.host']}:{dicom.port}" + (
@@ -498,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     p = dbsub.add_parser("upgrade", help="apply pending schema migrations")
     p.set_defaults(func=cmd_db_upgrade)
+
+    from archive.security.commands import add_commands
+
+    add_commands(sub, _load)
 
     cfg = sub.add_parser("config", help="configuration")
     cfgsub = cfg.add_subparsers(dest="config_command", required=True, metavar="COMMAND")

@@ -159,6 +159,40 @@ def _peers(value: Any) -> list[dict]:
     return peers
 
 
+def _names_list(value: Any) -> list[str]:
+    """A list of names (TOML array, or a comma-separated / JSON string)."""
+    if isinstance(value, str):
+        text = value.strip()
+        value = json.loads(text) if text.startswith("[") else [v for v in text.split(",")]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("a list of names, e.g. [\"RS256\", \"ES256\"]")
+    return [v.strip() for v in value if v.strip()]
+
+
+def _role_map(value: Any) -> dict[str, str]:
+    """[auth.oidc.roles]: identity-provider role name = our role (env: JSON object)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise TypeError('a JSON object such as {"PACS-Admins": "admin"}') from None
+    if not isinstance(value, Mapping):
+        raise TypeError('a table of provider role = our role, e.g. "PACS-Admins" = "admin"')
+    from archive.security.roles import ROLES
+
+    for theirs, ours in value.items():
+        if ours not in ROLES:
+            raise TypeError(f"roles: {theirs!r} maps to {ours!r}, not one of {', '.join(ROLES)}")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _syslog_url(value: Any) -> str:
+    text = _str(value)
+    if text and (urlsplit(text).scheme not in ("udp", "tcp") or not urlsplit(text).hostname):
+        raise TypeError("udp://host:port or tcp://host:port (empty: no forwarding)")
+    return text
+
+
 STORE_AS = ("as-received", "htj2k-lossless", "j2k-lossless", "jpegls-lossless", "rle-lossless")
 
 
@@ -199,7 +233,8 @@ ROUTE_MATCH = ("site", "calling_aet", "modality", "sop_class", "study_descriptio
 def _routes(value: Any) -> list[dict]:
     """[[routes]]: send matching instances (when = "instance") or stable studies
     (when = "stable") to a DICOM peer (to_dicom = AE title of a [[dicom.peers]])
-    or a STOW-RS endpoint (to_stow = base URL).  Match values are exact,
+    or a STOW-RS endpoint (to_stow = base URL; stow_token_file = a file holding
+    the destination's API token).  Match values are exact,
     wildcards (* ?) or regular expressions written "re:..."."""
     if isinstance(value, str):
         try:
@@ -213,7 +248,7 @@ def _routes(value: Any) -> list[dict]:
         if not isinstance(item, Mapping):
             raise TypeError(f"route #{i + 1}: a table")
         name = str(item.get("name") or f"route-{i + 1}")
-        allowed = {"name", "when", "to_dicom", "to_stow", *ROUTE_MATCH}
+        allowed = {"name", "when", "to_dicom", "to_stow", "stow_token_file", *ROUTE_MATCH}
         unknown = set(item) - allowed
         if unknown:
             raise TypeError(
@@ -241,6 +276,7 @@ def _routes(value: Any) -> list[dict]:
                 "when": when,
                 "to_dicom": item.get("to_dicom"),
                 "to_stow": item.get("to_stow"),
+                "stow_token_file": item.get("stow_token_file"),
                 **{k: item.get(k) for k in ROUTE_MATCH},
             }
         )
@@ -380,6 +416,80 @@ SETTINGS: list[Setting] = [
     ),
     Setting("import.workers", 0, _int(0, 256), "parallel import workers (0: one per CPU)"),
     Setting("plugins.identity", "default", _str, "identity plugin (entry point in imag.identity)"),
+    Setting(
+        "auth.enabled",
+        True,
+        _bool,
+        "require authentication on every HTTP route but /health "
+        "(false is refused unless http.host is a loopback address)",
+    ),
+    Setting(
+        "auth.admin_token_file",
+        "",
+        _str,
+        "where the first start writes the admin token (default: admin-token in the data folder)",
+    ),
+    Setting(
+        "auth.max_failures",
+        10,
+        _int(1, 100000),
+        "failed authentications per address or token within auth.failure_window_seconds "
+        "before further attempts get 429",
+    ),
+    Setting("auth.failure_window_seconds", 60, _int(1, 86400), "window of auth.max_failures"),
+    Setting("auth.oidc.issuer", "", _str, "OIDC issuer (iss) accepted; empty: no OIDC"),
+    Setting("auth.oidc.audience", "", _str, "OIDC audience (aud) our tokens must name"),
+    Setting("auth.oidc.jwks_url", "", _str, "the identity provider's JWKS URL"),
+    Setting("auth.oidc.jwks_file", "", _str, "a JWKS file with the provider's keys (instead)"),
+    Setting("auth.oidc.algorithms", ["RS256", "ES256"], _names_list, "accepted JWT algorithms"),
+    Setting("auth.oidc.leeway_seconds", 30, _int(0, 600), "clock skew allowed on exp/nbf"),
+    Setting(
+        "auth.oidc.subject_claim", "preferred_username", _str, "claim naming the user (else sub)"
+    ),
+    Setting("auth.oidc.role_claim", "imag_role", _str, "claim with the role (string or list)"),
+    Setting("auth.oidc.sites_claim", "imag_sites", _str, "claim with the user's sites"),
+    Setting("auth.oidc.groups_claim", "groups", _str, "claim with the user's reading groups"),
+    Setting(
+        "auth.oidc.roles",
+        {},
+        _role_map,
+        "[auth.oidc.roles] provider role = our role, for providers with their own role names",
+    ),
+    Setting(
+        "audit.syslog",
+        "",
+        _syslog_url,
+        "forward audit entries to syslog (RFC 5424): udp://host:514 or tcp://host:601",
+    ),
+    Setting(
+        "http.trusted_proxies",
+        [],
+        _names_list,
+        "addresses of reverse proxies whose X-Forwarded-For names the client "
+        "(for the audit trail and the failed-auth limits)",
+    ),
+    Setting("http.tls_cert", "", _str, "PEM certificate (chain) for HTTPS; empty: plain HTTP"),
+    Setting("http.tls_key", "", _str, "PEM private key for http.tls_cert"),
+    Setting(
+        "http.max_body_bytes",
+        2**20,
+        _size,
+        "largest request body outside STOW-RS (STOW-RS parts: ingest.max_object_bytes)",
+    ),
+    Setting(
+        "http.body_timeout",
+        60,
+        _int(1, 3600),
+        "seconds a client may leave a request body stalled before it gets 408",
+    ),
+    Setting("dicom.tls_cert", "", _str, "PEM certificate: DICOM over TLS on dicom.port"),
+    Setting("dicom.tls_key", "", _str, "PEM private key for dicom.tls_cert"),
+    Setting(
+        "dicom.tls_ca",
+        "",
+        _str,
+        "PEM CA bundle: when set, DICOM peers must present a certificate it signed",
+    ),
     Setting("log.level", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level"),
     Setting("log.format", "json", _choice("json", "text"), "log line format"),
 ]
@@ -493,4 +603,32 @@ def load_config(
         values["index.url"] = f"sqlite:///{data_dir / 'index.db'}"
     if values["storage.url"] is None:
         values["storage.url"] = (data_dir / "objects").as_uri()
+    if not values["auth.admin_token_file"]:
+        values["auth.admin_token_file"] = str(data_dir / "admin-token")
+    if not values["auth.enabled"] and not _is_loopback(values["http.host"]):
+        raise ConfigError(
+            f"auth.enabled = false is refused with http.host = {values['http.host']!r}: "
+            "authentication may be turned off only on a loopback address (127.0.0.1, ::1, "
+            "localhost), for local development"
+        )
+    for scope in ("http", "dicom"):
+        if bool(values[f"{scope}.tls_cert"]) != bool(values[f"{scope}.tls_key"]):
+            raise ConfigError(f"{scope}.tls_cert and {scope}.tls_key go together: set both")
+    if values["auth.oidc.issuer"] and not (
+        values["auth.oidc.jwks_url"] or values["auth.oidc.jwks_file"]
+    ):
+        raise ConfigError("auth.oidc.issuer is set: set auth.oidc.jwks_url or auth.oidc.jwks_file")
+    if values["auth.oidc.issuer"] and not values["auth.oidc.audience"]:
+        raise ConfigError("auth.oidc.issuer is set: set auth.oidc.audience too")
     return Config(values=values, sources=sources)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

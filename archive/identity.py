@@ -17,6 +17,8 @@ from typing import Protocol
 
 from pydicom.dataset import Dataset
 
+from archive.security.scope import Scope
+
 
 @dataclass(frozen=True)
 class Source:
@@ -27,6 +29,9 @@ class Source:
     calling_aet: str = ""
     address: str = ""
     user: str = ""
+    #: the studies the sender may write into (None: any); a study of another
+    #: site is refused, so a site cannot add to another site's studies
+    scope: Scope | None = None
 
 
 @dataclass(frozen=True)

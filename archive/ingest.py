@@ -190,6 +190,14 @@ class IngestPipeline:
                 "series_uid": header.series_uid,
                 "sop_class_uid": header.sop_class_uid,
             }
+            if source.scope is not None:
+                owner = self.catalog.study_site(header.study_uid)
+                if owner is not None and owner not in source.scope.sites:
+                    raise Rejected(
+                        "forbidden",
+                        f"study {header.study_uid} belongs to another site than the sender's "
+                        f"({', '.join(sorted(source.scope.sites)) or 'none'})",
+                    )
             ds = header.dataset
             who = self.identity.resolve(ds, source)
             digest = digest_of()

@@ -15,7 +15,6 @@ depends on how the client reached us, and filled in when served.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 import pydicom
@@ -23,6 +22,7 @@ from pydicom.dataelem import DataElement
 
 from archive.index.db import Database
 from archive.retrieve import StoredObject, locate
+from archive.security.scope import Scope
 from storage import ObjectNotFound, ObjectStore
 
 BASE = "{{BASE}}"
@@ -74,12 +74,12 @@ def series_metadata(
     store: ObjectStore,
     study_uid: str,
     series_uid: str,
-    sites: Sequence[str] | None = None,
+    scope: Scope | None = None,
 ) -> list[dict[str, Any]] | None:
     """Metadata of every instance of a series, from the cache when it is current.
-    None when the series does not exist (or is outside ``sites``)."""
+    None when the series does not exist (or is outside ``scope``)."""
     items = locate(
-        db, "SERIES", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}, sites
+        db, "SERIES", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid}, scope
     )
     if not items:
         return None

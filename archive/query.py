@@ -14,7 +14,7 @@ SQL for either index backend, following the matching rules of PS3.4 C.2.2.2:
 * ModalitiesInStudy matches when any of the study's modalities matches any
   value of the key.
 
-Access scope (the sites a caller may see) is a WHERE clause of the same SQL,
+Access scope (the sites and reading groups a caller may see) is a WHERE clause of the same SQL,
 so counts, limits and offsets are right by construction.
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 
 from archive.index.catalog import normalise_pn
 from archive.index.db import Database
+from archive.security.scope import Scope, study_clause
 from archive.uids import is_valid_uid
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -145,8 +146,8 @@ class Query:
     return_keys: Sequence[str] = ()
     limit: int | None = None
     offset: int = 0
-    #: sites whose studies the caller may see; None = everything
-    sites: Sequence[str] | None = None
+    #: the studies the caller may see (sites, reading groups); None = everything
+    scope: Scope | None = None
 
     def __post_init__(self) -> None:
         if self.level not in _DEPTH:
@@ -273,15 +274,8 @@ def _bad(attr: Attr, value: str) -> str:
     )
 
 
-def _patient_counts(level_sites: Sequence[str] | None) -> dict[str, str]:
-    scope = ""
-    if level_sites is not None:
-        scope = (
-            " AND s2.site IN (" + ", ".join("?" * len(level_sites)) + ")"
-            if level_sites
-            else " AND 1 = 0"
-        )
-    where = f"FROM studies s2 WHERE s2.patient_ref = p.id{scope}"
+def _patient_counts(scope_sql: str) -> dict[str, str]:
+    where = f"FROM studies s2 WHERE s2.patient_ref = p.id{scope_sql}"
     return {
         "NumberOfPatientRelatedStudies": f"(SELECT COUNT(*) {where})",
         "NumberOfPatientRelatedSeries": f"(SELECT COALESCE(SUM(s2.num_series), 0) {where})",
@@ -320,26 +314,29 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
         if value and value != "*":
             _match(sql, attr, value)
 
-    sites = None if query.sites is None else list(query.sites)
-    if sites is not None:
+    count_scope, count_params = "", []
+    if query.scope is not None:
         if query.level == "PATIENT":
+            clause, params = study_clause(query.scope, "s3")
             sql.add(
-                "EXISTS (SELECT 1 FROM studies s3 WHERE s3.patient_ref = p.id AND s3.site IN "
-                f"({', '.join('?' * len(sites)) or 'NULL'}))",
-                *sites,
+                f"EXISTS (SELECT 1 FROM studies s3 WHERE s3.patient_ref = p.id AND {clause})",
+                *params,
             )
         else:
-            sql.add(f"st.site IN ({', '.join('?' * len(sites)) or 'NULL'})", *sites)
+            clause, params = study_clause(query.scope, "st")
+            sql.add(clause, *params)
+        clause, count_params = study_clause(query.scope, "s2")
+        count_scope = f" AND {clause}"
 
     wanted = _ordered([*UNIQUE_KEYS[query.level], *query.keys, *query.return_keys], query.level)
-    counts = _patient_counts(sites)
+    counts = _patient_counts(count_scope)
     select: list[str] = []
     select_params: list[Any] = []
     for keyword in wanted:
         attr = ATTRIBUTES[keyword]
         if keyword in counts:
             select.append(counts[keyword])
-            select_params.extend(sites or [])
+            select_params.extend(count_params)
         else:
             select.append(attr.column)
     text = f"SELECT {', '.join(select)} FROM {_FROM[query.level]}"

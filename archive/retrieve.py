@@ -10,7 +10,6 @@ transfer syntax is :func:`archive.transcode.convert_for`.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pydicom
@@ -18,6 +17,7 @@ from pydicom.dataset import FileDataset
 
 from archive.index.db import Database
 from archive.query import QueryError
+from archive.security.scope import Scope, study_clause
 from archive.uids import is_valid_uid
 from storage import ObjectStore
 
@@ -59,14 +59,14 @@ def _uid_list(keyword: str, value: str) -> list[str]:
 
 
 def locate(
-    db: Database, level: str, keys: dict[str, str], sites: Sequence[str] | None = None
+    db: Database, level: str, keys: dict[str, str], scope: Scope | None = None
 ) -> list[StoredObject]:
     """The stored instances a retrieve request names.
 
     ``keys`` holds the unique keys of ``level`` and, optionally, of the levels
     above it (hierarchical retrieve, PS3.4 C.4.2.2): PatientID at PATIENT
     level, StudyInstanceUID at STUDY level, and so on; lists of UIDs are
-    allowed.  ``sites`` restricts the answer to the caller's sites.
+    allowed.  ``scope`` restricts the answer to the studies the caller may see.
     """
     clauses: list[str] = []
     params: list[object] = []
@@ -91,9 +91,10 @@ def locate(
                 break
     else:
         raise QueryError(f"unknown retrieve level {level!r}: use PATIENT, STUDY, SERIES or IMAGE")
-    if sites is not None:
-        clauses.append(f"st.site IN ({', '.join('?' * len(sites)) or 'NULL'})")
-        params.extend(sites)
+    if scope is not None:
+        clause, scope_params = study_clause(scope, "st")
+        clauses.append(clause)
+        params.extend(scope_params)
     sql = (
         _SELECT
         + "".join(f" AND {c}" for c in clauses)

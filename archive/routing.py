@@ -148,7 +148,7 @@ def deliver(archive, route: dict, items: list[StoredObject]) -> None:  # noqa: A
     if route.get("to_dicom"):
         _to_dicom(archive, route["to_dicom"], items)
     else:
-        _to_stow(archive, route["to_stow"], items)
+        _to_stow(archive, route["to_stow"], items, _bearer(route))
 
 
 def _to_dicom(archive, aet: str, items: list[StoredObject]) -> None:  # noqa: ANN001
@@ -190,7 +190,20 @@ def _to_dicom(archive, aet: str, items: list[StoredObject]) -> None:  # noqa: AN
         raise
 
 
-def _to_stow(archive, base_url: str, items: list[StoredObject]) -> None:  # noqa: ANN001
+def _bearer(route: dict) -> str:
+    """The destination's API token, read from ``stow_token_file`` at each delivery
+    (so a rotated token is picked up without a restart)."""
+    path = route.get("stow_token_file")
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        raise RuntimeError(f"route {route['name']!r}: cannot read stow_token_file: {exc}") from None
+
+
+def _to_stow(archive, base_url: str, items: list[StoredObject], token: str = "") -> None:  # noqa: ANN001
     url = base_url.rstrip("/") + "/studies"
     for start in range(0, len(items), STOW_BATCH):
         batch = items[start : start + STOW_BATCH]
@@ -211,6 +224,7 @@ def _to_stow(archive, base_url: str, items: list[StoredObject]) -> None:  # noqa
             headers={
                 "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                 "Accept": "application/dicom+json",
+                **({"Authorization": f"Bearer {token}"} if token else {}),
             },
         )
         try:

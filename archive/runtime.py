@@ -6,6 +6,7 @@ from archive.changes import ChangeFollower
 from archive.config import Config
 from archive.index import Catalog, Database, open_database, upgrade
 from archive.ingest import IngestPipeline
+from archive.security.audit import AuditLog
 from storage import ObjectStore, open_store
 
 
@@ -32,6 +33,8 @@ class Archive:
         self.pipeline = IngestPipeline(config, self.store, self.db, writer=writer)
         #: subscribe to changes (study.stable, ...) here; `imag serve` starts it
         self.changes = ChangeFollower(self.db)
+        #: the append-only audit trail of accesses and security events
+        self.audit = AuditLog(self.db, config["audit.syslog"])
 
     def close(self) -> None:
         self.pipeline.close()

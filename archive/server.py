@@ -27,6 +27,17 @@ from prometheus_client import (
 )
 
 from archive.runtime import Archive
+from archive.security.http import (
+    AUTHENTICATED,
+    SECURITY,
+    HttpSecurity,
+    audit_on_prepare,
+    principal_of,
+    public,
+    require,
+    security_middleware,
+)
+from archive.security.roles import ROLES
 
 log = logging.getLogger(__name__)
 ARCHIVE = web.AppKey("archive", Archive)
@@ -77,7 +88,11 @@ def public_base(request: web.Request) -> str:
     otherwise the Host header, with our port added when a client (such as
     dicomweb-client) leaves it out.
     """
-    configured = request.app[ARCHIVE].config["http.public_url"] if ARCHIVE in request.app else ""
+    configured = (
+        request.config_dict[ARCHIVE].config["http.public_url"]
+        if ARCHIVE in request.config_dict
+        else ""
+    )
     if configured:
         return configured.rstrip("/")
     proto = request.headers.get("X-Forwarded-Proto", request.scheme)
@@ -91,9 +106,10 @@ def public_base(request: web.Request) -> str:
     return f"{proto}://{host}"
 
 
+@public
 async def health(request: web.Request) -> web.Response:
     """Liveness and readiness: the index answers a query."""
-    archive = request.app[ARCHIVE]
+    archive = request.config_dict[ARCHIVE]
     try:
         await asyncio.to_thread(archive.db.scalar, "SELECT 1")
     except Exception as exc:  # noqa: BLE001
@@ -101,6 +117,7 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+@require("changes.read", "changes.read")
 async def changes_feed(request: web.Request) -> web.Response:
     """The change feed: ``GET /changes?since=<seq>&limit=<n>[&type=study.stable]``.
 
@@ -109,7 +126,7 @@ async def changes_feed(request: web.Request) -> web.Response:
     ``since`` when nothing new)."""
     from archive import changes
 
-    archive = request.app[ARCHIVE]
+    archive = request.config_dict[ARCHIVE]
     try:
         since = int(request.query.get("since", "0"))
         limit = int(request.query.get("limit", "100"))
@@ -131,6 +148,7 @@ async def changes_feed(request: web.Request) -> web.Response:
     )
 
 
+@require("metrics.read", "metrics.scrape")
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics; with several processes (dicom.processes), the sum of all."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -145,13 +163,66 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+@require(AUTHENTICATED, "auth.whoami")
+async def whoami(request: web.Request) -> web.Response:
+    """Who the credential stands for: name, kind, role, permissions, sites, groups."""
+    who = principal_of(request)
+    return web.json_response(
+        {
+            "name": who.name,
+            "kind": who.kind,
+            "role": who.role,
+            "permissions": sorted(ROLES.get(who.role, ())),
+            "sites": list(who.sites),
+            "groups": list(who.groups),
+            "via": who.via,
+        }
+    )
+
+
+@require("audit.read", "audit.read")
+async def audit_export(request: web.Request) -> web.StreamResponse:
+    """The audit trail as JSON lines: ``GET /admin/audit?since=&until=&actor=&action=
+    &outcome=&study=&patient=&after=&limit=``."""
+    from archive.security.audit import parse_time
+
+    archive = request.config_dict[ARCHIVE]
+    q = request.query
+    try:
+        filters = {
+            "since": parse_time(q["since"]) if q.get("since") else None,
+            "until": parse_time(q["until"]) if q.get("until") else None,
+            "actor": q.get("actor"),
+            "action": q.get("action"),
+            "outcome": q.get("outcome"),
+            "study_uid": q.get("study"),
+            "patient_id": q.get("patient"),
+            "after_id": int(q.get("after", "0")),
+            "limit": int(q.get("limit", "1000")),
+        }
+        if filters["limit"] < 1 or filters["limit"] > 100000 or filters["after_id"] < 0:
+            raise ValueError("limit must be 1-100000 and after a non-negative integer")
+    except ValueError as exc:
+        return problem(400, "Bad Request", f"bad audit query: {exc}")
+    rows = await asyncio.to_thread(archive.audit.query, **filters)
+    body = "".join(json.dumps(r.as_dict(), sort_keys=True) + "\n" for r in rows)
+    return web.Response(text=body, content_type="application/x-ndjson")
+
+
 def make_app(archive: Archive) -> web.Application:
     """The aiohttp application: core routes plus every registered service."""
-    app = web.Application(middlewares=[errors_and_metrics])
+    app = web.Application(
+        middlewares=[errors_and_metrics, security_middleware],
+        client_max_size=archive.config["http.max_body_bytes"],
+    )
     app[ARCHIVE] = archive
+    app[SECURITY] = HttpSecurity(archive)
+    app.on_response_prepare.append(audit_on_prepare)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/changes", changes_feed)
+    app.router.add_get("/whoami", whoami)
+    app.router.add_get("/admin/audit", audit_export)
     for ep in entry_points(group="imag.routes"):
         ep.load()(app, archive)
         log.info("routes mounted", extra={"service": ep.name})
@@ -159,9 +230,18 @@ def make_app(archive: Archive) -> web.Application:
 
 
 async def serve_http(archive: Archive, host: str, port: int) -> web.AppRunner:
-    """Start the HTTP server; return the runner (call ``cleanup`` to stop)."""
+    """Start the HTTP server (HTTPS when http.tls_cert is set); return the
+    runner (call ``cleanup`` to stop)."""
+    from archive.security.tls import server_context
+
+    config = archive.config
     runner = web.AppRunner(make_app(archive), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    ssl_context = (
+        server_context(config["http.tls_cert"], config["http.tls_key"])
+        if config["http.tls_cert"]
+        else None
+    )
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     return runner

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from archive.query import ATTRIBUTES, LEVELS, Query, QueryError, attributes_for, search
+from archive.security.http import audit_of, require, scope_of
 from archive.server import ARCHIVE, problem, public_base
 
 MAX_LIMIT = 1000
@@ -167,6 +168,7 @@ def to_json(rows: list[dict[str, Any]], fields: list[str], base_url: str, level:
 
 
 def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohttp handler
+    @require("studies.read", "qido.search")
     async def handle(request: web.Request) -> web.Response:
         archive = request.app[ARCHIVE]
         path_keys = {
@@ -179,12 +181,18 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
                 if keyword not in fields and (level != "STUDY" or keyword == "StudyInstanceUID"):
                     fields.append(keyword)
             query.return_keys = fields
+            query.scope = scope_of(request)
             rows = await asyncio.to_thread(search, archive.db, query)
         except (BadRequest, QueryError) as exc:
             return problem(400, "Bad Request", str(exc))
         limit = query.limit - 1
         cut = len(rows) > limit
         rows = rows[:limit]
+        audit_of(request).detail["results"] = len(rows)
+        if not rows and "StudyInstanceUID" in path_keys and query.scope is not None:
+            study = Query("STUDY", {"StudyInstanceUID": path_keys["StudyInstanceUID"]})
+            if await asyncio.to_thread(search, archive.db, study):
+                audit_of(request).outcome = "denied"  # a study outside the caller's scope
         base = public_base(request) + request.app["prefix"]
         body = to_json(rows, fields, base, level)
         headers = {}

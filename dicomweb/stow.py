@@ -17,12 +17,15 @@ import asyncio
 import json
 import os
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from pydicom.dataset import Dataset
 
 from archive.identity import Source
+from archive.security.http import audit_of, principal_of, require
 from archive.server import ARCHIVE, problem, public_base
 from archive.uids import is_valid_uid
 
@@ -35,16 +38,31 @@ FAILURE = {
     "invalid-uid": 0xA900,
     "inconsistent": 0xA900,
     "study-mismatch": 0xA900,
+    "forbidden": 0x0124,  # PS3.7 C.4: Refused: Not Authorized
 }
 CANNOT_UNDERSTAND = 0xC000
+
+
+T = TypeVar("T")
 
 
 class _TooLarge(Exception):
     pass
 
 
+async def _within(awaitable: Awaitable[T], seconds: float) -> T:
+    """``awaitable``, or 408 when the client lets the body stall for ``seconds``
+    (http.body_timeout): a slow or stuck sender does not hold a handler forever."""
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f"the request body stalled for {seconds:g} s (setting http.body_timeout)"
+        ) from None
+
+
 async def _read_part(
-    part: BodyPartReader, limit: int, spool_above: int, folder: Path
+    part: BodyPartReader, limit: int, spool_above: int, folder: Path, timeout: float = 60
 ) -> bytes | Path:
     """The part's bytes, or past ``spool_above`` bytes a temporary file holding
     them (large objects are never held in memory)."""
@@ -52,10 +70,11 @@ async def _read_part(
     size = 0
     spool = None
     try:
-        while chunk := await part.read_chunk(1 << 20):
+        while chunk := await _within(part.read_chunk(1 << 20), timeout):
             size += len(chunk)
             if size > limit:
-                while await part.read_chunk(1 << 20):  # drain: the next part must be readable
+                # drain: the next part must be readable
+                while await _within(part.read_chunk(1 << 20), timeout):
                     pass
                 raise _TooLarge(size)
             if spool is None and size > spool_above:
@@ -90,6 +109,7 @@ def _failed(sop_class: str, sop_instance: str, reason: int) -> Dataset:
     return item
 
 
+@require("studies.write", "stow.store")
 async def store(request: web.Request) -> web.Response:
     archive = request.app[ARCHIVE]
     content_type = request.headers.get("Content-Type", "")
@@ -120,15 +140,31 @@ async def store(request: web.Request) -> web.Response:
     if study_in_path is not None and not is_valid_uid(study_in_path):
         return problem(400, "Bad Request", f"{study_in_path!r} is not a valid Study Instance UID")
     limit: int = archive.config["ingest.max_object_bytes"]
-    peer = request.remote or ""
-    source = Source(kind="stow", site=archive.config["ingest.default_site"], address=peer)
+    timeout: float = archive.config["http.body_timeout"]
+    who = principal_of(request)
+    site = who.write_site(request.headers.get("X-IMAG-Site", "").strip())
+    if site is None:
+        return problem(
+            403,
+            "Forbidden",
+            f"{who.name} may store only into its sites ({', '.join(who.sites) or 'none'}); "
+            "name one of them in the X-IMAG-Site header",
+        )
+    source = Source(
+        kind="stow",
+        site=site or archive.config["ingest.default_site"],
+        address=request.remote or "",
+        user=who.name,
+        scope=who.scope,
+    )
+    studies: dict[str, None] = {}
     base = public_base(request) + request.app["prefix"]
     referenced: list[Dataset] = []
     failed: list[Dataset] = []
     parts = 0
     try:
         while True:
-            part = await reader.next()
+            part = await _within(reader.next(), timeout)
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
@@ -145,6 +181,7 @@ async def store(request: web.Request) -> web.Response:
                     limit,
                     archive.config["ingest.stream_threshold"],
                     archive.config.data_dir / "tmp",
+                    timeout,
                 )
             except _TooLarge:
                 failed.append(_failed("", "", FAILURE["too-large"]))
@@ -154,6 +191,8 @@ async def store(request: web.Request) -> web.Response:
             finally:
                 if isinstance(data, Path):
                     data.unlink(missing_ok=True)
+            if result.study_uid:
+                studies[result.study_uid] = None
             if result.ok:
                 item = Dataset()
                 item.ReferencedSOPClassUID = result.sop_class_uid
@@ -176,6 +215,12 @@ async def store(request: web.Request) -> web.Response:
     if parts == 0:
         return problem(400, "Bad Request", "the multipart body holds no part")
 
+    audit = audit_of(request)
+    audit.detail.update(stored=len(referenced), failed=len(failed))
+    if len(studies) == 1:
+        audit.study_uid = next(iter(studies))
+    elif studies:
+        audit.detail["studies"] = list(studies)[:100]
     answer = Dataset()
     if study_in_path:
         answer.RetrieveURL = f"{base}/studies/{study_in_path}"
@@ -184,6 +229,8 @@ async def store(request: web.Request) -> web.Response:
     if failed:
         answer.FailedSOPSequence = failed
     status = 200 if not failed else (202 if referenced else 409)
+    if status == 409 and all(f.FailureReason == FAILURE["forbidden"] for f in failed):
+        status = 403  # nothing stored, and only because of the caller's scope
     return web.Response(
         status=status,
         body=json.dumps(answer.to_json_dict()).encode(),

@@ -20,6 +20,7 @@ from archive import pixels
 from archive.query import QueryError
 from archive.retrieve import StoredObject, locate, read
 from archive.runtime import Archive
+from archive.security.http import audit_of, require, scope_of
 from archive.server import ARCHIVE, problem, public_base
 from archive.transcode import convert_for, encode_as, producible
 from dicomweb.accept import NotAcceptable, dicom_transfer_syntax, parse_accept, wants
@@ -43,8 +44,11 @@ def _keys(request: web.Request) -> tuple[str, dict[str, str]]:
 async def _locate(request: web.Request) -> list[StoredObject]:
     archive = request.app[ARCHIVE]
     level, keys = _keys(request)
-    items = await asyncio.to_thread(locate, archive.db, level, keys, None)
+    scope = scope_of(request)
+    items = await asyncio.to_thread(locate, archive.db, level, keys, scope)
     if not items:
+        if scope is not None and await asyncio.to_thread(locate, archive.db, level, keys, None):
+            audit_of(request).outcome = "denied"  # answered as absent, audited as denied
         raise web.HTTPNotFound(text=f"no {level.lower()} {list(keys.values())[-1]} here")
     return items
 
@@ -67,6 +71,7 @@ async def _chunks(archive: Archive, item: StoredObject, target: str) -> AsyncIte
     yield await asyncio.to_thread(encode_as, data, target)
 
 
+@require("studies.read", "wado.retrieve")
 async def retrieve(request: web.Request) -> web.StreamResponse:
     """Study, series or instance as multipart/related application/dicom."""
     archive = request.app[ARCHIVE]
@@ -102,6 +107,7 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@require("studies.read", "wado.metadata")
 async def metadata(request: web.Request) -> web.Response:
     """Metadata of a study, series or instance as application/dicom+json."""
     archive = request.app[ARCHIVE]
@@ -128,6 +134,7 @@ async def metadata(request: web.Request) -> web.Response:
     )
 
 
+@require("studies.read", "wado.bulkdata")
 async def bulkdata(request: web.Request) -> web.Response:
     """A top-level bulk data element of an instance (application/octet-stream)."""
     try:
@@ -194,6 +201,7 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
+@require("studies.read", "wado.frames")
 async def frames(request: web.Request) -> web.Response:
     """Frames of an instance: as stored (transfer-syntax=*) or uncompressed."""
     try:
@@ -262,6 +270,7 @@ def _render_params(request: web.Request) -> dict:
     return params
 
 
+@require("studies.read", "wado.rendered")
 async def rendered(request: web.Request) -> web.Response:
     """A rendered instance or frame (single image), or the rendered instances of a
     study or series (multipart, first frame of each)."""
@@ -291,6 +300,7 @@ async def rendered(request: web.Request) -> web.Response:
     return _multipart([(media, image) for image in images])
 
 
+@require("studies.read", "wado.thumbnail")
 async def thumbnail(request: web.Request) -> web.Response:
     """A small image standing for a study, series, instance or frame."""
     try:

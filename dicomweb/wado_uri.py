@@ -15,6 +15,7 @@ from aiohttp import web
 from archive import pixels
 from archive.query import QueryError
 from archive.retrieve import locate, read
+from archive.security.http import audit_of, require, scope_of
 from archive.server import ARCHIVE, problem
 from archive.transcode import encode_as, producible
 
@@ -34,6 +35,7 @@ def _int(params: dict, name: str, lo: int, hi: int) -> int | None:
     return value
 
 
+@require("studies.read", "wado-uri.retrieve")
 async def wado(request: web.Request) -> web.Response:
     archive = request.app[ARCHIVE]
     params = request.query
@@ -53,7 +55,7 @@ async def wado(request: web.Request) -> web.Response:
                 "SeriesInstanceUID": params["seriesUID"],
                 "SOPInstanceUID": params["objectUID"],
             },
-            None,
+            scope_of(request),
         )
         frame = _int(params, "frameNumber", 1, 2**31) or 1
         rows = _int(params, "rows", 1, 65535)
@@ -69,6 +71,15 @@ async def wado(request: web.Request) -> web.Response:
     except QueryError as exc:
         return problem(400, "Bad Request", str(exc))
     if not items:
+        keys = {
+            "StudyInstanceUID": params["studyUID"],
+            "SeriesInstanceUID": params["seriesUID"],
+            "SOPInstanceUID": params["objectUID"],
+        }
+        if scope_of(request) is not None and await asyncio.to_thread(
+            locate, archive.db, "IMAGE", keys, None
+        ):
+            audit_of(request).outcome = "denied"  # answered as absent, audited as denied
         return problem(404, "Not Found", "no such instance in this archive")
     item = items[0]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import requests
+from dicomweb_client.api import DICOMwebClient
+
 from tests.processes import HOST, ServerProcess, free_port
 
 
@@ -22,7 +26,10 @@ from tests.processes import HOST, ServerProcess, free_port
 class HttpImag(ServerProcess):
     """One ``imag serve``.  ``dicom`` also opens the DICOM listener on loopback,
     accepting unknown AE titles; ``settings`` adds or overrides ``IMAG_*``
-    variables."""
+    variables.  Authentication is on, as in production: requests go through
+    :attr:`http` and :meth:`client`, which carry the admin token the first
+    start wrote.  With ``IMAG_HTTP_TLS_CERT`` in ``settings`` it serves HTTPS,
+    trusted through ``tls_ca`` (the CA file that signed that certificate)."""
 
     workdir: Path
     index_url: str | None = None
@@ -32,15 +39,32 @@ class HttpImag(ServerProcess):
     dicom_port: int = field(default_factory=free_port)
     aet: str = "IMAG"
     proc: subprocess.Popen | None = None
+    token: str = ""
+    http: requests.Session = field(default_factory=requests.Session)
+    tls_ca: Path | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.settings.get("IMAG_HTTP_TLS_CERT") else "http"
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
+        return f"{self.scheme}://{HOST}:{self.http_port}"
 
     @property
     def dicomweb(self) -> str:
         """The DICOMweb base URL (QIDO-RS, WADO-RS and STOW-RS are under it)."""
         return self.url + "/dicom-web"
+
+    @property
+    def token_file(self) -> Path:
+        return self.workdir / "data" / "admin-token"
+
+    def client(self, token: str | None = None) -> DICOMwebClient:
+        """A dicomweb-client on our DICOMweb base, with the admin (or given) token."""
+        return DICOMwebClient(
+            self.dicomweb, headers={"Authorization": f"Bearer {token or self.token}"}
+        )
 
     @property
     def log_path(self) -> Path:
@@ -84,13 +108,21 @@ class HttpImag(ServerProcess):
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        tls = None
+        if self.scheme == "https":
+            tls = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_ca is not None:
+                self.http.verify = str(self.tls_ca)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"imag serve exited {self.proc.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as answer:
+                with urllib.request.urlopen(self.url + "/health", timeout=2, context=tls) as answer:
                     if json.load(answer).get("status") == "ok":
+                        if self.token_file.exists():
+                            self.token = self.token_file.read_text().strip()
+                            self.http.headers["Authorization"] = f"Bearer {self.token}"
                         return self
             except OSError:
                 pass

@@ -153,7 +153,7 @@ class Imag:
         return _group(self.headers(), "SeriesInstanceUID")
 
     def get(self, path: str, **kwargs: object) -> requests.Response:
-        return requests.get(self.base + path, timeout=60, **kwargs)  # type: ignore[arg-type]
+        return self.server.http.get(self.base + path, timeout=60, **kwargs)  # type: ignore[arg-type]
 
     def instance_uids(self) -> list[str]:
         """Every SOP Instance UID QIDO-RS finds, in its order."""
@@ -173,7 +173,7 @@ def imag(
 ) -> Iterator[Imag]:
     # DICOM is on for the QIDO-RS / C-FIND comparison, which needs the same data
     with running_imag(tmp_path_factory.mktemp("imag"), index_url=index_url, dicom=True) as server:
-        client = DICOMwebClient(server.dicomweb)
+        client = server.client()
         answer = client.store_instances([pydicom.dcmread(p) for p in corpus.files.values()])
         yield Imag(server, client, dict(corpus.files), answer)
     assert "Traceback" not in server.log(), server.log()[-5000:]  # no request failed with a 500
@@ -214,7 +214,7 @@ def multipart(parts: list[tuple[str, bytes]], boundary: str = "imag-test-3f2a") 
 def stow(imag: Imag, parts: list[tuple[str, bytes]], study: str | None = None) -> requests.Response:
     """POST a multipart/related STOW-RS request built here, byte for byte."""
     path = "/studies" + (f"/{study}" if study else "")
-    return requests.post(
+    return imag.server.http.post(
         imag.base + path,
         data=multipart(parts),
         headers={"Content-Type": f'multipart/related; type="{DICOM}"; boundary=imag-test-3f2a'},
@@ -623,7 +623,11 @@ def raw_get(imag: Imag, target: str) -> tuple[int, object]:
     """GET with the request target sent exactly as written (no client re-encoding)."""
     conn = http.client.HTTPConnection("127.0.0.1", imag.server.http_port, timeout=30)
     try:
-        conn.request("GET", "/dicom-web" + target, headers={"Accept": "application/dicom+json"})
+        headers = {
+            "Accept": "application/dicom+json",
+            "Authorization": f"Bearer {imag.server.token}",
+        }
+        conn.request("GET", "/dicom-web" + target, headers=headers)
         response = conn.getresponse()
         body = response.read()
     finally:
@@ -936,7 +940,7 @@ def test_stow_a_body_not_framed_by_its_boundary_is_400(
         f'multipart/related; type="{DICOM}"; boundary=another-boundary',
         f'multipart/related; type="{DICOM}"',  # no boundary at all
     ):
-        response = requests.post(
+        response = imag.server.http.post(
             imag.base + "/studies", data=body, headers={"Content-Type": ctype}, timeout=30
         )
         assert_problem(response, 400, "multipart")
@@ -944,9 +948,9 @@ def test_stow_a_body_not_framed_by_its_boundary_is_400(
 
 
 def test_stow_of_another_media_type_is_415(imag: Imag, unchanged: None) -> None:
-    response = requests.post(imag.base + "/studies", json={"00100010": {}}, timeout=30)
+    response = imag.server.http.post(imag.base + "/studies", json={"00100010": {}}, timeout=30)
     assert_problem(response, 415, "application/json")
-    response = requests.post(
+    response = imag.server.http.post(
         imag.base + "/studies",
         data=multipart([("application/dicom+json", b"[]")]),
         headers={
@@ -1030,7 +1034,7 @@ def test_stow_parts_spooled_to_disk_are_stored_and_checked_as_in_memory(
     and no spool file left behind."""
     settings = {"IMAG_INGEST_STREAM_THRESHOLD": "1KiB"}
     with running_imag(tmp_path / "imag", settings=settings) as server:
-        client = DICOMwebClient(server.dicomweb)
+        client = server.client()
         files = list(corpus.files.values())
         answer = client.store_instances([pydicom.dcmread(p) for p in files])
         assert "FailedSOPSequence" not in answer
@@ -1155,7 +1159,12 @@ def orthanc(imag: Imag, tmp_path: Path) -> Iterator[str]:
             "Enable": True,
             "Root": "/dicom-web/",
             "EnableWado": False,
-            "Servers": {"imag": [imag.base + "/"]},
+            "Servers": {
+                "imag": {
+                    "Url": imag.base + "/",
+                    "HttpHeaders": {"Authorization": f"Bearer {imag.server.token}"},
+                }
+            },
         },
     }
     (tmp_path / "orthanc.json").write_text(json.dumps(config))

@@ -10,6 +10,7 @@ import pytest
 from archive.index import Catalog, open_database
 from archive.index import upgrade as upgrade_index
 from archive.query import Query, QueryError, search
+from archive.security.scope import Scope
 from tests.test_index import record
 
 
@@ -214,14 +215,14 @@ def test_series_and_image_levels(db) -> None:
 
 
 def test_scope_limits_results_and_counts_in_sql(db) -> None:
-    assert uids(search(db, Query("STUDY", sites=["A", "C"]))) == ["1.1", "1.3"]
-    assert search(db, Query("STUDY", sites=[])) == []
+    assert uids(search(db, Query("STUDY", scope=Scope.of(["A", "C"])))) == ["1.1", "1.3"]
+    assert search(db, Query("STUDY", scope=Scope.of())) == []
     patients = search(
         db,
         Query(
             "PATIENT",
             {"PatientID": "P2"},
-            sites=["B"],
+            scope=Scope.of(["B"]),
             return_keys=["NumberOfPatientRelatedStudies"],
         ),
     )

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import requests
 from pydicom.uid import generate_uid
 
 from archive.config import Config
@@ -160,7 +159,12 @@ def test_deliveries_retry_until_the_receiver_comes_back(routed, tmp_path: Path) 
     scp = StoreSCP(tmp_path / "scp", port).start()  # the receiver is back
     try:
         wait_for(lambda: len(scp.received()) == 1, 30)
-        assert archive.db.scalar("SELECT state FROM jobs WHERE kind = 'route.instance'") == "done"
+        # the job is marked done just after the receiver answered
+        wait_for(
+            lambda: archive.db.scalar("SELECT state FROM jobs WHERE kind = 'route.instance'")
+            == "done",
+            10,
+        )
     finally:
         scp.stop()
 
@@ -168,7 +172,15 @@ def test_deliveries_retry_until_the_receiver_comes_back(routed, tmp_path: Path) 
 def test_a_stable_study_is_forwarded_to_a_second_imag_over_stow_rs(routed, tmp_path: Path) -> None:
     with running_imag(tmp_path / "second") as second:
         archive = routed(
-            [{"name": "to-region", "when": "stable", "site": "A", "to_stow": second.dicomweb}],
+            [
+                {
+                    "name": "to-region",
+                    "when": "stable",
+                    "site": "A",
+                    "to_stow": second.dicomweb,
+                    "stow_token_file": str(second.token_file),
+                }
+            ],
             stable_after_seconds=1,
         )
         study, series = generate_uid(), generate_uid()
@@ -177,11 +189,11 @@ def test_a_stable_study_is_forwarded_to_a_second_imag_over_stow_rs(routed, tmp_p
             assert archive.pipeline.ingest(data, Source("dicom", site="A")).ok
 
         def there() -> list:
-            answer = requests.get(f"{second.dicomweb}/studies/{study}/instances", timeout=10)
+            answer = second.http.get(f"{second.dicomweb}/studies/{study}/instances", timeout=10)
             return answer.json() if answer.status_code == 200 else []
 
         wait_for(lambda: len(there()) == 2, 30)
-        retrieved = requests.get(
+        retrieved = second.http.get(
             f"{second.dicomweb}/studies/{study}",
             timeout=30,
             headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},

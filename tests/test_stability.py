@@ -10,8 +10,6 @@ from collections.abc import Callable, Iterator
 
 import pydicom
 import pytest
-import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
 from archive import changes
@@ -108,21 +106,21 @@ def test_imag_serve_publishes_the_feed_over_http_with_stability(tmp_path, index_
         tmp_path / "imag", index_url=index_url, settings={"IMAG_STABLE_AFTER_SECONDS": "1"}
     ) as server:
         study = generate_uid()
-        client = DICOMwebClient(server.dicomweb)
+        client = server.client()
         client.store_instances(
             [pydicom.dcmread(pydicom.filebase.DicomBytesIO(make_instance(study=study)))]
         )
         url = f"{server.url}/changes"
 
         def stable() -> bool:
-            feed = requests.get(url, params={"type": "study.stable"}, timeout=10).json()
+            feed = server.http.get(url, params={"type": "study.stable"}, timeout=10).json()
             return any(c["study"] == study for c in feed["changes"])
 
         wait_for(stable, 15)
-        first = requests.get(url, params={"since": 0, "limit": 1}, timeout=10).json()
+        first = server.http.get(url, params={"since": 0, "limit": 1}, timeout=10).json()
         assert first["changes"][0]["type"] == "instance.stored"
         assert first["changes"][0]["study"] == study
-        rest = requests.get(url, params={"since": first["last"]}, timeout=10).json()
+        rest = server.http.get(url, params={"since": first["last"]}, timeout=10).json()
         assert [c["type"] for c in rest["changes"]] == ["study.stable"]
-        bad = requests.get(url, params={"since": "x"}, timeout=10)
+        bad = server.http.get(url, params={"since": "x"}, timeout=10)
         assert bad.status_code == 400 and "since" in bad.json()["detail"]

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import requests
-from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLossless
 
@@ -45,7 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, study) -> Iterator[HttpImag
     with running_imag(
         tmp_path_factory.mktemp("imag"), dicom=True, settings={"IMAG_STORE_AS": "htj2k-lossless"}
     ) as imag:
-        client = DICOMwebClient(imag.dicomweb)
+        client = imag.client()
         client.store_instances([pydicom.dcmread(f) for f in study[1]])
         yield imag
 
@@ -55,7 +53,7 @@ def originals(study) -> dict[str, pydicom.Dataset]:
 
 
 def test_instances_are_stored_as_htj2k(server: HttpImag, study) -> None:
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     spec = study[0]
     for inst in client.search_for_instances(str(spec.study_uid)):
         st, se, sop = (inst[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
@@ -66,7 +64,7 @@ def test_instances_are_stored_as_htj2k(server: HttpImag, study) -> None:
 def test_dicomweb_client_retrieves_the_htj2k_study_uncompressed_pixel_for_pixel(
     server: HttpImag, study
 ) -> None:
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     expected = originals(study)
     got = client.retrieve_study(str(study[0].study_uid))
     assert len(got) == len(expected)
@@ -119,7 +117,7 @@ def _multiframe(server: HttpImag, study) -> tuple[str, str, str, pydicom.Dataset
 def test_frames_come_uncompressed_by_default_and_as_stored_on_request(
     server: HttpImag, study
 ) -> None:
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     st, se, sop, original = _multiframe(server, study)
     frames = client.retrieve_instance_frames(st, se, sop, [1, 3, 5])
     arr = original.pixel_array
@@ -127,7 +125,7 @@ def test_frames_come_uncompressed_by_default_and_as_stored_on_request(
         assert got == arr[index].astype("<u1" if arr.dtype.itemsize == 1 else "<u2").tobytes()
     # as stored: HTJ2K frames are image/jphc (PS3.18), a media type dicomweb-client
     # 0.61 does not know yet, so this one is read with plain HTTP
-    answer = requests.get(
+    answer = server.http.get(
         f"{server.dicomweb}/studies/{st}/series/{se}/instances/{sop}/frames/2",
         timeout=30,
         headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'},
@@ -141,7 +139,7 @@ def test_frames_come_uncompressed_by_default_and_as_stored_on_request(
 
 
 def test_rendered_frames_and_thumbnails_open_in_pillow(server: HttpImag, study) -> None:
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     st, se, sop, original = _multiframe(server, study)
     jpeg = client.retrieve_instance_frames_rendered(st, se, sop, [2], media_types=("image/jpeg",))
     image = Image.open(io.BytesIO(jpeg))
@@ -152,7 +150,7 @@ def test_rendered_frames_and_thumbnails_open_in_pillow(server: HttpImag, study) 
     assert (
         Image.open(io.BytesIO(png)).size == (20, 24) or max(Image.open(io.BytesIO(png)).size) == 20
     )
-    thumb = requests.get(f"{server.dicomweb}/studies/{st}/series/{se}/thumbnail", timeout=30)
+    thumb = server.http.get(f"{server.dicomweb}/studies/{st}/series/{se}/thumbnail", timeout=30)
     assert thumb.status_code == 200 and thumb.headers["Content-Type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 128
     narrow = client.retrieve_instance_rendered(
@@ -163,7 +161,7 @@ def test_rendered_frames_and_thumbnails_open_in_pillow(server: HttpImag, study) 
 
 def test_an_out_of_range_frame_is_a_400_that_says_so(server: HttpImag, study) -> None:
     st, se, sop, _ = _multiframe(server, study)
-    answer = requests.get(
+    answer = server.http.get(
         f"{server.dicomweb}/studies/{st}/series/{se}/instances/{sop}/frames/9", timeout=30
     )
     assert answer.status_code == 400
@@ -178,10 +176,10 @@ def test_wado_uri_returns_the_instance_and_a_jpeg(server: HttpImag, study) -> No
         "seriesUID": str(ds.SeriesInstanceUID),
         "objectUID": str(ds.SOPInstanceUID),
     }
-    jpeg = requests.get(f"{server.dicomweb}/wado", params=params | {"rows": "32"}, timeout=30)
+    jpeg = server.http.get(f"{server.dicomweb}/wado", params=params | {"rows": "32"}, timeout=30)
     assert jpeg.status_code == 200 and jpeg.headers["Content-Type"] == "image/jpeg"
     assert Image.open(io.BytesIO(jpeg.content)).size[1] <= 32
-    dicom = requests.get(
+    dicom = server.http.get(
         f"{server.dicomweb}/wado",
         timeout=30,
         params=params
@@ -190,5 +188,5 @@ def test_wado_uri_returns_the_instance_and_a_jpeg(server: HttpImag, study) -> No
     assert dicom.status_code == 200
     got = pydicom.dcmread(io.BytesIO(dicom.content))
     assert np.array_equal(got.pixel_array, ds.pixel_array)
-    missing = requests.get(f"{server.dicomweb}/wado", params={"requestType": "WADO"}, timeout=30)
+    missing = server.http.get(f"{server.dicomweb}/wado", params={"requestType": "WADO"}, timeout=30)
     assert missing.status_code == 400 and "studyUID" in missing.json()["detail"]

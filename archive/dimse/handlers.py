@@ -26,6 +26,8 @@ from archive.identity import Source
 from archive.query import QueryError, search
 from archive.retrieve import StoredObject, locate, read
 from archive.runtime import Archive
+from archive.security.audit import AuditEntry
+from archive.security.scope import Scope
 from archive.transcode import convert_for
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ STORE_STATUS = {
     "missing-attribute": 0xA900,  # Error: data set does not match SOP class
     "invalid-uid": 0xA900,
     "inconsistent": 0xA900,
+    "forbidden": 0x0124,  # Refused: Not Authorized (PS3.7 C.4)
 }
 CANNOT_UNDERSTAND = 0xC000
 
@@ -77,6 +80,10 @@ class DicomServices:
         self.peers = peers
         self.aet = aet
         self._peer_of: weakref.WeakKeyDictionary[Any, Peer | None] = weakref.WeakKeyDictionary()
+        #: per association: study → [instances stored, instances refused], audited at release
+        self._stored: weakref.WeakKeyDictionary[Any, dict[str, list[int]]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def handlers(self) -> list[tuple]:
         return [
@@ -112,6 +119,14 @@ class DicomServices:
                     "reason": decision.reason,
                 },
             )
+            self._audit_peer(
+                calling_aet,
+                requestor.address,
+                None,
+                "dicom.associate",
+                "denied",
+                detail={"reason": decision.reason},
+            )
             # Rejected permanent, by the service user: calling AE title not recognised
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ
@@ -137,14 +152,78 @@ class DicomServices:
     def on_closed(self, event: evt.Event) -> None:
         if event.assoc in self._peer_of:
             ACTIVE.dec()
-            self._peer_of.pop(event.assoc, None)
+            peer = self._peer_of.pop(event.assoc, None)
+            stored = self._stored.pop(event.assoc, None)
+            for study, (ok, failed, forbidden) in (stored or {}).items():
+                outcome = "allowed" if ok else ("denied" if forbidden else "failed")
+                self._audit(
+                    event,
+                    "dicom.c-store",
+                    outcome,
+                    study_uid=study or None,
+                    detail={"stored": ok, "failed": failed, "forbidden": forbidden},
+                    peer=peer,
+                )
+
+    # -- audit ------------------------------------------------------------------------
+
+    def _audit_peer(
+        self,
+        aet: str,
+        address: str,
+        peer: Peer | None,
+        action: str,
+        outcome: str,
+        study_uid: str | None = None,
+        detail: dict | None = None,
+        status: int | None = None,
+    ) -> None:
+        role = None if peer is None else ("regional-peer" if peer.regional else "site-peer")
+        try:
+            self.archive.audit.write(
+                AuditEntry(
+                    aet or "unknown",
+                    "peer",
+                    action,
+                    outcome,
+                    role=role,
+                    status=status,
+                    study_uid=study_uid,
+                    source=f"{aet}@{address}",
+                    detail={**({"site": peer.site} if peer else {}), **(detail or {})},
+                )
+            )
+        except Exception:  # noqa: BLE001 - the service goes on; the failure is logged
+            log.exception("audit entry could not be written", extra={"action": action})
+
+    def _audit(
+        self,
+        event: evt.Event,
+        action: str,
+        outcome: str,
+        study_uid: str | None = None,
+        detail: dict | None = None,
+        status: int | None = None,
+        peer: Peer | None = None,
+    ) -> None:
+        requestor = event.assoc.requestor
+        self._audit_peer(
+            requestor.ae_title.strip(),
+            requestor.address,
+            peer or self._peer(event),
+            action,
+            outcome,
+            study_uid,
+            detail,
+            status,
+        )
 
     def _peer(self, event: evt.Event) -> Peer | None:
         return self._peer_of.get(event.assoc)
 
-    def _scope(self, event: evt.Event) -> list[str] | None:
+    def _scope(self, event: evt.Event) -> Scope | None:
         peer = self._peer(event)
-        return None if peer is None else (None if peer.regional else [peer.site])
+        return None if peer is None else peer.scope
 
     def _source(self, event: evt.Event) -> Source:
         peer = self._peer(event)
@@ -154,6 +233,7 @@ class DicomServices:
             site=peer.site if peer else self.archive.config["ingest.default_site"],
             calling_aet=requestor.ae_title.strip(),
             address=requestor.address,
+            scope=peer.scope if peer else None,
         )
 
     # -- services -------------------------------------------------------------------
@@ -171,6 +251,8 @@ class DicomServices:
                 started, CANNOT_UNDERSTAND, f"cannot read the data set: {exc}"
             )
         result = self.archive.pipeline.ingest(data, self._source(event))
+        counts = self._stored.setdefault(event.assoc, {}).setdefault(result.study_uid, [0, 0, 0])
+        counts[0 if result.ok else (2 if result.code == "forbidden" else 1)] += 1
         if result.ok:
             OPERATIONS.labels("C-STORE", "0x0000").inc()
             OPERATION_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
@@ -195,8 +277,17 @@ class DicomServices:
             rows = search(self.archive.db, query)
         except QueryError as exc:
             OPERATIONS.labels("C-FIND", "0xA900").inc()
+            self._audit(event, "dicom.c-find", "failed", status=0xA900, detail={"error": str(exc)})
             yield _failure(0xA900, str(exc)), None
             return
+        study = query.keys.get("StudyInstanceUID")
+        self._audit(
+            event,
+            "dicom.c-find",
+            "allowed",
+            study_uid=study if study and "\\" not in study else None,
+            detail={"level": query.level, "keys": query.keys, "results": len(rows)},
+        )
         for row in rows:
             if event.is_cancelled:
                 OPERATIONS.labels("C-FIND", "0xFE00").inc()
@@ -206,13 +297,40 @@ class DicomServices:
         OPERATIONS.labels("C-FIND", "0x0000").inc()
         OPERATION_SECONDS.labels("C-FIND").observe(time.perf_counter() - started)
 
-    def _locate(self, event: evt.Event) -> list[StoredObject]:
-        level, keys = retrieve_keys(event.identifier)
-        return locate(self.archive.db, level, keys, self._scope(event))
+    def _locate(self, event: evt.Event, service: str, **detail: Any) -> list[StoredObject]:
+        """The instances to send, with one audit entry for the request."""
+        action = f"dicom.{service.lower()}"
+        try:
+            level, keys = retrieve_keys(event.identifier)
+            items = locate(self.archive.db, level, keys, self._scope(event))
+        except QueryError as exc:
+            self._audit(event, action, "failed", detail={"error": str(exc), **detail})
+            raise
+        studies = list(dict.fromkeys(i.study_uid for i in items))
+        outcome = "allowed"
+        if not items:
+            # outside the peer's scope (denied) or not here at all (failed)
+            scope = self._scope(event)
+            hidden = scope is not None and locate(self.archive.db, level, keys, None)
+            outcome = "denied" if hidden else "failed"
+        self._audit(
+            event,
+            action,
+            outcome,
+            study_uid=studies[0] if len(studies) == 1 else None,
+            detail={
+                "level": level,
+                "keys": keys,
+                "instances": len(items),
+                **({"studies": studies[:100]} if len(studies) > 1 else {}),
+                **detail,
+            },
+        )
+        return items
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         # A bad identifier raises here; pynetdicom answers 0xC413 (unable to process).
-        items = self._locate(event)
+        items = self._locate(event, "C-GET")
         yield len(items)
         accepted = _accepted_by_sop_class(event.assoc)
         yield from self._send(event, items, accepted, "C-GET")
@@ -223,11 +341,14 @@ class DicomServices:
         destination = self.peers.get(name)
         if destination is None:
             log.warning("C-MOVE to an unknown destination", extra={"destination": name})
+            self._audit(
+                event, "dicom.c-move", "failed", status=0xA801, detail={"destination": name}
+            )
             OPERATIONS.labels("C-MOVE", "0xA801").inc()
             yield None, None  # pynetdicom answers 0xA801: move destination unknown
             return
         try:
-            items, error = self._locate(event), None
+            items, error = self._locate(event, "C-MOVE", destination=name), None
         except QueryError as exc:
             items, error = [], exc
         store_assoc: dict[str, Any] = {}

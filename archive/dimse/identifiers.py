@@ -9,6 +9,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from archive.query import ATTRIBUTES, LEVELS, Query, QueryError
+from archive.security.scope import Scope
 
 # Keys a C-FIND identifier may carry that are not matched in the index.
 _CONTROL = {
@@ -35,7 +36,7 @@ def level_of(identifier: Dataset) -> str:
     return level
 
 
-def query_from_identifier(identifier: Dataset, sites: list[str] | None) -> tuple[Query, list]:
+def query_from_identifier(identifier: Dataset, scope: Scope | None) -> tuple[Query, list]:
     """The query an identifier asks, and the identifier's element tags in
     order (every one of them is answered, empty when the index lacks it)."""
     level = level_of(identifier)
@@ -60,7 +61,7 @@ def query_from_identifier(identifier: Dataset, sites: list[str] | None) -> tuple
             keys[keyword] = value
         else:
             returns.append(keyword)
-    return Query(level, keys, returns, sites=sites), tags
+    return Query(level, keys, returns, scope=scope), tags
 
 
 def answer(row: dict[str, Any], tags: list, level: str, aet: str) -> Dataset:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from archive.security.scope import Scope
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,9 @@ class Peer:
         return {str(info[4][0]) for info in infos}
 
     @property
-    def scope(self) -> Sequence[str] | None:
-        """Sites whose studies this peer may find and retrieve; None = all."""
-        return None if self.regional else [self.site]
+    def scope(self) -> Scope | None:
+        """The studies this peer may find and retrieve: its site's; None = all."""
+        return None if self.regional else Scope(frozenset([self.site]))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 
 from pydicom.uid import (
@@ -27,6 +28,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from archive.dimse.handlers import DicomServices
 from archive.dimse.peers import PeerTable
 from archive.runtime import Archive
+from archive.security.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,44 @@ COMMAND_SYNTAXES = [
 
 class ReusePortServer(ThreadedAssociationServer):
     """An association server whose socket other IMAG processes may share
-    (SO_REUSEPORT): the kernel spreads incoming associations over them."""
+    (SO_REUSEPORT): the kernel spreads incoming associations over them.
+
+    With TLS, the handshake runs in the connection's own thread, within the
+    ACSE timeout: pynetdicom does it in the accept loop, without a timeout, so
+    one TCP connection that never sends a ClientHello would stop the listener
+    accepting anyone."""
 
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client_socket, address = self.socket.accept()
+        if self.ssl_context:
+            client_socket = self.ssl_context.wrap_socket(
+                client_socket, server_side=True, do_handshake_on_connect=False
+            )
+        return client_socket, address
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.ae.acse_timeout)
+                request.do_handshake()
+                request.settimeout(None)  # blocking, as pynetdicom expects
+            except (OSError, ValueError) as exc:
+                log.warning(
+                    "DICOM TLS handshake failed",
+                    extra={"peer": client_address[0], "error": str(exc)},
+                )
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 class DicomServer:
@@ -93,14 +127,26 @@ class DicomServer:
 
     def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` in a background thread."""
+        config = self.archive.config
+        ssl_context = None
+        if config["dicom.tls_cert"]:
+            ssl_context = server_context(
+                config["dicom.tls_cert"], config["dicom.tls_key"], config["dicom.tls_ca"]
+            )
         self._server = self.ae.make_server(
-            (host, port), evt_handlers=self.services.handlers(), server_class=ReusePortServer
+            (host, port),
+            evt_handlers=self.services.handlers(),
+            server_class=ReusePortServer,
+            ssl_context=ssl_context,
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="imag-dicom-server", daemon=True
         )
         self._thread.start()
-        log.info("DICOM listening", extra={"host": host, "port": self.port, "aet": self.aet})
+        log.info(
+            "DICOM listening",
+            extra={"host": host, "port": self.port, "aet": self.aet, "tls": bool(ssl_context)},
+        )
 
     def stop(self) -> None:
         """Stop accepting, abort the associations in progress."""

@@ -429,6 +429,10 @@ class Catalog:
 
     # -- reads ------------------------------------------------------------------
 
+    def study_site(self, study_uid: str) -> str | None:
+        """The producing site a stored study belongs to (None: no such study)."""
+        return self.db.scalar("SELECT site FROM studies WHERE study_uid = ?", (study_uid,))
+
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
         row = self.db.query_one(
             _STORED_SELECT + " WHERE i.sop_instance_uid = ?", (sop_instance_uid,)

@@ -39,7 +39,31 @@ def _statements(sql: str, dialect: str) -> list[str]:
         return []
     body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
     body = body.format(**TYPES[dialect])
-    return [s.strip() for s in body.split(";") if s.strip()]
+    return _split(body)
+
+
+_TOKEN = re.compile(r"\$\$|\bBEGIN\b|\bEND\b|;", re.IGNORECASE)
+
+
+def _split(body: str) -> list[str]:
+    """Split on ``;`` except inside ``$$ ... $$`` (PostgreSQL function bodies)
+    and ``BEGIN ... END`` (SQLite trigger bodies)."""
+    statements, start, dollar, depth = [], 0, False, 0
+    for match in _TOKEN.finditer(body):
+        token = match[0].upper()
+        if token == "$$":
+            dollar = not dollar
+        elif dollar:
+            continue
+        elif token == "BEGIN":
+            depth += 1
+        elif token == "END":
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            statements.append(body[start : match.start()])
+            start = match.end()
+    statements.append(body[start:])
+    return [s.strip() for s in statements if s.strip()]
 
 
 def current_version(db: Database) -> int:

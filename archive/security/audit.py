@@ -1,0 +1,237 @@
+"""The audit trail: one append-only row per access to patient data and per
+security event, written before the answer leaves, optionally forwarded to
+syslog (RFC 5424).
+
+The table refuses UPDATE and DELETE (triggers, migrations 0006/0007), so an
+entry once written stays as written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from archive.index.db import Database, utcnow
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("allowed", "denied", "failed")
+
+
+@dataclass
+class AuditEntry:
+    """Who (actor, kind, role) did what (action) to which study and patient,
+    from where (address or AE), with what outcome."""
+
+    actor: str
+    actor_kind: str
+    action: str
+    outcome: str  # allowed | denied | failed
+    role: str | None = None
+    status: int | None = None
+    study_uid: str | None = None
+    patient_id: str | None = None
+    source: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    at: str | None = None
+    id: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_COLUMNS = (
+    "id, at, actor, actor_kind, role, action, outcome, status, study_uid, patient_id, "
+    "source, detail"
+)
+
+
+class AuditLog:
+    """Writes and reads the ``audit`` table; forwards entries to syslog if asked."""
+
+    def __init__(self, db: Database, syslog_url: str = "", app_name: str = "imag") -> None:
+        self.db = db
+        self._syslog = _SyslogSender(syslog_url, app_name) if syslog_url else None
+
+    def write(self, entry: AuditEntry) -> None:
+        """Append ``entry`` (durably: the caller answers only afterwards).  The
+        patient is looked up from the study when the caller did not name it."""
+        if entry.study_uid and not entry.patient_id:
+            entry.patient_id = self.db.scalar(
+                "SELECT p.patient_id FROM studies st JOIN patients p ON p.id = st.patient_ref "
+                "WHERE st.study_uid = ?",
+                (entry.study_uid,),
+            )
+        at = utcnow()
+        entry.at = at.isoformat()
+        self.db.execute(
+            "INSERT INTO audit (at, actor, actor_kind, role, action, outcome, status, "
+            "study_uid, patient_id, source, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                at,
+                entry.actor,
+                entry.actor_kind,
+                entry.role,
+                entry.action,
+                entry.outcome,
+                entry.status,
+                entry.study_uid,
+                entry.patient_id,
+                entry.source,
+                json.dumps(entry.detail, sort_keys=True) if entry.detail else None,
+            ),
+        )
+        if self._syslog is not None:
+            self._syslog.send(entry)
+
+    def query(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        outcome: str | None = None,
+        study_uid: str | None = None,
+        patient_id: str | None = None,
+        after_id: int = 0,
+        limit: int | None = 1000,
+    ) -> list[AuditEntry]:
+        """Entries matching every given filter, oldest first."""
+        clauses, params = ["id > ?"], [after_id]
+        for column, value in (
+            ("actor", actor),
+            ("action", action),
+            ("outcome", outcome),
+            ("study_uid", study_uid),
+            ("patient_id", patient_id),
+        ):
+            if value:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("at < ?")
+            params.append(until)
+        sql = f"SELECT {_COLUMNS} FROM audit WHERE {' AND '.join(clauses)} ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_entry(row) for row in self.db.query(sql, params)]
+
+    def iterate(self, batch: int = 5000, **filters: Any) -> Iterator[AuditEntry]:
+        """Every matching entry, read in batches (for exports of any size)."""
+        after = 0
+        while True:
+            rows = self.query(after_id=after, limit=batch, **filters)
+            yield from rows
+            if len(rows) < batch:
+                return
+            after = rows[-1].id or after
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 date or date-time (UTC when no offset is given)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 date or date-time") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _entry(row: tuple) -> AuditEntry:
+    at = row[1]
+    if isinstance(at, datetime):
+        at = at.astimezone(UTC).isoformat()
+    return AuditEntry(
+        id=int(row[0]),
+        at=str(at),
+        actor=row[2],
+        actor_kind=row[3],
+        role=row[4],
+        action=row[5],
+        outcome=row[6],
+        status=row[7],
+        study_uid=row[8],
+        patient_id=row[9],
+        source=row[10],
+        detail=json.loads(row[11]) if row[11] else {},
+    )
+
+
+# -- syslog forwarding (RFC 5424) ---------------------------------------------------
+
+_FACILITY_AUTHPRIV = 10
+_SEVERITY = {"allowed": 6, "failed": 4, "denied": 4}  # informational / warning
+
+
+def rfc5424(entry: AuditEntry, app_name: str = "imag", hostname: str | None = None) -> bytes:
+    """One RFC 5424 syslog message for ``entry``: the fields as structured data
+    (SD-ID ``imag@32473``, the documentation enterprise number) and the whole
+    entry as JSON in MSG."""
+    pri = _FACILITY_AUTHPRIV * 8 + _SEVERITY.get(entry.outcome, 5)
+    host = (hostname or socket.gethostname() or "-")[:255]
+    params = {
+        "actor": entry.actor,
+        "kind": entry.actor_kind,
+        "role": entry.role or "",
+        "action": entry.action,
+        "outcome": entry.outcome,
+        "study": entry.study_uid or "",
+        "patient": entry.patient_id or "",
+        "source": entry.source or "",
+    }
+    sd = "[imag@32473" + "".join(f' {k}="{_sd_escape(v)}"' for k, v in params.items() if v) + "]"
+    msg = json.dumps(entry.as_dict(), sort_keys=True, default=str)
+    header = f"<{pri}>1 {entry.at or utcnow().isoformat()} {host} {app_name} {os.getpid()} audit"
+    return f"{header} {sd} \ufeff{msg}".encode()
+
+
+def _sd_escape(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+class _SyslogSender:
+    """Send to ``udp://host:port`` (one datagram per entry) or ``tcp://host:port``
+    (RFC 6587 octet counting).  A syslog outage never blocks or fails a request:
+    the entry is in the table already; the failure is logged."""
+
+    def __init__(self, url: str, app_name: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("udp", "tcp") or not parts.hostname:
+            raise ValueError(f"audit.syslog {url!r}: expected udp://host:port or tcp://host:port")
+        self.scheme = parts.scheme
+        self.address = (parts.hostname, parts.port or 514)
+        self.app_name = app_name
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def send(self, entry: AuditEntry) -> None:
+        message = rfc5424(entry, self.app_name)
+        with self._lock:
+            self._send(message)
+
+    def _send(self, message: bytes) -> None:
+        try:
+            if self.scheme == "udp":
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.sendto(message, self.address)
+                return
+            if self._sock is None:
+                self._sock = socket.create_connection(self.address, timeout=2)
+            self._sock.sendall(f"{len(message)} ".encode() + message)
+        except OSError as exc:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            log.warning("audit entry not forwarded to syslog", extra={"error": str(exc)})

@@ -1,0 +1,83 @@
+"""Roles, permissions and the principal a request or association acts as.
+
+A route declares the permission it needs (``studies.read``, ...); a role is a
+set of permissions; a principal has one role, sites and reading groups.  What
+data a permission reaches is the principal's :class:`Scope`: everything for
+``admin``, the studies of its sites and groups for everyone else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from archive.security.scope import Scope
+
+#: permission → what it allows
+PERMISSIONS = {
+    "studies.read": "search and retrieve studies in scope (QIDO-RS, WADO-RS, WADO-URI)",
+    "studies.write": "store instances into studies in scope (STOW-RS)",
+    "changes.read": "follow the change feed of every site (GET /changes)",
+    "metrics.read": "scrape Prometheus metrics (GET /metrics)",
+    "audit.read": "read the audit trail (GET /admin/audit)",
+    "worklist.read": "see the reading worklist",
+    "worklist.write": "claim and report reading requests",
+    "screening.read": "see the screening second-read queue",
+    "screening.write": "record screening second reads",
+}
+
+#: role → permissions.  ``monitor`` is for service accounts of monitoring
+#: systems: metrics and nothing else.
+ROLES: dict[str, frozenset[str]] = {
+    "admin": frozenset(PERMISSIONS),
+    "site_admin": frozenset({"studies.read", "studies.write", "metrics.read"}),
+    "radiologist": frozenset({"studies.read", "worklist.read", "worklist.write"}),
+    "screening_reader": frozenset({"studies.read", "screening.read", "screening.write"}),
+    "technician": frozenset({"studies.read", "studies.write"}),
+    "monitor": frozenset({"metrics.read"}),
+}
+
+KINDS = ("user", "service")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is acting: a user, a service account, an OIDC subject or a DICOM peer."""
+
+    name: str
+    role: str
+    kind: str = "user"  # user, service, oidc, peer, anonymous
+    sites: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    #: how the principal proved who it is (token name, "oidc", "auth disabled")
+    via: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def can(self, permission: str) -> bool:
+        return permission in ROLES.get(self.role, frozenset())
+
+    @property
+    def scope(self) -> Scope | None:
+        """The studies this principal may see; None = everything."""
+        if self.role == "admin":
+            return None
+        return Scope.of(self.sites, self.groups)
+
+    def write_site(self, asked: str = "") -> str | None:
+        """The producing site recorded for what this principal stores.
+
+        ``asked`` (a client's choice) must be one of its sites; without it a
+        principal with exactly one site writes to that site.  None when it
+        cannot be decided (several sites and no choice, or a site not its own).
+        Admins may name any site; without one they get the default site ("").
+        """
+        if self.role == "admin":
+            return asked
+        if asked:
+            return asked if asked in self.sites else None
+        return self.sites[0] if len(self.sites) == 1 else None
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    return role
