@@ -70,9 +70,9 @@ class AuditContext:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-PRINCIPAL = "imag.principal"
-PENDING = "imag.audit.pending"
-AUDIT = "imag.audit"
+PRINCIPAL = web.RequestKey("principal", Principal)
+PENDING = web.RequestKey("audit_pending", object)
+AUDIT = web.RequestKey("audit", AuditContext)
 SECURITY = web.AppKey("security", object)
 
 
