@@ -44,9 +44,18 @@ def available() -> bool:
     return shutil.which("Orthanc") is not None
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def dicomweb_plugin() -> str:
+    """The DICOMweb plugin's path (Debian ``orthanc-dicomweb``), or "" when absent."""
+    return str(DICOMWEB_PLUGIN) if DICOMWEB_PLUGIN.exists() else ""
+
+
 @contextmanager
-def running_orthanc(extra: dict | None = None) -> Iterator[Orthanc]:
-    """An Orthanc on loopback with its own storage and SQLite index, removed after."""
+def running_orthanc(extra: dict | None = None, auth: str = "") -> Iterator[Orthanc]:
+    """An Orthanc on loopback with its own storage and SQLite index, removed after.
+    ``auth``: the Authorization header to probe it with when authentication is on."""
     folder = Path(tempfile.mkdtemp(prefix="imag-bench-orthanc-"))
     http_port, dicom_port = _free_port(), _free_port()
     config = {
@@ -78,7 +87,10 @@ def running_orthanc(extra: dict | None = None) -> Iterator[Orthanc]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(url + "/system", timeout=2):
+                probe = urllib.request.Request(
+                    url + "/system", headers={"Authorization": auth} if auth else {}
+                )
+                with urllib.request.urlopen(probe, timeout=2):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
