@@ -11,6 +11,7 @@ Every value is validated at load time: a bad value stops start-up with a
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from archive.security.roles import ROLES
 
 
 class ConfigError(ValueError):
@@ -178,8 +181,6 @@ def _role_map(value: Any) -> dict[str, str]:
             raise TypeError('a JSON object such as {"PACS-Admins": "admin"}') from None
     if not isinstance(value, Mapping):
         raise TypeError('a table of provider role = our role, e.g. "PACS-Admins" = "admin"')
-    from archive.security.roles import ROLES
-
     for theirs, ours in value.items():
         if ours not in ROLES:
             raise TypeError(f"roles: {theirs!r} maps to {ours!r}, not one of {', '.join(ROLES)}")
@@ -624,8 +625,6 @@ def load_config(
 
 
 def _is_loopback(host: str) -> bool:
-    import ipaddress
-
     if host == "localhost":
         return True
     try:

@@ -40,11 +40,14 @@ _LEVEL_KEY = {
     "SERIES": ("SeriesInstanceUID", "se.series_uid"),
     "IMAGE": ("SOPInstanceUID", "i.sop_instance_uid"),
 }
-_SELECT = (
-    "SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid, i.stored_ts, "
-    "i.object_key, i.size FROM instances i JOIN series se ON se.id = i.series_ref "
+_FROM = (
+    "FROM instances i JOIN series se ON se.id = i.series_ref "
     "JOIN studies st ON st.id = se.study_ref JOIN patients p ON p.id = st.patient_ref "
     "WHERE i.integrity = 'ok'"
+)
+_SELECT = (
+    "SELECT st.study_uid, se.series_uid, i.sop_instance_uid, i.sop_class_uid, i.stored_ts, "
+    f"i.object_key, i.size {_FROM}"
 )
 
 
@@ -68,6 +71,26 @@ def locate(
     level, StudyInstanceUID at STUDY level, and so on; lists of UIDs are
     allowed.  ``scope`` restricts the answer to the studies the caller may see.
     """
+    where, params = _where(level, keys, scope)
+    sql = f"{_SELECT}{where} ORDER BY st.id, se.series_number, se.id, i.instance_number, i.id"
+    return [StoredObject(*row[:6], int(row[6])) for row in db.query(sql, params)]
+
+
+def outside_scope(db: Database, level: str, keys: dict[str, str], scope: Scope | None) -> bool:
+    """Whether what ``keys`` name exists, but only outside ``scope``: such a
+    request is answered as if nothing were there, and audited as denied."""
+    if scope is None:
+        return False
+
+    def exists(within: Scope | None) -> bool:
+        where, params = _where(level, keys, within)
+        return bool(db.scalar(f"SELECT 1 {_FROM}{where} LIMIT 1", params))
+
+    return not exists(scope) and exists(None)
+
+
+def _where(level: str, keys: dict[str, str], scope: Scope | None) -> tuple[str, list[object]]:
+    """The conditions (appended to ``_FROM``'s WHERE) selecting what ``keys`` name."""
     clauses: list[str] = []
     params: list[object] = []
     if level == "PATIENT":
@@ -95,12 +118,7 @@ def locate(
         clause, scope_params = study_clause(scope, "st")
         clauses.append(clause)
         params.extend(scope_params)
-    sql = (
-        _SELECT
-        + "".join(f" AND {c}" for c in clauses)
-        + " ORDER BY st.id, se.series_number, se.id, i.instance_number, i.id"
-    )
-    return [StoredObject(*row[:6], int(row[6])) for row in db.query(sql, params)]
+    return "".join(f" AND {c}" for c in clauses), params
 
 
 def read(store: ObjectStore, item: StoredObject) -> FileDataset:

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from archive.query import ATTRIBUTES, LEVELS, Query, QueryError, attributes_for, search
-from archive.security.http import audit_of, require, scope_of
+from archive.security.http import audit_of, deny_if_hidden, require, scope_of
 from archive.server import ARCHIVE, problem, public_base
 
 MAX_LIMIT = 1000
@@ -189,10 +189,9 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
         cut = len(rows) > limit
         rows = rows[:limit]
         audit_of(request).detail["results"] = len(rows)
-        if not rows and "StudyInstanceUID" in path_keys and query.scope is not None:
-            study = Query("STUDY", {"StudyInstanceUID": path_keys["StudyInstanceUID"]})
-            if await asyncio.to_thread(search, archive.db, study):
-                audit_of(request).outcome = "denied"  # a study outside the caller's scope
+        if not rows and "StudyInstanceUID" in path_keys:
+            study = {"StudyInstanceUID": path_keys["StudyInstanceUID"]}
+            await deny_if_hidden(request, archive.db, "STUDY", study)
         base = public_base(request) + request.app["prefix"]
         body = to_json(rows, fields, base, level)
         headers = {}

@@ -20,7 +20,7 @@ from archive import pixels
 from archive.query import QueryError
 from archive.retrieve import StoredObject, locate, read
 from archive.runtime import Archive
-from archive.security.http import audit_of, require, scope_of
+from archive.security.http import deny_if_hidden, require, scope_of
 from archive.server import ARCHIVE, problem, public_base
 from archive.transcode import convert_for, encode_as, producible
 from dicomweb.accept import NotAcceptable, dicom_transfer_syntax, parse_accept, wants
@@ -44,11 +44,9 @@ def _keys(request: web.Request) -> tuple[str, dict[str, str]]:
 async def _locate(request: web.Request) -> list[StoredObject]:
     archive = request.app[ARCHIVE]
     level, keys = _keys(request)
-    scope = scope_of(request)
-    items = await asyncio.to_thread(locate, archive.db, level, keys, scope)
+    items = await asyncio.to_thread(locate, archive.db, level, keys, scope_of(request))
     if not items:
-        if scope is not None and await asyncio.to_thread(locate, archive.db, level, keys, None):
-            audit_of(request).outcome = "denied"  # answered as absent, audited as denied
+        await deny_if_hidden(request, archive.db, level, keys)
         raise web.HTTPNotFound(text=f"no {level.lower()} {list(keys.values())[-1]} here")
     return items
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from archive import pixels
 from archive.query import QueryError
 from archive.retrieve import locate, read
-from archive.security.http import audit_of, require, scope_of
+from archive.security.http import deny_if_hidden, require, scope_of
 from archive.server import ARCHIVE, problem
 from archive.transcode import encode_as, producible
 
@@ -45,18 +45,13 @@ async def wado(request: web.Request) -> web.Response:
     if missing:
         return problem(400, "Bad Request", f"missing parameter(s): {', '.join(missing)}")
     content_types = [c.strip() for c in params.get("contentType", "image/jpeg").split(",")]
+    keys = {
+        "StudyInstanceUID": params["studyUID"],
+        "SeriesInstanceUID": params["seriesUID"],
+        "SOPInstanceUID": params["objectUID"],
+    }
     try:
-        items = await asyncio.to_thread(
-            locate,
-            archive.db,
-            "IMAGE",
-            {
-                "StudyInstanceUID": params["studyUID"],
-                "SeriesInstanceUID": params["seriesUID"],
-                "SOPInstanceUID": params["objectUID"],
-            },
-            scope_of(request),
-        )
+        items = await asyncio.to_thread(locate, archive.db, "IMAGE", keys, scope_of(request))
         frame = _int(params, "frameNumber", 1, 2**31) or 1
         rows = _int(params, "rows", 1, 65535)
         columns = _int(params, "columns", 1, 65535)
@@ -71,15 +66,7 @@ async def wado(request: web.Request) -> web.Response:
     except QueryError as exc:
         return problem(400, "Bad Request", str(exc))
     if not items:
-        keys = {
-            "StudyInstanceUID": params["studyUID"],
-            "SeriesInstanceUID": params["seriesUID"],
-            "SOPInstanceUID": params["objectUID"],
-        }
-        if scope_of(request) is not None and await asyncio.to_thread(
-            locate, archive.db, "IMAGE", keys, None
-        ):
-            audit_of(request).outcome = "denied"  # answered as absent, audited as denied
+        await deny_if_hidden(request, archive.db, "IMAGE", keys)
         return problem(404, "Not Found", "no such instance in this archive")
     item = items[0]
 

@@ -24,7 +24,7 @@ from archive.dimse.identifiers import answer, query_from_identifier, retrieve_ke
 from archive.dimse.peers import Peer, PeerTable
 from archive.identity import Source
 from archive.query import QueryError, search
-from archive.retrieve import StoredObject, locate, read
+from archive.retrieve import StoredObject, locate, outside_scope, read
 from archive.runtime import Archive
 from archive.security.audit import AuditEntry
 from archive.security.scope import Scope
@@ -308,10 +308,8 @@ class DicomServices:
             raise
         studies = list(dict.fromkeys(i.study_uid for i in items))
         outcome = "allowed"
-        if not items:
-            # outside the peer's scope (denied) or not here at all (failed)
-            scope = self._scope(event)
-            hidden = scope is not None and locate(self.archive.db, level, keys, None)
+        if not items:  # outside the peer's scope (denied) or not here at all (failed)
+            hidden = outside_scope(self.archive.db, level, keys, self._scope(event))
             outcome = "denied" if hidden else "failed"
         self._audit(
             event,

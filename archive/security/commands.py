@@ -16,7 +16,7 @@ from archive.index import open_database, upgrade
 from archive.index.db import Database
 from archive.security.audit import AuditLog, parse_time
 from archive.security.principals import PrincipalError, Principals
-from archive.security.roles import KINDS, ROLES
+from archive.security.roles import ROLES
 
 Loader = Callable[[argparse.Namespace], Config]
 
@@ -131,7 +131,6 @@ def add_commands(sub: argparse._SubParsersAction, load: Loader) -> None:
 
 def _user_add(principals: Principals, args: argparse.Namespace) -> int:
     kind = "service" if args.service else "user"
-    assert kind in KINDS
     account = principals.add(
         args.name, args.role, kind=kind, sites=_split(args.site), groups=_split(args.group)
     )

@@ -22,6 +22,9 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import Counter
 
+from archive.index.db import Database
+from archive.query import QueryError
+from archive.retrieve import outside_scope
 from archive.runtime import Archive
 from archive.security.audit import AuditEntry
 from archive.security.oidc import OidcVerifier, looks_like_jwt
@@ -66,7 +69,6 @@ class AuditContext:
     #: study outside the caller's scope is "denied")
     outcome: str | None = None
     study_uid: str | None = None
-    patient_id: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,6 +89,20 @@ def scope_of(request: web.Request) -> Scope | None:
 
 def audit_of(request: web.Request) -> AuditContext:
     return request[AUDIT]
+
+
+async def deny_if_hidden(
+    request: web.Request, db: Database, level: str, keys: dict[str, str]
+) -> None:
+    """After a lookup in the caller's scope found nothing: if what ``keys`` name
+    exists outside it, the request is audited as denied (it is still answered
+    as absent, giving no hint that the study exists)."""
+    try:
+        hidden = await asyncio.to_thread(outside_scope, db, level, keys, scope_of(request))
+    except QueryError:
+        return
+    if hidden:
+        request[AUDIT].outcome = "denied"
 
 
 class HttpSecurity:
@@ -227,7 +243,6 @@ async def security_middleware(
             role=principal.role,
             status=status,
             study_uid=context.study_uid,
-            patient_id=context.patient_id,
             detail={"via": principal.via, **context.detail, **detail},
         )
 

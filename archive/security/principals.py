@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from archive.index.db import Database, utcnow
-from archive.security.roles import KINDS, Principal, check_role
+from archive.security.roles import KINDS, ROLES, Principal
 
 TOKEN_PREFIX = "imag_"
 
@@ -131,10 +131,8 @@ class Principals:
         name = name.strip()
         if not name or len(name) > 128:
             raise PrincipalError("a name of 1-128 characters is required")
-        try:
-            check_role(role)
-        except ValueError as exc:
-            raise PrincipalError(str(exc)) from None
+        if role not in ROLES:
+            raise PrincipalError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
         if kind not in KINDS:
             raise PrincipalError(f"kind must be one of {', '.join(KINDS)}")
         if self.get(name) is not None:
@@ -180,15 +178,14 @@ class Principals:
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = utcnow()
         expires = now + expires_in if expires_in else None
-        self.db.execute(
-            "INSERT INTO tokens (principal_ref, name, token_hash, created_at, expires_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (account.id, name or "token", hash_token(secret), now, expires),
-        )
-        token_id = self.db.scalar(
-            "SELECT id FROM tokens WHERE token_hash = ?", (hash_token(secret),)
-        )
-        return self.token(int(token_id)), secret
+        with self.db.transaction():
+            row = self.db.query_one(
+                "INSERT INTO tokens (principal_ref, name, token_hash, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                (account.id, name or "token", hash_token(secret), now, expires),
+            )
+        assert row is not None
+        return self.token(int(row[0])), secret
 
     _TOKEN = (
         "SELECT t.id, p.name, t.name, t.created_at, t.expires_at, t.revoked_at, "

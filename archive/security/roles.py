@@ -8,7 +8,7 @@ data a permission reaches is the principal's :class:`Scope`: everything for
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from archive.security.scope import Scope
 
@@ -50,7 +50,6 @@ class Principal:
     groups: tuple[str, ...] = ()
     #: how the principal proved who it is (token name, "oidc", "auth disabled")
     via: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
 
     def can(self, permission: str) -> bool:
         return permission in ROLES.get(self.role, frozenset())
@@ -76,8 +75,3 @@ class Principal:
             return asked if asked in self.sites else None
         return self.sites[0] if len(self.sites) == 1 else None
 
-
-def check_role(role: str) -> str:
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
-    return role

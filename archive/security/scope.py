@@ -23,10 +23,6 @@ class Scope:
     def of(cls, sites: Iterable[str] = (), groups: Iterable[str] = ()) -> Scope:
         return cls(frozenset(s for s in sites if s), frozenset(g for g in groups if g))
 
-    def allows(self, site: str, groups: Iterable[str] = ()) -> bool:
-        """Whether a study of ``site`` routed to ``groups`` is in scope."""
-        return site in self.sites or bool(self.groups.intersection(groups))
-
 
 def study_clause(scope: Scope, alias: str) -> tuple[str, list[str]]:
     """A boolean SQL expression true for the rows of ``studies AS alias`` in scope."""
