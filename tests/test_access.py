@@ -635,3 +635,36 @@ def test_a_stow_body_that_stalls_is_answered_408_and_stores_nothing(tmp_path: Pa
         assert "http.body_timeout" in answer
         assert waited < 10
         assert server.http.get(server.dicomweb + "/studies", timeout=10).json() == []
+
+
+def test_a_token_failing_from_many_addresses_is_limited_on_its_own(tmp_path: Path) -> None:
+    """Per-token limits: a leaked revoked token sprayed from many clients (here
+    distinct addresses behind a trusted proxy) is refused once it failed too often,
+    while the same addresses with another credential are not."""
+    settings = {
+        "IMAG_AUTH_MAX_FAILURES": "3",
+        "IMAG_HTTP_TRUSTED_PROXIES": HOST,
+    }
+    with running_imag(tmp_path / "imag", settings=settings) as server:
+        bad = "Bearer imag_sprayed-token"
+
+        def call(address: str, credential: str) -> requests.Response:
+            headers = {"Authorization": credential, "X-Forwarded-For": address}
+            return requests.get(server.url + "/whoami", headers=headers, timeout=10)
+
+        codes = [call(f"198.51.100.{i}", bad).status_code for i in range(1, 5)]
+        assert codes == [401, 401, 401, 429]
+        assert call("198.51.100.1", f"Bearer {server.token}").status_code == 200
+        audit = server.http.get(server.url + "/admin/audit?action=auth.rate-limited", timeout=10)
+        [entry] = [json.loads(line) for line in audit.text.splitlines()]
+        assert (entry["source"], entry["status"]) == ("198.51.100.4", 429)
+
+
+def test_imag_user_list_shows_every_account_with_its_role_sites_and_state(world: World) -> None:
+    listed = json.loads(imag_cli(world.server, "user", "list", "--json").stdout)
+    by_name = {a["name"]: a for a in listed}
+    assert by_name["reader-g1"]["role"] == "screening_reader"
+    assert by_name["reader-g1"]["groups"] == ["G1"]
+    assert by_name["tech-a"]["sites"] == ["A"]
+    assert by_name["prometheus"]["kind"] == "service"
+    assert not any(a["disabled"] for a in listed if a["name"] in USERS)
