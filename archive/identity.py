@@ -1,12 +1,27 @@
 """The identity plugin: which patient an incoming instance belongs to.
 
-Patients are keyed by (issuer, patient ID), never by the patient ID alone,
-because two producers may use the same local ID for different people.  The
-default plugin keeps the instance's IssuerOfPatientID; when a producer sends
-none, the producing site's name stands in as the issuer, so that local IDs of
-different sites still never collide.  Regional identity services (an INS or a
-regional patient index) replace this plugin through the ``imag.identity``
-entry point group and the ``plugins.identity`` setting.
+Patients are keyed by (site, issuer, patient ID), never by the patient ID
+alone, because two producers may use the same local ID for different people.
+The default plugin keeps the instance's IssuerOfPatientID; when a producer
+sends none, the producing site's name stands in as the issuer, so that local
+IDs of different sites still never collide.  Regional identity services (an
+INS or a regional patient index) replace this plugin through the
+``imag.identity`` entry point group and the ``plugins.identity`` setting.
+
+**A local patient identity belongs to one site.**  The index files a patient
+under the producing site of the instance that created it (``patients.site``)
+and matches an incoming instance only against its own site's patients.  An
+issuer is not proof of ownership: any sender can write any
+IssuerOfPatientID.  So a site-B sender that names site A's issuer and guesses
+one of its PatientIDs gets a patient row of its own, holding the demographics
+it sent; it is never attached to site A's patient, and what site B finds by
+QIDO-RS or C-FIND (scoped to its studies, whose patient rows are its own)
+never shows site A's name or birth date.  Nothing is refused for this: a
+shared regional issuer is legitimate, and refusing would itself tell the
+sender that the ID exists elsewhere.  A study keeps the patient it was
+created with; instances added to it later do not re-file it.  Linking the
+rows of one person across sites (an INS, a regional patient index) is the
+identity plugin's job, through a regional identifier, not the index's.
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ from typing import Protocol
 
 from pydicom.dataset import Dataset
 
+from archive.index.catalog import Origin
 from archive.security.scope import Scope
 
 
@@ -29,14 +45,33 @@ class Source:
     calling_aet: str = ""
     address: str = ""
     user: str = ""
-    #: the studies the sender may write into (None: any); a study of another
-    #: site is refused, so a site cannot add to another site's studies
+    #: the studies the sender may see; its sites are those it may write into
+    #: (None: any, for regional peers and admins).  A study, series or SOP
+    #: instance of another site is refused, so a site cannot add to (or
+    #: replace in) another site's data.
     scope: Scope | None = None
+    #: who to name in the audit entry committed with each instance's index row
+    #: (C-STORE); None where the request is audited as a whole (STOW-RS)
+    origin: Origin | None = None
+
+    @property
+    def may_write(self) -> frozenset[str] | None:
+        """The sites whose studies this sender may add to; None: any.
+
+        ``imag import --site S`` speaks for site S (an operator importing a
+        site's files must not merge them into another site's studies); an
+        import without a site, like a regional peer or an admin, may write
+        anywhere."""
+        if self.scope is not None:
+            return self.scope.sites
+        if self.kind == "import" and self.site:
+            return frozenset([self.site])
+        return None
 
 
 @dataclass(frozen=True)
 class PatientIdentity:
-    """The patient key an instance is filed under."""
+    """The patient key an instance is filed under (within its site)."""
 
     issuer: str
     patient_id: str

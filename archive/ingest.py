@@ -9,6 +9,36 @@ The two halves can run in different places: :meth:`IngestPipeline.prepare`
 processes at once, and :class:`IndexWriter` commits prepared instances in
 group transactions from one thread, so that concurrent senders share one
 durable commit instead of paying one each.
+
+**One ownership rule** for every path (C-STORE, STOW-RS, ``imag import``, and
+so routing receivers): an instance is added only to a study, series and
+patient of the sender's own site, unless the sender is regional or an admin
+(:attr:`Source.may_write` is None).  The rule is checked before anything is
+written (a cheap early refusal) and again inside the commit transaction, where
+the unique Study Instance UID decides which site owns a study two sites create
+at once (see :mod:`archive.index.catalog`).
+
+**Conflicts tell the truth**: a different object under a stored SOP Instance
+UID kept by policy ``keep`` is reported with code ``conflict`` and is not
+:attr:`IngestResult.ok`; the same object stays an idempotent success.
+
+**The same data set by any path is a duplicate**: a C-STORE receiver builds
+the file meta itself (pynetdicom's ``encoded_dataset``), STOW-RS and ``imag
+import`` keep the sender's (its implementation UID and version, source AE
+title, preamble), so one instance arriving by two paths is two files.  Each
+object gets two digests in one read (:func:`digests_of_bytes`,
+:func:`digests_of_file`): of the whole object (its identity in the store,
+what ``imag verify`` checks) and of the bytes after its File Meta Information
+group (the data set as encoded in its transfer syntax); an equal data set
+digest makes a re-send a duplicate (C-STORE 0x0000, STOW-RS 200, import
+"already stored") at prepare time and again in the commit transaction.
+The same attributes in another transfer syntax are other bytes: a conflict
+(see :func:`archive.index.catalog.same_object`).
+
+**C-STORE audit**: an instance whose :class:`Source` names an ``origin`` gets
+its audit entry written by a commit hook, in the transaction of its index
+row, so no acknowledged instance can lack one (a crash loses both or neither)
+and an audit trail that cannot be written fails the store.
 """
 
 from __future__ import annotations
@@ -23,11 +53,20 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from io import BytesIO
+from typing import BinaryIO
 
 from archive.config import Config
 from archive.identity import IdentityPlugin, Source, load_identity_plugin
 from archive.index import Catalog, Database, InstanceRecord, StoreOutcome
-from archive.index.catalog import CommitHook
+from archive.index.catalog import (
+    CommitHook,
+    CommitResult,
+    Origin,
+    conflict_reason,
+    foreign_instance,
+    may_write,
+)
 from archive.index.db import utcnow
 from archive.metrics import (
     INDEX_BATCH_SIZE,
@@ -38,8 +77,17 @@ from archive.metrics import (
     INGEST_SECONDS,
     TRANSCODE_SECONDS,
 )
-from archive.parse import Header, Rejected, index_fields, parse_header, parse_header_file
+from archive.parse import (
+    Header,
+    Limits,
+    Rejected,
+    dataset_offset,
+    index_fields,
+    parse_header,
+    parse_header_file,
+)
 from archive.routing import commit_hook as routing_hook
+from archive.security.audit import AuditEntry, AuditLog, AuditUnavailable
 from archive.stability import commit_hook
 from archive.transcode import LossySource, TranscodeError, transcode
 from archive.uids import object_key
@@ -56,6 +104,32 @@ POLICY_TARGETS = {
 }
 
 
+#: The status a C-STORE is answered with, by the pipeline's rejection code
+#: (PS3.4 B.2.3; 0x0124 Refused: Not Authorized is PS3.7 C.4).
+DIMSE_STATUS = {
+    "too-large": 0xA700,  # Refused: out of resources
+    "inflated-too-large": 0xA700,
+    "decoded-too-large": 0xA700,
+    "too-deep": 0xA700,
+    "storage-error": 0xA700,
+    "index-error": 0xA700,
+    "audit-error": 0xA700,
+    "missing-attribute": 0xA900,  # Error: data set does not match SOP class
+    "invalid-uid": 0xA900,
+    "inconsistent": 0xA900,
+    "inconsistent-pixel-data": 0xA900,
+    "forbidden": 0x0124,  # Refused: Not Authorized
+}
+#: A different object under a stored SOP Instance UID, kept by policy 'keep':
+#: the C-STORE warning "Elements Discarded" (PS3.4 B.2.3).  Of the three
+#: C-STORE warnings it is the one that says what happened: what was sent was
+#: not kept (here all of it).  0xB000 "Coercion of data elements" would claim
+#: the sent values were stored modified, 0xB007 that the data set does not
+#: match its SOP class; neither is true.  The ErrorComment says the rest.
+CONFLICT_WARNING = 0xB006
+CANNOT_UNDERSTAND = 0xC000
+
+
 @dataclass
 class IngestResult:
     """What happened to one offered object."""
@@ -67,17 +141,84 @@ class IngestResult:
     sop_class_uid: str = ""
     object_key: str = ""
     size: int = 0
-    code: str = ""  # rejection code
+    code: str = ""  # rejection code ("conflict" for KEPT)
     reason: str = ""  # rejection reason, for the sender
+    #: its audit entry was committed with the index transaction (C-STORE origin)
+    audited: bool = False
 
     @property
     def ok(self) -> bool:
-        """Whether the sender may be told the instance is stored."""
-        return self.outcome is not None
+        """Whether the sender may be told the instance is stored: stored,
+        replaced, or the same data set as what is stored (whatever its file
+        meta).  A conflict kept by policy 'keep' is not (the object sent was
+        not stored)."""
+        return self.outcome in (StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.REPLACED)
+
+    @property
+    def dimse_status(self) -> int:
+        """The C-STORE status this result is answered with."""
+        if self.ok:
+            return 0x0000
+        if self.outcome is StoreOutcome.KEPT:
+            return CONFLICT_WARNING
+        return DIMSE_STATUS.get(self.code, CANNOT_UNDERSTAND)
+
+    @property
+    def audit_outcome(self) -> str:
+        """allowed (stored), denied (another site's data) or failed."""
+        if self.ok:
+            return "allowed"
+        return "denied" if self.code == "forbidden" else "failed"
 
     @classmethod
     def rejected(cls, exc: Rejected, **uids: str) -> IngestResult:
         return cls(None, code=exc.code, reason=exc.reason, **uids)
+
+
+@dataclass(frozen=True)
+class Digests:
+    """The two SHA-256 digests of an incoming object."""
+
+    #: of the whole object: its identity in the store (object key, ``imag verify``)
+    whole: bytes
+    #: of the bytes after the File Meta Information group: the same whoever
+    #: wrote the file meta (a C-STORE receiver writes its own)
+    dataset: bytes
+
+
+#: bytes read at a time when hashing a file
+HASH_CHUNK = 1 << 20
+
+
+def digests_of_bytes(data: bytes, start: int) -> Digests:
+    """Both digests of an object in memory whose data set starts at ``start``.
+
+    SHA-256 digests cannot be combined afterwards, so the data set bytes go
+    through both hashes; the meta part is hashed once, and nothing is copied
+    (memoryview slices)."""
+    view = memoryview(data)
+    whole = hashlib.sha256(view[:start])
+    dataset = hashlib.sha256(view[start:])
+    whole.update(view[start:])
+    return Digests(whole.digest(), dataset.digest())
+
+
+def digests_of_file(fp: BinaryIO, start: int) -> Digests:
+    """Both digests of an object in a file, in one read of it, a bounded
+    chunk at a time (objects of several GB): each chunk goes to the whole
+    object's hash, and its part from byte ``start`` on to the data set's."""
+    fp.seek(0)
+    whole, dataset = hashlib.sha256(), hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    pos = 0
+    while n := fp.readinto(buffer):
+        chunk = view[:n]
+        whole.update(chunk)
+        if pos + n > start:
+            dataset.update(chunk[max(0, start - pos) :])
+        pos += n
+    return Digests(whole.digest(), dataset.digest())
 
 
 @dataclass
@@ -111,13 +252,16 @@ class IngestPipeline:
             s["name"]: s["store_as"] for s in config["sites"] if s.get("store_as")
         }
         self.on_conflict: str = config["ingest.on_conflict"]
+        #: writes the C-STORE audit entries inside the index transaction
+        self.audit = AuditLog(db, config["audit.syslog"])
         self.writer = (
             IndexWriter(
                 self.catalog,
                 store,
                 config["ingest.batch_size"],
                 self.on_conflict,
-                hooks=[commit_hook(config), routing_hook(config)],
+                # the audit hook last: its entries are the last writes before COMMIT
+                hooks=[commit_hook(config), routing_hook(config), audit_hook(self.audit)],
             )
             if writer
             else None
@@ -138,8 +282,8 @@ class IngestPipeline:
         return self._prepare(
             source,
             len(data),
-            lambda: parse_header(data),
-            lambda: hashlib.sha256(data).digest(),
+            lambda: parse_header(data, Limits.from_config(self.config)),
+            lambda: digests_of_bytes(data, dataset_offset(BytesIO(data))),
             lambda key, body: self.store.put(key, data if body is None else body),
             data=data,
         )
@@ -155,22 +299,24 @@ class IngestPipeline:
         with fp:
             size = os.fstat(fp.fileno()).st_size
 
-            def digest() -> bytes:
-                fp.seek(0)
-                return hashlib.file_digest(fp, "sha256").digest()
+            def digest() -> Digests:
+                return digests_of_file(fp, dataset_offset(fp))
 
             def put(key: str, body: bytes | None) -> None:
                 fp.seek(0)
                 self.store.put(key, fp if body is None else body)
 
-            return self._prepare(source, size, lambda: parse_header_file(fp, size), digest, put)
+            limits = Limits.from_config(self.config)
+            return self._prepare(
+                source, size, lambda: parse_header_file(fp, size, limits), digest, put
+            )
 
     def _prepare(
         self,
         source: Source,
         size: int,
         header_of: Callable[[], Header],
-        digest_of: Callable[[], bytes],
+        digest_of: Callable[[], Digests],
         put: Callable[[str, bytes | None], object],
         data: bytes | None = None,
     ) -> Prepared | IngestResult:
@@ -190,28 +336,36 @@ class IngestPipeline:
                 "series_uid": header.series_uid,
                 "sop_class_uid": header.sop_class_uid,
             }
-            if source.scope is not None:
-                owner = self.catalog.study_site(header.study_uid)
-                if owner is not None and owner not in source.scope.sites:
-                    raise Rejected(
-                        "forbidden",
-                        f"study {header.study_uid} belongs to another site than the sender's "
-                        f"({', '.join(sorted(source.scope.sites)) or 'none'})",
-                    )
+            # Ownership, before anything is written (checked again at commit).
+            sites = source.may_write
+            refusal = self.catalog.refusal(header.study_uid, header.series_uid, sites)
+            if refusal is not None:
+                raise Rejected(refusal.code, refusal.reason)
+            known = self.catalog.find_instance(header.sop_instance_uid)
+            if known is not None and not may_write(sites, known.site):
+                refusal = foreign_instance(header.sop_instance_uid, sites)
+                raise Rejected(refusal.code, refusal.reason)
             ds = header.dataset
             who = self.identity.resolve(ds, source)
-            digest = digest_of()
+            digests = digest_of()
+            digest = digests.whole
             key = object_key(
                 header.study_uid, header.series_uid, header.sop_instance_uid, digest.hex()
             )
-            known = self.catalog.find_instance(header.sop_instance_uid)
+            same = known is not None and known.matches(digest, digests.dataset)
             if (
                 known is not None
                 and known.integrity == "ok"
-                and (known.matches(digest) or self.on_conflict == "keep")
+                and (same or self.on_conflict == "keep")
             ):
-                outcome = StoreOutcome.DUPLICATE if known.matches(digest) else StoreOutcome.KEPT
-                if outcome is StoreOutcome.KEPT:
+                if same:
+                    result = IngestResult(
+                        StoreOutcome.DUPLICATE,
+                        object_key=known.object_key,
+                        size=known.size,
+                        **uids,
+                    )
+                else:
                     log.warning(
                         "different object under a stored SOP Instance UID: kept the stored one",
                         extra={
@@ -220,7 +374,14 @@ class IngestPipeline:
                             "calling_aet": source.calling_aet,
                         },
                     )
-                result = IngestResult(outcome, object_key=known.object_key, size=known.size, **uids)
+                    result = IngestResult(
+                        StoreOutcome.KEPT,
+                        object_key=known.object_key,
+                        size=known.size,
+                        code="conflict",
+                        reason=conflict_reason(header.sop_instance_uid),
+                        **uids,
+                    )
                 self._count(source.kind, result, started)
                 return result
             fields = index_fields(ds)
@@ -249,7 +410,10 @@ class IngestPipeline:
                 sha256=digest,
                 received_at=utcnow(),
                 original_sha256=original,
+                dataset_sha256=digests.dataset,  # as received, even when transcoded
                 calling_aet=source.calling_aet,
+                may_write=sites,
+                origin=source.origin,
                 **fields,
             )
             try:
@@ -337,7 +501,8 @@ class IndexWriter:
     Whatever is queued while a transaction runs goes into the next one, so the
     cost of a durable commit is shared by every sender waiting at that moment.
     A batch that fails is retried one instance at a time so that one bad row
-    cannot fail its neighbours.
+    cannot fail its neighbours.  An instance refused for ownership inside the
+    transaction is not a failure: it gets its refusal, the others commit.
     """
 
     def __init__(
@@ -396,12 +561,25 @@ class IndexWriter:
             results = self.catalog.commit(
                 [p.record for p, _ in batch], self.on_conflict, self.hooks
             )
-        except Exception:  # noqa: BLE001 - isolate the failing row below
+        except Exception as exc:  # noqa: BLE001 - isolate the failing row below
             if len(batch) > 1:
                 for one in batch:
                     self._commit([one])
                 return
             prepared, future = batch[0]
+            if isinstance(exc, AuditUnavailable):  # logged by the audit log
+                future.set_result(
+                    _result(
+                        prepared.record,
+                        None,
+                        Rejected(
+                            "audit-error",
+                            "the audit trail could not be written, so the instance was not "
+                            "stored; retry later",
+                        ),
+                    )
+                )
+                return
             log.exception(
                 "index commit failed", extra={"sop_instance_uid": prepared.record.sop_instance_uid}
             )
@@ -419,15 +597,41 @@ class IndexWriter:
         INDEX_COMMIT_SECONDS.observe(time.perf_counter() - started)
         INDEX_BATCH_SIZE.observe(len(batch))
         for (prepared, future), result in zip(batch, results, strict=True):
-            if result.obsolete_key:
+            record = prepared.record
+            obsolete = result.obsolete_key
+            if result.outcome is StoreOutcome.REFUSED and not self._referenced(record):
+                obsolete = record.object_key  # the refused sender's own object
+            if obsolete:
                 try:
-                    self.store.delete(result.obsolete_key)
+                    self.store.delete(obsolete)
                 except StorageError:
                     log.warning(
                         "could not delete an obsolete object; imag verify will report it",
-                        extra={"object_key": result.obsolete_key},
+                        extra={"object_key": obsolete},
                     )
-            future.set_result(_result(prepared.record, result.outcome, None, key=result.object_key))
+            outcome = ingest_result(record, result)
+            outcome.audited = record.origin is not None
+            future.set_result(outcome)
+
+    def _referenced(self, record: InstanceRecord) -> bool:
+        """Whether an index row points at the object a refused record wrote: an
+        identical object sent by the owning site has the same content-derived
+        key, and must stay.  (When the check fails, keep the object: an orphan
+        is reported by ``imag verify``; a deleted object that is indexed is lost.)"""
+        try:
+            return self.catalog.references(record.object_key, record.sop_instance_uid)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.warning("could not check a refused object's key", exc_info=True)
+            return True
+
+
+def ingest_result(record: InstanceRecord, result: CommitResult) -> IngestResult:
+    """The pipeline's answer for a record that :meth:`Catalog.commit` decided on."""
+    if result.outcome is StoreOutcome.REFUSED:
+        return _result(record, None, Rejected(result.code, result.reason))
+    out = _result(record, result.outcome, None, key=result.object_key)
+    out.code, out.reason = result.code, result.reason
+    return out
 
 
 def _result(
@@ -444,3 +648,41 @@ def _result(
         code=rejected.code if rejected else "",
         reason=rejected.reason if rejected else "",
     )
+
+
+def store_audit_entry(origin: Origin, result: IngestResult) -> AuditEntry:
+    """The audit entry of one C-STORE: who sent it, the study it names, what
+    became of it (the status it is answered with), and its SOP Instance UID."""
+    detail: dict = {"instances": [result.sop_instance_uid] if result.sop_instance_uid else []}
+    if origin.site:
+        detail["site"] = origin.site
+    detail["result"] = str(result.outcome) if result.outcome is not None else "refused"
+    if result.code:
+        detail["code"] = result.code
+    if not result.ok and result.reason:
+        detail["reason"] = result.reason
+    return AuditEntry(
+        origin.actor,
+        origin.actor_kind,
+        "dicom.c-store",
+        result.audit_outcome,
+        role=origin.role,
+        status=result.dimse_status,
+        study_uid=result.study_uid or None,
+        source=origin.source,
+        detail=detail,
+    )
+
+
+def audit_hook(audit: AuditLog) -> CommitHook:
+    """A commit hook writing the audit entry of every record that names its
+    origin (C-STORE), in the commit's transaction: the entry is durable
+    exactly when the index row is, and when it cannot be written the
+    transaction fails and the instance is not acknowledged."""
+
+    def hook(db: Database, done: list[tuple[InstanceRecord, CommitResult]]) -> None:
+        for record, result in done:
+            if record.origin is not None:
+                audit.write(store_audit_entry(record.origin, ingest_result(record, result)))
+
+    return hook

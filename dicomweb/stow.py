@@ -4,11 +4,18 @@ The body is read part by part (never whole) and each part goes through the one
 ingest pipeline.  The answer lists every stored instance (ReferencedSOPSequence)
 and every refused part with its reason (FailedSOPSequence):
 
-* 200 everything stored;
+* 200 everything stored (or already stored, byte for byte);
 * 202 some parts refused, some stored;
 * 409 every part refused;
+* 403 every part refused because it belongs to another site (0x0124);
 * 400 a body that is not a well-formed multipart;
 * 415 a request that is not multipart/related with application/dicom parts.
+
+A different object under a SOP Instance UID already stored, kept by policy
+``keep``, is not stored and is not reported as stored: it is listed in
+FailedSOPSequence with FailureReason 0x0111 (see ``CONFLICT``).  A part
+refused because its study, series or SOP instance belongs to another site
+gets 0x0124, and the request is audited as denied.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydicom.dataset import Dataset
 
 from archive.identity import Source
@@ -32,14 +40,25 @@ from archive.uids import is_valid_uid
 # PS3.18 Table 10.5.3-2 / PS3.4 B.2.3 failure reasons, by the pipeline's code
 FAILURE = {
     "too-large": 0xA700,
+    "inflated-too-large": 0xA700,
+    "decoded-too-large": 0xA700,
+    "too-deep": 0xA700,
     "storage-error": 0xA700,
     "index-error": 0xA700,
     "missing-attribute": 0xA900,
     "invalid-uid": 0xA900,
     "inconsistent": 0xA900,
     "study-mismatch": 0xA900,
+    "inconsistent-pixel-data": 0xA900,
     "forbidden": 0x0124,  # PS3.7 C.4: Refused: Not Authorized
 }
+#: A different object under a stored SOP Instance UID (policy 'keep'): PS3.7
+#: C.4's "Duplicate SOP Instance" (0x0111), the standard's failure for a SOP
+#: Instance UID already in use.  PS3.18 lets FailureReason take PS3.4 / PS3.7
+#: status values; none of PS3.18's own (0xA7xx resources, 0xA9xx data set
+#: does not match its SOP class, 0xC000 cannot understand, 0x0110 processing
+#: failure) says that the object is valid and its UID taken.
+CONFLICT = 0x0111
 CANNOT_UNDERSTAND = 0xC000
 
 
@@ -203,20 +222,27 @@ async def store(request: web.Request) -> web.Response:
                 )
                 referenced.append(item)
             else:
-                failed.append(
-                    _failed(
-                        result.sop_class_uid,
-                        result.sop_instance_uid,
-                        FAILURE.get(result.code, CANNOT_UNDERSTAND),
-                    )
+                reason = (
+                    CONFLICT
+                    if result.code == "conflict"
+                    else FAILURE.get(result.code, CANNOT_UNDERSTAND)
                 )
-    except (ValueError, AssertionError) as exc:  # aiohttp's complaints about framing
+                failed.append(_failed(result.sop_class_uid, result.sop_instance_uid, reason))
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # aiohttp on framing
         return problem(400, "Bad Request", f"malformed multipart body: {exc}")
     if parts == 0:
         return problem(400, "Bad Request", "the multipart body holds no part")
 
     audit = audit_of(request)
     audit.detail.update(stored=len(referenced), failed=len(failed))
+    forbidden = sum(f.FailureReason == FAILURE["forbidden"] for f in failed)
+    conflicts = sum(f.FailureReason == CONFLICT for f in failed)
+    if forbidden:
+        # another site's data: a security event, whatever else the request stored
+        audit.outcome = "denied"
+        audit.detail["forbidden"] = forbidden
+    if conflicts:
+        audit.detail["conflicts"] = conflicts
     if len(studies) == 1:
         audit.study_uid = next(iter(studies))
     elif studies:
@@ -241,15 +267,19 @@ async def store(request: web.Request) -> web.Response:
 async def _ingest(archive, data: bytes | Path, source: Source, study: str | None):  # noqa: ANN001, ANN202
     from archive.ingest import IngestResult
     from archive.parse import Rejected, parse_header, parse_header_file
+    from archive.validate import Limits
 
     if study:
+        limits = Limits.from_config(archive.config)
         # PS3.18: instances of another study than the one in the path are refused
         try:
             if isinstance(data, Path):
                 with open(data, "rb") as fp:
-                    header = await asyncio.to_thread(parse_header_file, fp, data.stat().st_size)
+                    header = await asyncio.to_thread(
+                        parse_header_file, fp, data.stat().st_size, limits
+                    )
             else:
-                header = await asyncio.to_thread(parse_header, data)
+                header = await asyncio.to_thread(parse_header, data, limits)
         except Rejected as exc:
             return IngestResult.rejected(exc)
         if header.study_uid != study:

@@ -225,7 +225,9 @@ def test_qido_answers_only_the_studies_of_the_callers_sites_and_groups(
     assert answer.status_code == 200
     visible = user == "admin" or which == "own"
     assert len(answer.json()) == (1 if visible else 0)
-    entry = check_one_audit(world, last, user, "qido.search", "allowed", 200)
+    # a look-up by UID of a study outside the scope: no match, audited as denied with that study
+    outcome, audited_study = ("allowed", None) if visible else ("denied", study)
+    entry = check_one_audit(world, last, user, "qido.search", outcome, 200, audited_study)
     assert json.loads(entry["detail"])["results"] == (1 if visible else 0)
 
 
@@ -505,7 +507,7 @@ def test_c_get_retrieves_only_studies_in_the_peers_scope(world: World, aet: str,
     [entry] = world.audit_since(last)
     assert (entry["actor"], entry["action"]) == (aet, "dicom.c-get")
     assert entry["outcome"] == ("allowed" if visible else "denied")
-    assert entry["study"] == (study if visible else None)
+    assert entry["study"] == study  # denied too: `imag audit --study` finds the attempt
 
 
 @pytest.mark.parametrize("aet", ["SITE_A", "REGION"])
@@ -569,14 +571,63 @@ def test_c_store_from_a_site_peer_into_another_sites_study_is_refused(world: Wor
         )
         == 0
     )
-    time.sleep(0.2)  # the release is audited by the server after it answered
-    [entry] = world.audit_since(last)
+    [entry] = world.audit_since(last)  # written before the answer left
     assert (entry["actor"], entry["action"], entry["outcome"]) == (
         "SITE_A",
         "dicom.c-store",
         "denied",
     )
     assert entry["study"] == world.studies["B"]
+
+
+@pytest.mark.parametrize("path", ["stow", "c-store"])
+@pytest.mark.parametrize("which", ["series", "instance"])
+def test_a_write_reaching_another_sites_series_or_instance_is_refused(
+    world: World, path: str, which: str
+) -> None:
+    """Ownership below the study: a new study naming site B's series, or
+    site B's SOP Instance UID, is refused to site A (0x0124) and changes nothing."""
+    study = generate_uid()
+
+    def edit(ds: pydicom.FileDataset) -> None:
+        if which == "instance":
+            ds.SOPInstanceUID = world.instances["B"]
+            ds.file_meta.MediaStorageSOPInstanceUID = world.instances["B"]
+
+    data = make_instance(edit, study=study, series=world.series["B"] if which == "series" else None)
+    counts = "SELECT COUNT(*), SUM(num_instances), SUM(num_series) FROM studies"
+    before = world.db.query_one(counts)
+    last = world.last_audit_id()
+    if path == "stow":
+        body, headers = stow_body(data)
+        answer = requests.post(
+            world.server.dicomweb + "/studies",
+            data=body,
+            headers=headers | {"Authorization": f"Bearer {world.tokens['tech-a']}"},
+            timeout=30,
+        )
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0x0124]
+        check_one_audit(world, last, "tech-a", "stow.store", "denied", 403)
+    else:
+        ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
+        ae = AE(ae_title="SITE_A")
+        ae.add_requested_context(CTImageStorage, str(ds.file_meta.TransferSyntaxUID))
+        assoc = ae.associate(HOST, world.server.dicom_port, ae_title=world.server.aet)
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(ds).Status == 0x0124
+        finally:
+            assoc.release()
+        [entry] = world.audit_since(last)
+        assert (entry["actor"], entry["action"], entry["outcome"], entry["status"]) == (
+            "SITE_A",
+            "dicom.c-store",
+            "denied",
+            0x0124,
+        )
+    assert world.db.query_one(counts) == before
+    assert world.db.scalar("SELECT COUNT(*) FROM studies WHERE study_uid = ?", (study,)) == 0
 
 
 def test_an_unknown_ae_is_rejected_and_audited(world: World) -> None:

@@ -65,7 +65,9 @@ def test_a_different_object_under_a_known_uid_is_kept_by_default(archive: Archiv
     before = snapshot(archive)
     ds.StudyDescription = "changed"
     other = archive.pipeline.ingest(_encode(ds), SOURCE)
-    assert other.ok and other.outcome is StoreOutcome.KEPT
+    # kept, and not reported as stored: the object sent was discarded
+    assert not other.ok and other.outcome is StoreOutcome.KEPT
+    assert other.code == "conflict" and "was not stored" in other.reason
     assert snapshot(archive) == before
     assert archive.store.get(first.object_key) == data
 

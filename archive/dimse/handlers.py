@@ -13,20 +13,24 @@ import socket
 import time
 import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
+from pynetdicom.sop_class import Verification
 
 from archive.dimse.identifiers import answer, query_from_identifier, retrieve_keys
 from archive.dimse.peers import Peer, PeerTable
 from archive.identity import Source
+from archive.index.catalog import Origin
+from archive.ingest import DIMSE_STATUS, IngestResult, store_audit_entry
 from archive.query import QueryError, search
-from archive.retrieve import StoredObject, locate, outside_scope, read
+from archive.retrieve import StoredObject, hidden_studies, locate, read
 from archive.runtime import Archive
-from archive.security.audit import AuditEntry
+from archive.security.audit import AuditEntry, AuditUnavailable
 from archive.security.scope import Scope
 from archive.transcode import convert_for
 
@@ -48,17 +52,18 @@ OPERATION_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
 )
 
-# DIMSE status of a refused C-STORE, by the pipeline's rejection code (PS3.4 B.2.3)
-STORE_STATUS = {
-    "too-large": 0xA700,  # Refused: out of resources
-    "storage-error": 0xA700,
-    "index-error": 0xA700,
-    "missing-attribute": 0xA900,  # Error: data set does not match SOP class
-    "invalid-uid": 0xA900,
-    "inconsistent": 0xA900,
-    "forbidden": 0x0124,  # Refused: Not Authorized (PS3.7 C.4)
-}
+# DIMSE status of a refused C-STORE, by the pipeline's rejection code (PS3.4 B.2.3);
+# one table with the pipeline's own (IngestResult.dimse_status)
+STORE_STATUS = DIMSE_STATUS
 CANNOT_UNDERSTAND = 0xC000
+#: ErrorComment (64 characters at most) where the pipeline's reason would be cut
+#: in the middle of a UID
+STORE_COMMENT = {
+    "forbidden": "Not authorized: a UID of this instance is another site's",
+    "inconsistent": "the series is already stored under another study",
+    "conflict": "a different object is stored under this UID; this one was not",
+    "audit-error": "audit trail unavailable: not acknowledged; retry later",
+}
 
 
 def set_nodelay(event: evt.Event) -> None:
@@ -80,10 +85,6 @@ class DicomServices:
         self.peers = peers
         self.aet = aet
         self._peer_of: weakref.WeakKeyDictionary[Any, Peer | None] = weakref.WeakKeyDictionary()
-        #: per association: study → [instances stored, instances refused], audited at release
-        self._stored: weakref.WeakKeyDictionary[Any, dict[str, list[int]]] = (
-            weakref.WeakKeyDictionary()
-        )
 
     def handlers(self) -> list[tuple]:
         return [
@@ -103,6 +104,8 @@ class DicomServices:
     # -- associations -------------------------------------------------------------
 
     def on_requested(self, event: evt.Event) -> None:
+        if event.assoc.is_rejected:  # refused already (no association slot free)
+            return
         requestor = event.assoc.requestor
         # requestor.ae_title is only filled in by the negotiation that follows
         # this event: the calling AE title is read from the request itself.
@@ -119,14 +122,17 @@ class DicomServices:
                     "reason": decision.reason,
                 },
             )
-            self._audit_peer(
-                calling_aet,
-                requestor.address,
-                None,
-                "dicom.associate",
-                "denied",
-                detail={"reason": decision.reason},
-            )
+            try:
+                self._audit_peer(
+                    calling_aet,
+                    requestor.address,
+                    None,
+                    "dicom.associate",
+                    "denied",
+                    detail={"reason": decision.reason},
+                )
+            except AuditUnavailable:
+                pass  # logged and counted; the association is refused all the same
             # Rejected permanent, by the service user: calling AE title not recognised
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ
@@ -150,20 +156,11 @@ class DicomServices:
         ACTIVE.inc()
 
     def on_closed(self, event: evt.Event) -> None:
+        # C-STOREs are audited one by one as they are answered (on_store), so
+        # nothing is left to write at release (or lost when the process dies).
         if event.assoc in self._peer_of:
             ACTIVE.dec()
-            peer = self._peer_of.pop(event.assoc, None)
-            stored = self._stored.pop(event.assoc, None)
-            for study, (ok, failed, forbidden) in (stored or {}).items():
-                outcome = "allowed" if ok else ("denied" if forbidden else "failed")
-                self._audit(
-                    event,
-                    "dicom.c-store",
-                    outcome,
-                    study_uid=study or None,
-                    detail={"stored": ok, "failed": failed, "forbidden": forbidden},
-                    peer=peer,
-                )
+            self._peer_of.pop(event.assoc, None)
 
     # -- audit ------------------------------------------------------------------------
 
@@ -178,23 +175,23 @@ class DicomServices:
         detail: dict | None = None,
         status: int | None = None,
     ) -> None:
+        """Write one audit entry for a peer.  Raises :class:`AuditUnavailable`
+        when it cannot be written: the caller refuses the operation (fail
+        closed) rather than serve it unaudited."""
         role = None if peer is None else ("regional-peer" if peer.regional else "site-peer")
-        try:
-            self.archive.audit.write(
-                AuditEntry(
-                    aet or "unknown",
-                    "peer",
-                    action,
-                    outcome,
-                    role=role,
-                    status=status,
-                    study_uid=study_uid,
-                    source=f"{aet}@{address}",
-                    detail={**({"site": peer.site} if peer else {}), **(detail or {})},
-                )
+        self.archive.audit.write(
+            AuditEntry(
+                aet or "unknown",
+                "peer",
+                action,
+                outcome,
+                role=role,
+                status=status,
+                study_uid=study_uid,
+                source=f"{aet}@{address}",
+                detail={**({"site": peer.site} if peer else {}), **(detail or {})},
             )
-        except Exception:  # noqa: BLE001 - the service goes on; the failure is logged
-            log.exception("audit entry could not be written", extra={"action": action})
+        )
 
     def _audit(
         self,
@@ -243,22 +240,64 @@ class DicomServices:
         return 0x0000
 
     def on_store(self, event: evt.Event) -> Dataset | int:
+        """Store one instance; answer only once it is durable, indexed and audited.
+
+        Each C-STORE has its own audit entry naming its SOP Instance UID.  For
+        an instance the pipeline commits (stored, replaced, or refused inside
+        the transaction) the pipeline's audit hook writes it in the same
+        transaction as the index row, from the source's ``origin``: a crash
+        loses both or neither.  Whatever is answered without a commit (refused
+        before storing, a duplicate, a conflict kept, an error) is audited
+        here, with the status it gets, before that status leaves; when the
+        entry cannot be written, no success or warning is sent (0xA700)."""
         started = time.perf_counter()
+        source = replace(self._source(event), origin=self._store_origin(event))
         try:
             data = event.encoded_dataset()
         except Exception as exc:  # noqa: BLE001 - a dataset pynetdicom cannot frame
-            return self._store_status(
-                started, CANNOT_UNDERSTAND, f"cannot read the data set: {exc}"
+            result = IngestResult(
+                None, code="unreadable", reason=f"cannot read the data set: {exc}"
             )
-        result = self.archive.pipeline.ingest(data, self._source(event))
-        counts = self._stored.setdefault(event.assoc, {}).setdefault(result.study_uid, [0, 0, 0])
-        counts[0 if result.ok else (2 if result.code == "forbidden" else 1)] += 1
-        if result.ok:
+        else:
+            try:
+                result = self.archive.pipeline.ingest(data, source)
+            except Exception:  # noqa: BLE001 - the index or the store failed under us
+                log.exception("C-STORE could not be processed")
+                result = IngestResult(
+                    None, code="index-error", reason="the archive could not process the instance"
+                )
+        if not result.sop_instance_uid:
+            result.sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
+        status, code, reason = result.dimse_status, result.code, result.reason
+        if not result.audited:
+            try:
+                assert source.origin is not None
+                self.archive.audit.write(store_audit_entry(source.origin, result))
+            except Exception:  # noqa: BLE001 - logged by the audit log; fail closed below
+                log.exception(
+                    "C-STORE audit entry not written",
+                    extra={"sop_instance_uid": result.sop_instance_uid},
+                )
+                if status == 0x0000 or 0xB000 <= status <= 0xBFFF:
+                    status, code = DIMSE_STATUS["audit-error"], "audit-error"
+                    reason = "the audit trail could not be written; retry later"
+        if status == 0x0000:
             OPERATIONS.labels("C-STORE", "0x0000").inc()
             OPERATION_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
             return 0x0000
-        return self._store_status(
-            started, STORE_STATUS.get(result.code, CANNOT_UNDERSTAND), result.reason
+        return self._store_status(started, status, STORE_COMMENT.get(code, reason))
+
+    def _store_origin(self, event: evt.Event) -> Origin:
+        """Who is storing, as its audit entries name it (as :meth:`_audit` does)."""
+        peer = self._peer(event)
+        requestor = event.assoc.requestor
+        aet = requestor.ae_title.strip()
+        return Origin(
+            aet or "unknown",
+            "peer",
+            role=None if peer is None else ("regional-peer" if peer.regional else "site-peer"),
+            source=f"{aet}@{requestor.address}",
+            site=peer.site if peer else "",
         )
 
     @staticmethod
@@ -272,22 +311,41 @@ class DicomServices:
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
         started = time.perf_counter()
+        scope = self._scope(event)
         try:
-            query, tags = query_from_identifier(event.identifier, self._scope(event))
+            query, tags = query_from_identifier(event.identifier, scope)
             rows = search(self.archive.db, query)
         except QueryError as exc:
+            try:
+                self._audit(
+                    event, "dicom.c-find", "failed", status=0xA900, detail={"error": str(exc)}
+                )
+            except AuditUnavailable:
+                yield _audit_refusal("C-FIND", 0xA700), None
+                return
             OPERATIONS.labels("C-FIND", "0xA900").inc()
-            self._audit(event, "dicom.c-find", "failed", status=0xA900, detail={"error": str(exc)})
             yield _failure(0xA900, str(exc)), None
             return
         study = query.keys.get("StudyInstanceUID")
-        self._audit(
-            event,
-            "dicom.c-find",
-            "allowed",
-            study_uid=study if study and "\\" not in study else None,
-            detail={"level": query.level, "keys": query.keys, "results": len(rows)},
-        )
+        study = study if study and "\\" not in study else None
+        outcome, detail = "allowed", {}
+        # no match for a look-up by UID of a study outside the peer's scope:
+        # answered "no match" all the same, audited as denied with that study
+        hidden = [] if rows else hidden_studies(self.archive.db, query.keys, scope)
+        if hidden:
+            outcome, study = "denied", (hidden[0] if len(hidden) == 1 else None)
+            detail = {"studies": hidden} if len(hidden) > 1 else {}
+        try:
+            self._audit(
+                event,
+                "dicom.c-find",
+                outcome,
+                study_uid=study,
+                detail={"level": query.level, "keys": query.keys, "results": len(rows), **detail},
+            )
+        except AuditUnavailable:
+            yield _audit_refusal("C-FIND", 0xA700), None  # before any match leaves
+            return
         for row in rows:
             if event.is_cancelled:
                 OPERATIONS.labels("C-FIND", "0xFE00").inc()
@@ -298,19 +356,22 @@ class DicomServices:
         OPERATION_SECONDS.labels("C-FIND").observe(time.perf_counter() - started)
 
     def _locate(self, event: evt.Event, service: str, **detail: Any) -> list[StoredObject]:
-        """The instances to send, with one audit entry for the request."""
+        """The instances to send, with one audit entry for the request.  Raises
+        :class:`AuditUnavailable` when that entry cannot be written (nothing
+        may then be sent)."""
         action = f"dicom.{service.lower()}"
+        scope = self._scope(event)
         try:
             level, keys = retrieve_keys(event.identifier)
-            items = locate(self.archive.db, level, keys, self._scope(event))
+            items = locate(self.archive.db, level, keys, scope)
         except QueryError as exc:
             self._audit(event, action, "failed", detail={"error": str(exc), **detail})
             raise
         studies = list(dict.fromkeys(i.study_uid for i in items))
         outcome = "allowed"
-        if not items:  # outside the peer's scope (denied) or not here at all (failed)
-            hidden = outside_scope(self.archive.db, level, keys, self._scope(event))
-            outcome = "denied" if hidden else "failed"
+        if not items:  # outside the peer's scope (denied, naming the study) or not here (failed)
+            studies = hidden_studies(self.archive.db, keys, scope, level)
+            outcome = "denied" if studies else "failed"
         self._audit(
             event,
             action,
@@ -328,7 +389,14 @@ class DicomServices:
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         # A bad identifier raises here; pynetdicom answers 0xC413 (unable to process).
-        items = self._locate(event, "C-GET")
+        try:
+            items = self._locate(event, "C-GET")
+        except AuditUnavailable:
+            # pynetdicom sends a failure status only as a sub-operation's:
+            # announce one, refuse it, send nothing
+            yield 1
+            yield _audit_refusal("C-GET", 0xA702), None
+            return
         yield len(items)
         accepted = _accepted_by_sop_class(event.assoc)
         yield from self._send(event, items, accepted, "C-GET")
@@ -339,16 +407,22 @@ class DicomServices:
         destination = self.peers.get(name)
         if destination is None:
             log.warning("C-MOVE to an unknown destination", extra={"destination": name})
-            self._audit(
-                event, "dicom.c-move", "failed", status=0xA801, detail={"destination": name}
-            )
+            try:
+                self._audit(
+                    event, "dicom.c-move", "failed", status=0xA801, detail={"destination": name}
+                )
+            except AuditUnavailable:
+                pass  # logged and counted; nothing is sent either way
             OPERATIONS.labels("C-MOVE", "0xA801").inc()
             yield None, None  # pynetdicom answers 0xA801: move destination unknown
             return
+        refused = False
         try:
             items, error = self._locate(event, "C-MOVE", destination=name), None
         except QueryError as exc:
             items, error = [], exc
+        except AuditUnavailable:
+            items, error, refused = [], None, True
         store_assoc: dict[str, Any] = {}
 
         def remember(ev: evt.Event) -> None:
@@ -358,13 +432,19 @@ class DicomServices:
             destination.host,
             destination.port,
             {
-                "contexts": _contexts_for(items),
+                # pynetdicom associates with the destination before it takes a
+                # status from us: on refusal, an association that carries nothing
+                "contexts": _contexts_for(items) or [build_context(Verification)],
                 "max_pdu": self.archive.config["dicom.max_pdu"],
                 "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ESTABLISHED, remember)],
             },
         )
         if error is not None:
             raise error  # pynetdicom answers 0xC513 (unable to process)
+        if refused:
+            yield 1
+            yield _audit_refusal("C-MOVE", 0xA702), None
+            return
         yield len(items)
         assoc = store_assoc.get("assoc")
         accepted = _accepted_by_sop_class(assoc) if assoc else {}
@@ -405,6 +485,17 @@ def _failure(status: int, comment: str) -> Dataset:
     ds.Status = status
     ds.ErrorComment = comment[:64]
     return ds
+
+
+#: ErrorComment of an operation refused because its audit entry cannot be written
+AUDIT_REFUSAL = "audit trail cannot be written: access refused"
+
+
+def _audit_refusal(service: str, status: int) -> Dataset:
+    """The refusal (0xA7xx, out of resources) of an operation whose audit entry
+    could not be written: no data is served unaudited."""
+    OPERATIONS.labels(service, f"0x{status:04X}").inc()
+    return _failure(status, AUDIT_REFUSAL)
 
 
 def _accepted_by_sop_class(assoc: Any) -> dict[str, set[str]]:

@@ -5,6 +5,30 @@ of instance records whose objects are already durable in the object store and
 commits their rows in one transaction, keeping study and series counts,
 sizes and ModalitiesInStudy current.  Everything that reads the index for
 administration (stats, verify) lives here too; searches get their own module.
+
+**Ownership.**  A study, its series and its instances belong to the site that
+created the study (``studies.site``); a local patient identity belongs to the
+site that filed it (``patients.site``, see :mod:`archive.identity`).  A record
+whose sender may write only for some sites (``InstanceRecord.may_write``) is
+refused when its study, its series or its SOP Instance UID belongs to another
+site, and a series that exists under another study is refused whoever sends
+it (a series belongs to one study).  The pipeline checks this before writing
+the object (a cheap early refusal); :meth:`Catalog.commit` checks it again
+inside the transaction, after its ``ON CONFLICT`` inserts, so that when two
+sites create the same new study at once the study's unique UID decides which
+one owns it and the other is refused: a constraint, not check-then-insert.
+
+**Duplicates.**  An instance sent again under a stored SOP Instance UID is a
+duplicate (an idempotent success) when it is the same data set, whatever file
+meta it came with: a C-STORE receiver writes its own file meta (another
+implementation UID and version, no source AE title), so the same instance
+imported from a file and then sent by C-STORE (or routed again by a peer) is
+two files with one data set.  :func:`same_object` compares the digest of the
+data set bytes (``instances.dataset_sha256``, the bytes after the File Meta
+Information group) and, for rows stored before that column, the whole-object
+digests.  The comparison is of bytes: the same attributes encoded in another
+transfer syntax (or re-encoded by the sender, e.g. without trailing padding)
+are another data set, so still a conflict.
 """
 
 from __future__ import annotations
@@ -26,16 +50,33 @@ class StoreOutcome(enum.StrEnum):
     """What committing one instance did."""
 
     STORED = "stored"  # new SOP Instance UID
-    DUPLICATE = "duplicate"  # identical bytes already stored: idempotent success
+    DUPLICATE = "duplicate"  # the same data set already stored: idempotent success
     KEPT = "kept"  # different object under a known UID, policy 'keep': stored one kept
     REPLACED = "replaced"  # different object under a known UID, policy 'replace'
+    #: nothing written: the study, series or instance belongs to another site, or
+    #: the series to another study (``CommitResult.code`` / ``reason`` say which).
+    #: Only in :class:`CommitResult`; the pipeline turns it into a rejection.
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who sent an instance and from where, for the audit entry committed with
+    its index row (C-STORE); None for paths audited per request (STOW-RS) or
+    not per instance (``imag import``)."""
+
+    actor: str  # the calling AE title
+    actor_kind: str = "peer"
+    role: str | None = None  # "site-peer", "regional-peer", None: unknown AE
+    source: str = ""  # "AET@address"
+    site: str = ""  # the peer's site, when bound to one
 
 
 @dataclass
 class InstanceRecord:
     """Everything the index keeps about one instance, extracted at ingest."""
 
-    # patient (issuer + patient_id is the key)
+    # patient (site + issuer + patient_id is the key)
     issuer: str
     patient_id: str
     patient_name: str | None
@@ -72,8 +113,15 @@ class InstanceRecord:
     received_at: datetime = field(default_factory=utcnow)
     #: digest of the bytes as received, when the stored object was transcoded
     original_sha256: bytes | None = None
+    #: digest of the data set bytes as received (after the file meta, see
+    #: :func:`same_object`); None only for records made without one
+    dataset_sha256: bytes | None = None
     #: the sender's AE title (routing rules match on it; not stored)
     calling_aet: str = ""
+    #: the sites whose studies the sender may add to; None: any (regional, admin)
+    may_write: frozenset[str] | None = None
+    #: who sent it, when its audit entry commits with its row (C-STORE)
+    origin: Origin | None = None
 
 
 @dataclass(frozen=True)
@@ -85,9 +133,93 @@ class CommitResult:
     obsolete_key: str | None = None
     #: the key the index now holds for this SOP Instance UID
     object_key: str = ""
+    #: why the instance was not stored (REFUSED: "forbidden" / "inconsistent";
+    #: KEPT: "conflict"), in words the sender may read
+    code: str = ""
+    reason: str = ""
 
 
 CommitHook = Callable[["Database", list[tuple[InstanceRecord, CommitResult]]], None]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an instance may not be added where it says it belongs.  The reason
+    names only what the sender sent: never another site's study, patient or
+    site name."""
+
+    code: str  # "forbidden" (another site's) or "inconsistent"
+    reason: str
+
+
+def may_write(sites: frozenset[str] | None, owner: str) -> bool:
+    """Whether a sender writing for ``sites`` (None: any) may add to data of ``owner``."""
+    return sites is None or owner in sites
+
+
+def _yours(sites: frozenset[str] | None) -> str:
+    return ", ".join(sorted(sites or ())) or "none"
+
+
+def foreign_study(study_uid: str, sites: frozenset[str] | None) -> Refusal:
+    return Refusal(
+        "forbidden",
+        f"study {study_uid} belongs to another site than the sender's ({_yours(sites)}); "
+        "a site adds instances only to its own studies",
+    )
+
+
+def foreign_series(series_uid: str, sites: frozenset[str] | None, owner: str) -> Refusal:
+    """A series already stored under another study than the one the instance names."""
+    if not may_write(sites, owner):
+        return Refusal(
+            "forbidden",
+            f"series {series_uid} belongs to a study of another site than the sender's "
+            f"({_yours(sites)}); a site adds instances only to its own series",
+        )
+    return Refusal(
+        "inconsistent",
+        f"series {series_uid} is already stored under another study; a series belongs to "
+        "one study: check the instance's Study and Series Instance UIDs",
+    )
+
+
+def foreign_instance(sop_instance_uid: str, sites: frozenset[str] | None) -> Refusal:
+    return Refusal(
+        "forbidden",
+        f"SOP Instance UID {sop_instance_uid} is stored in a study of another site than the "
+        f"sender's ({_yours(sites)}); it cannot be stored or replaced by this sender",
+    )
+
+
+def same_object(
+    received: bytes,
+    received_dataset: bytes | None,
+    stored: bytes,
+    stored_original: bytes | None,
+    stored_dataset: bytes | None,
+) -> bool:
+    """Whether an object received under a stored SOP Instance UID is the one
+    stored, so a duplicate: the same bytes (the stored object, or what it was
+    transcoded from), or the same data set under another file meta (equal
+    digests of the bytes after the File Meta Information group).
+
+    Bytes, not attributes: the same data set in another transfer syntax is a
+    different encoding, and so a conflict; so is one re-encoded by its sender
+    (trailing padding dropped, sequence lengths made explicit).  A row stored
+    before data set digests were recorded (``stored_dataset`` None) is
+    compared by its whole-object digests only."""
+    if received in (stored, stored_original):
+        return True
+    return stored_dataset is not None and received_dataset == stored_dataset
+
+
+def conflict_reason(sop_instance_uid: str) -> str:
+    return (
+        f"a different object is already stored under SOP Instance UID {sop_instance_uid}; "
+        "the stored one was kept and the object sent was not stored "
+        "(setting ingest.on_conflict = keep)"
+    )
 
 
 @dataclass(frozen=True)
@@ -102,11 +234,21 @@ class StoredInstance:
     integrity: str
     original_sha256: bytes | None = None
     stored_ts: str = ""
+    #: the site owning the instance's study
+    site: str = ""
+    #: digest of the data set as received (None: stored before it was recorded)
+    dataset_sha256: bytes | None = None
 
-    def matches(self, received_sha256: bytes) -> bool:
-        """Whether bytes with this digest are the object stored (or the object
-        as received, before it was transcoded)."""
-        return received_sha256 in (self.sha256, self.original_sha256)
+    def matches(self, received_sha256: bytes, dataset_sha256: bytes | None = None) -> bool:
+        """Whether an object with these digests (whole object, data set after
+        its file meta) is the one stored: see :func:`same_object`."""
+        return same_object(
+            received_sha256,
+            dataset_sha256,
+            self.sha256,
+            self.original_sha256,
+            self.dataset_sha256,
+        )
 
 
 def normalise_pn(name: str | None) -> str | None:
@@ -115,6 +257,56 @@ def normalise_pn(name: str | None) -> str | None:
     if name is None:
         return None
     return name.upper().rstrip("^ ")
+
+
+@dataclass
+class _StudyRow:
+    id: int
+    site: str
+
+
+@dataclass
+class _SeriesRow:
+    id: int
+    study_ref: int
+    study_uid: str
+    site: str
+
+
+@dataclass
+class _Existing:
+    """The stored row of a SOP Instance UID, as a commit sees it."""
+
+    id: int
+    series_ref: int
+    object_key: str
+    size: int
+    sha256: bytes
+    original_sha256: bytes | None
+    integrity: str
+    site: str
+    dataset_sha256: bytes | None = None
+
+
+class _Undo(Exception):
+    """Abandon one record of a batch: what it wrote is rolled back to its savepoint."""
+
+    def __init__(self, result: CommitResult) -> None:
+        self.result = result
+
+
+@dataclass
+class _Batch:
+    """What one commit learnt and changed so far, shared by its records."""
+
+    patients: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    studies: dict[str, _StudyRow] = field(default_factory=dict)
+    series: dict[str, _SeriesRow] = field(default_factory=dict)
+    new_series_by_study: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    # (count, bytes) deltas per series and per study
+    d_series: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    d_study: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    series_study: dict[int, int] = field(default_factory=dict)
 
 
 class Catalog:
@@ -133,63 +325,35 @@ class Catalog:
     ) -> list[CommitResult]:
         """Commit ``records`` in one transaction and say what happened to each.
 
+        A record refused for ownership (REFUSED), or that turns out a duplicate
+        or a kept conflict, leaves no row behind (what it created is rolled
+        back to its savepoint) while the other records of the batch commit.
         ``hooks`` run inside the transaction with (record, result) pairs, so
-        what they write (the change feed, stability jobs) commits with the
-        rows or not at all."""
+        what they write (the change feed, stability jobs, audit entries)
+        commits with the rows or not at all."""
         db = self.db
         now = utcnow()
         results: list[CommitResult] = []
         with db.transaction():
-            patients: dict[tuple[str, str], int] = {}
-            studies: dict[str, int] = {}
-            series: dict[str, int] = {}
-            series_study: dict[int, int] = {}
-            new_series_by_study: dict[int, int] = defaultdict(int)
-            # (count, bytes) deltas per series and per study
-            d_series: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-            d_study: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-
+            batch = _Batch()
             for r in records:
-                pkey = (r.issuer, r.patient_id)
-                if pkey not in patients:
-                    patients[pkey] = self._patient(r, now)
-                if r.study_uid not in studies:
-                    studies[r.study_uid] = self._study(r, patients[pkey], now)
-                study_ref = studies[r.study_uid]
-                if r.series_uid not in series:
-                    series_ref, created = self._series(r, study_ref, now)
-                    series[r.series_uid] = series_ref
-                    if created:
-                        new_series_by_study[study_ref] += 1
-                series_ref = series[r.series_uid]
-                series_study[series_ref] = study_ref
+                results.append(self._commit_one(r, on_conflict, batch, now))
 
-                result, moved = self._instance(r, series_ref, on_conflict)
-                results.append(result)
-                for ref, count, size in moved:
-                    if ref not in series_study:
-                        series_study[ref] = db.scalar(
-                            "SELECT study_ref FROM series WHERE id = ?", (ref,)
-                        )
-                    d_series[ref][0] += count
-                    d_series[ref][1] += size
-                    d_study[series_study[ref]][0] += count
-                    d_study[series_study[ref]][1] += size
-
-            for ref, (count, size) in d_series.items():
+            for ref, (count, size) in batch.d_series.items():
                 db.execute(
                     "UPDATE series SET num_instances = num_instances + ?, "
                     "total_bytes = total_bytes + ?, updated_at = ? WHERE id = ?",
                     (count, size, now, ref),
                 )
-            for ref, (count, size) in d_study.items():
+            new_series = dict(batch.new_series_by_study)
+            for ref, (count, size) in batch.d_study.items():
                 db.execute(
                     "UPDATE studies SET num_instances = num_instances + ?, "
                     "total_bytes = total_bytes + ?, num_series = num_series + ?, "
                     "updated_at = ? WHERE id = ?",
-                    (count, size, new_series_by_study.pop(ref, 0), now, ref),
+                    (count, size, new_series.pop(ref, 0), now, ref),
                 )
-            for ref, count in new_series_by_study.items():
+            for ref, count in new_series.items():
                 db.execute(
                     "UPDATE studies SET num_series = num_series + ? WHERE id = ?", (count, ref)
                 )
@@ -198,18 +362,123 @@ class Catalog:
                 hook(db, done)
         return results
 
-    def _patient(self, r: InstanceRecord, now: datetime) -> int:
-        db = self.db
-        row = db.query_one(
-            "SELECT id FROM patients WHERE issuer = ? AND patient_id = ?", (r.issuer, r.patient_id)
+    def _commit_one(
+        self, r: InstanceRecord, on_conflict: str, batch: _Batch, now: datetime
+    ) -> CommitResult:
+        """Commit one record inside the batch's transaction."""
+        sites = r.may_write
+        # Read-only checks first: a refusal found here has written nothing.
+        study = batch.studies.get(r.study_uid) or self._find_study(r)
+        if study is not None and not may_write(sites, study.site):
+            return _refused(foreign_study(r.study_uid, sites))
+        series = batch.series.get(r.series_uid) or self._find_series(r.series_uid)
+        if series is not None and series.study_uid != r.study_uid:
+            return _refused(foreign_series(r.series_uid, sites, series.site))
+        creating = study is None or series is None
+        existing = self._find_existing(r.sop_instance_uid) if creating else None
+        if existing is not None:
+            decided = _decide(r, existing, on_conflict)
+            if decided is not None:
+                return decided  # nothing to create for an instance that will not be stored
+        # Writes.  Creating a study or a series may still be refused when a
+        # concurrent transaction created it first (the ON CONFLICT insert waits
+        # for it): a savepoint lets this record alone be undone.
+        if creating:
+            self.db.execute("SAVEPOINT imag_record")
+        added_patient: tuple[tuple[str, str, str], int] | None = None
+        try:
+            if study is None:
+                study, added_patient = self._create_study(r, batch, now)
+            new_series = False
+            if series is None:
+                series, new_series = self._create_series(r, study, now)
+            result, moved = self._instance(r, series.id, on_conflict, existing)
+        except _Undo as undo:
+            if creating:
+                self.db.execute("ROLLBACK TO SAVEPOINT imag_record")
+                self.db.execute("RELEASE SAVEPOINT imag_record")
+            return undo.result
+        if creating:
+            self.db.execute("RELEASE SAVEPOINT imag_record")
+        # The record is in: remember what it created for the next records.
+        if added_patient is not None:
+            batch.patients[added_patient[0]] = added_patient[1]
+        batch.studies[r.study_uid] = study
+        batch.series[r.series_uid] = series
+        batch.series_study[series.id] = study.id
+        if new_series:
+            batch.new_series_by_study[study.id] += 1
+        for ref, count, size in moved:
+            if ref not in batch.series_study:
+                batch.series_study[ref] = self.db.scalar(
+                    "SELECT study_ref FROM series WHERE id = ?", (ref,)
+                )
+            batch.d_series[ref][0] += count
+            batch.d_series[ref][1] += size
+            batch.d_study[batch.series_study[ref]][0] += count
+            batch.d_study[batch.series_study[ref]][1] += size
+        return result
+
+    def _find_study(self, r: InstanceRecord) -> _StudyRow | None:
+        row = self.db.query_one(
+            "SELECT st.id, st.site, p.issuer, p.patient_id FROM studies st "
+            "JOIN patients p ON p.id = st.patient_ref WHERE st.study_uid = ?",
+            (r.study_uid,),
         )
+        if row is None:
+            return None
+        if (row[2], row[3]) != (r.issuer, r.patient_id) and may_write(r.may_write, row[1]):
+            log.warning(
+                "instance names another patient than its stored study; kept the study's",
+                extra={"study_uid": r.study_uid, "sop_instance_uid": r.sop_instance_uid},
+            )
+        return _StudyRow(row[0], row[1])
+
+    def _find_series(self, series_uid: str) -> _SeriesRow | None:
+        row = self.db.query_one(
+            "SELECT se.id, se.study_ref, st.study_uid, st.site FROM series se "
+            "JOIN studies st ON st.id = se.study_ref WHERE se.series_uid = ?",
+            (series_uid,),
+        )
+        return _SeriesRow(*row) if row else None
+
+    def _find_existing(self, sop_instance_uid: str) -> _Existing | None:
+        row = self.db.query_one(
+            "SELECT i.id, i.series_ref, i.object_key, i.size, i.sha256, i.original_sha256, "
+            "i.integrity, st.site, i.dataset_sha256 FROM instances i "
+            "JOIN series se ON se.id = i.series_ref "
+            "JOIN studies st ON st.id = se.study_ref WHERE i.sop_instance_uid = ?",
+            (sop_instance_uid,),
+        )
+        if row is None:
+            return None
+        return _Existing(
+            row[0],
+            row[1],
+            row[2],
+            int(row[3]),
+            bytes(row[4]),
+            bytes(row[5]) if row[5] is not None else None,
+            row[6],
+            row[7],
+            bytes(row[8]) if row[8] is not None else None,
+        )
+
+    def _patient(self, r: InstanceRecord, now: datetime) -> tuple[int, bool]:
+        """The patient row of (site, issuer, patient ID), created if needed;
+        and whether this call created it."""
+        db = self.db
+        key = (r.site, r.issuer, r.patient_id)
+        where = "SELECT id FROM patients WHERE site = ? AND issuer = ? AND patient_id = ?"
+        row = db.query_one(where, key)
         if row:
-            return row[0]
+            return row[0], False
         row = db.query_one(
-            "INSERT INTO patients (issuer, patient_id, patient_name, patient_name_norm, "
-            "birth_date, sex, created_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (issuer, patient_id) DO NOTHING RETURNING id",
+            "INSERT INTO patients (site, issuer, patient_id, patient_name, patient_name_norm, "
+            "birth_date, sex, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (site, issuer, patient_id) DO NOTHING RETURNING id",
             (
+                r.site,
                 r.issuer,
                 r.patient_id,
                 r.patient_name,
@@ -220,24 +489,23 @@ class Catalog:
             ),
         )
         if row:
-            return row[0]
+            return row[0], True
         # another process inserted it between our SELECT and INSERT
-        return db.scalar(
-            "SELECT id FROM patients WHERE issuer = ? AND patient_id = ?", (r.issuer, r.patient_id)
-        )
+        return db.scalar(where, key), False
 
-    def _study(self, r: InstanceRecord, patient_ref: int, now: datetime) -> int:
+    def _create_study(
+        self, r: InstanceRecord, batch: _Batch, now: datetime
+    ) -> tuple[_StudyRow, tuple[tuple[str, str, str], int] | None]:
+        """Insert the study (and its patient); raise :class:`_Undo` when a
+        concurrent transaction created it first for a site the sender may not
+        write for."""
         db = self.db
-        row = db.query_one(
-            "SELECT id, patient_ref FROM studies WHERE study_uid = ?", (r.study_uid,)
-        )
-        if row:
-            if row[1] != patient_ref:
-                log.warning(
-                    "instance names another patient than its stored study; kept the study's",
-                    extra={"study_uid": r.study_uid, "sop_instance_uid": r.sop_instance_uid},
-                )
-            return row[0]
+        key = (r.site, r.issuer, r.patient_id)
+        added = None
+        patient_ref = batch.patients.get(key)
+        if patient_ref is None:
+            patient_ref, _created = self._patient(r, now)
+            added = (key, patient_ref)
         row = db.query_one(
             "INSERT INTO studies (patient_ref, study_uid, study_date, study_time, "
             "accession_number, study_id, study_description, referring_physician_name, "
@@ -261,21 +529,28 @@ class Catalog:
             ),
         )
         if row:
-            return row[0]
-        return db.scalar("SELECT id FROM studies WHERE study_uid = ?", (r.study_uid,))
+            return _StudyRow(row[0], r.site), added
+        # A concurrent transaction created it first: the unique Study Instance
+        # UID decided who owns it.
+        found = db.query_one("SELECT id, site FROM studies WHERE study_uid = ?", (r.study_uid,))
+        study = _StudyRow(found[0], found[1])
+        if not may_write(r.may_write, study.site):
+            raise _Undo(_refused(foreign_study(r.study_uid, r.may_write)))
+        return study, added
 
-    def _series(self, r: InstanceRecord, study_ref: int, now: datetime) -> tuple[int, bool]:
+    def _create_series(
+        self, r: InstanceRecord, study: _StudyRow, now: datetime
+    ) -> tuple[_SeriesRow, bool]:
+        """Insert the series under ``study``; raise :class:`_Undo` when a
+        concurrent transaction created it first under another study."""
         db = self.db
-        row = db.query_one("SELECT id FROM series WHERE series_uid = ?", (r.series_uid,))
-        if row:
-            return row[0], False
         row = db.query_one(
             "INSERT INTO series (study_ref, series_uid, modality, series_number, "
             "series_description, body_part_examined, pps_start_date, pps_start_time, "
             "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (series_uid) DO NOTHING RETURNING id",
             (
-                study_ref,
+                study.id,
                 r.series_uid,
                 r.modality,
                 r.series_number,
@@ -288,69 +563,67 @@ class Catalog:
             ),
         )
         if not row:
-            return db.scalar("SELECT id FROM series WHERE series_uid = ?", (r.series_uid,)), False
+            series = self._find_series(r.series_uid)
+            assert series is not None
+            if series.study_ref != study.id:
+                raise _Undo(_refused(foreign_series(r.series_uid, r.may_write, series.site)))
+            return series, False
         if r.modality:
-            current = db.scalar("SELECT modalities FROM studies WHERE id = ?", (study_ref,)) or ""
+            current = db.scalar("SELECT modalities FROM studies WHERE id = ?", (study.id,)) or ""
             values = [m for m in current.split("\\") if m]
             if r.modality not in values:
                 values.append(r.modality)
                 db.execute(
                     "UPDATE studies SET modalities = ? WHERE id = ?",
-                    ("\\".join(sorted(values)), study_ref),
+                    ("\\".join(sorted(values)), study.id),
                 )
-        return row[0], True
+        return _SeriesRow(row[0], study.id, r.study_uid, study.site), True
 
     def _instance(
-        self, r: InstanceRecord, series_ref: int, on_conflict: str
+        self, r: InstanceRecord, series_ref: int, on_conflict: str, existing: _Existing | None
     ) -> tuple[CommitResult, list[tuple[int, int, int]]]:
         """Insert or reconcile one instance; return the result and the
-        (series_ref, count delta, bytes delta) moves it causes."""
+        (series_ref, count delta, bytes delta) moves it causes.  Raise
+        :class:`_Undo` when it is not stored after all (a concurrent
+        transaction stored that SOP Instance UID first)."""
         db = self.db
-        row = db.query_one(
-            "INSERT INTO instances (series_ref, sop_instance_uid, sop_class_uid, "
-            "instance_number, number_of_frames, stored_ts, original_ts, object_key, size, "
-            "sha256, received_at, original_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id",
-            (
-                series_ref,
-                r.sop_instance_uid,
-                r.sop_class_uid,
-                r.instance_number,
-                r.number_of_frames,
-                r.stored_ts,
-                r.original_ts,
-                r.object_key,
-                r.size,
-                r.sha256,
-                r.received_at,
-                r.original_sha256,
-            ),
-        )
-        if row:
-            return CommitResult(StoreOutcome.STORED, object_key=r.object_key), [
-                (series_ref, 1, r.size)
-            ]
-        old_id, old_series, old_key, old_size, old_sha, old_original, integrity = db.query_one(
-            "SELECT id, series_ref, object_key, size, sha256, original_sha256, integrity "
-            "FROM instances WHERE sop_instance_uid = ?",
-            (r.sop_instance_uid,),
-        )
-        received = r.original_sha256 or r.sha256
-        same = received in (bytes(old_sha), bytes(old_original) if old_original else None)
-        if same and integrity == "ok":
-            obsolete = r.object_key if r.object_key != old_key else None
-            return CommitResult(StoreOutcome.DUPLICATE, obsolete, old_key), []
-        if on_conflict == "keep" and integrity == "ok":
-            log.warning(
-                "different object under a stored SOP Instance UID: kept the stored one",
-                extra={"sop_instance_uid": r.sop_instance_uid},
+        if existing is None:
+            row = db.query_one(
+                "INSERT INTO instances (series_ref, sop_instance_uid, sop_class_uid, "
+                "instance_number, number_of_frames, stored_ts, original_ts, object_key, size, "
+                "sha256, received_at, original_sha256, dataset_sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id",
+                (
+                    series_ref,
+                    r.sop_instance_uid,
+                    r.sop_class_uid,
+                    r.instance_number,
+                    r.number_of_frames,
+                    r.stored_ts,
+                    r.original_ts,
+                    r.object_key,
+                    r.size,
+                    r.sha256,
+                    r.received_at,
+                    r.original_sha256,
+                    r.dataset_sha256,
+                ),
             )
-            obsolete = r.object_key if r.object_key != old_key else None
-            return CommitResult(StoreOutcome.KEPT, obsolete, old_key), []
+            if row:
+                return CommitResult(StoreOutcome.STORED, object_key=r.object_key), [
+                    (series_ref, 1, r.size)
+                ]
+            existing = self._find_existing(r.sop_instance_uid)
+            assert existing is not None
+            decided = _decide(r, existing, on_conflict)
+            if decided is not None:
+                raise _Undo(decided)
         db.execute(
             "UPDATE instances SET series_ref = ?, sop_class_uid = ?, instance_number = ?, "
             "number_of_frames = ?, stored_ts = ?, original_ts = ?, object_key = ?, size = ?, "
-            "sha256 = ?, received_at = ?, original_sha256 = ?, integrity = 'ok' WHERE id = ?",
+            "sha256 = ?, received_at = ?, original_sha256 = ?, dataset_sha256 = ?, "
+            "integrity = 'ok' WHERE id = ?",
             (
                 series_ref,
                 r.sop_class_uid,
@@ -363,19 +636,20 @@ class Catalog:
                 r.sha256,
                 r.received_at,
                 r.original_sha256,
-                old_id,
+                r.dataset_sha256,
+                existing.id,
             ),
         )
         log.warning(
             "different object under a stored SOP Instance UID: replaced the stored one"
-            if integrity == "ok"
+            if existing.integrity == "ok"
             else "missing object restored by a new copy",
             extra={"sop_instance_uid": r.sop_instance_uid},
         )
-        obsolete = old_key if old_key != r.object_key else None
+        obsolete = existing.object_key if existing.object_key != r.object_key else None
         return (
             CommitResult(StoreOutcome.REPLACED, obsolete, r.object_key),
-            [(old_series, -1, -old_size), (series_ref, 1, r.size)],
+            [(existing.series_ref, -1, -existing.size), (series_ref, 1, r.size)],
         )
 
     def switch_object(
@@ -433,6 +707,35 @@ class Catalog:
         """The producing site a stored study belongs to (None: no such study)."""
         return self.db.scalar("SELECT site FROM studies WHERE study_uid = ?", (study_uid,))
 
+    def refusal(
+        self, study_uid: str, series_uid: str, sites: frozenset[str] | None
+    ) -> Refusal | None:
+        """Why an instance of ``study_uid`` / ``series_uid`` may not be added by
+        a sender writing for ``sites`` (None: any), or None.  One read, nothing
+        written: the pipeline's early refusal, before the object is stored
+        (:meth:`commit` checks again inside its transaction)."""
+        study_site, series_study, series_site = self.db.query_one(
+            "SELECT (SELECT site FROM studies WHERE study_uid = ?), "
+            "(SELECT st.study_uid FROM series se JOIN studies st ON st.id = se.study_ref "
+            "WHERE se.series_uid = ?), "
+            "(SELECT st.site FROM series se JOIN studies st ON st.id = se.study_ref "
+            "WHERE se.series_uid = ?)",
+            (study_uid, series_uid, series_uid),
+        )
+        if study_site is not None and not may_write(sites, study_site):
+            return foreign_study(study_uid, sites)
+        if series_study is not None and series_study != study_uid:
+            return foreign_series(series_uid, sites, series_site)
+        return None
+
+    def references(self, object_key: str, sop_instance_uid: str) -> bool:
+        """Whether an index row points at ``object_key``.  Keys embed the SOP
+        Instance UID, so only that UID's row can (no scan of the instance table)."""
+        key = self.db.scalar(
+            "SELECT object_key FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        )
+        return key == object_key
+
     def find_instance(self, sop_instance_uid: str) -> StoredInstance | None:
         row = self.db.query_one(
             _STORED_SELECT + " WHERE i.sop_instance_uid = ?", (sop_instance_uid,)
@@ -489,9 +792,48 @@ class Catalog:
         return out
 
 
+def _refused(refusal: Refusal) -> CommitResult:
+    return CommitResult(StoreOutcome.REFUSED, code=refusal.code, reason=refusal.reason)
+
+
+def _decide(r: InstanceRecord, existing: _Existing, on_conflict: str) -> CommitResult | None:
+    """What happens to ``r`` given the row already stored under its SOP
+    Instance UID: refused (another site's), a duplicate (the same data set,
+    whatever its file meta: :func:`same_object`), a kept conflict, or None
+    when ``r`` replaces it (policy 'replace', or the stored object is
+    missing)."""
+    if not may_write(r.may_write, existing.site):
+        return _refused(foreign_instance(r.sop_instance_uid, r.may_write))
+    received = r.original_sha256 or r.sha256
+    healthy = existing.integrity == "ok"
+    obsolete = r.object_key if r.object_key != existing.object_key else None
+    if healthy and same_object(
+        received,
+        r.dataset_sha256,
+        existing.sha256,
+        existing.original_sha256,
+        existing.dataset_sha256,
+    ):
+        return CommitResult(StoreOutcome.DUPLICATE, obsolete, existing.object_key)
+    if healthy and on_conflict == "keep":
+        log.warning(
+            "different object under a stored SOP Instance UID: kept the stored one",
+            extra={"sop_instance_uid": r.sop_instance_uid},
+        )
+        return CommitResult(
+            StoreOutcome.KEPT,
+            obsolete,
+            existing.object_key,
+            code="conflict",
+            reason=conflict_reason(r.sop_instance_uid),
+        )
+    return None
+
+
 _STORED_SELECT = (
     "SELECT i.id, i.sop_instance_uid, st.study_uid, se.series_uid, i.object_key, i.size, "
-    "i.sha256, i.integrity, i.original_sha256, i.stored_ts FROM instances i "
+    "i.sha256, i.integrity, i.original_sha256, i.stored_ts, st.site, i.dataset_sha256 "
+    "FROM instances i "
     "JOIN series se ON se.id = i.series_ref "
     "JOIN studies st ON st.id = se.study_ref"
 )
@@ -509,4 +851,6 @@ def _stored(row: tuple) -> StoredInstance:
         row[7],
         bytes(row[8]) if row[8] is not None else None,
         row[9],
+        row[10],
+        bytes(row[11]) if row[11] is not None else None,
     )

@@ -5,6 +5,16 @@ order, each in its own transaction together with its row in
 ``schema_migrations``; so a crash mid-upgrade leaves the previous version
 intact.  On PostgreSQL an advisory lock makes concurrent starts of several
 processes safe: one upgrades, the others wait and then find nothing to do.
+
+A migration's leading comment lines may carry headers:
+
+* ``-- dialect: NAME``: it runs only on that backend (elsewhere it is recorded
+  as applied with nothing to do);
+* ``-- foreign_keys: off``: on SQLite it runs with foreign key enforcement off
+  and checks every reference (``PRAGMA foreign_key_check``) before it commits.
+  SQLite's way to change a table constraint is to rebuild the table, and a
+  referenced table cannot be dropped while enforcement is on; the pragma
+  cannot change inside a transaction, so the runner sets it around it.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from archive.index.db import TYPES, Database, utcnow
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _ADVISORY_KEY = 0x1A4A6  # arbitrary, constant: "IMAG schema"
+_HEADER = re.compile(r"^--\s*(dialect|foreign_keys)\s*:\s*(\S+)\s*$", re.IGNORECASE)
 
 
 def available() -> list[tuple[int, str, str]]:
@@ -30,12 +41,23 @@ def available() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def headers(sql: str) -> dict[str, str]:
+    """The ``-- key: value`` lines at the top of a migration."""
+    found: dict[str, str] = {}
+    for line in sql.lstrip().splitlines():
+        match = _HEADER.match(line.strip())
+        if not match:
+            break
+        found[match[1].lower()] = match[2].strip().lower()
+    return found
+
+
 def _statements(sql: str, dialect: str) -> list[str]:
-    """The statements of a migration for ``dialect``.  A migration whose first
-    line is ``-- dialect: NAME`` runs only there (elsewhere it is recorded as
-    applied with nothing to do), so both backends keep one version sequence."""
-    first = sql.lstrip().splitlines()[0] if sql.strip() else ""
-    if first.startswith("-- dialect:") and first.split(":", 1)[1].strip() != dialect:
+    """The statements of a migration for ``dialect``.  A migration whose
+    headers say ``-- dialect: NAME`` runs only there (elsewhere it is recorded
+    as applied with nothing to do), so both backends keep one version sequence."""
+    wanted = headers(sql).get("dialect")
+    if wanted is not None and wanted != dialect:
         return []
     body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
     body = body.format(**TYPES[dialect])
@@ -75,11 +97,20 @@ def current_version(db: Database) -> int:
     return int(db.scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
 
 
-def upgrade(db: Database) -> list[str]:
-    """Apply every pending migration; return the names applied."""
+def upgrade(db: Database, until: int | None = None) -> list[str]:
+    """Apply every pending migration (up to version ``until`` when given: a
+    test of a migration starts from the schema before it); return the names
+    applied."""
     applied: list[str] = []
     current_version(db)
     for version, name, sql in available():
+        if until is not None and version > until:
+            break
+        if db.dialect == "sqlite" and headers(sql).get("foreign_keys") == "off":
+            if _apply_without_foreign_keys(db, version, name, sql):
+                log.info("index migration applied", extra={"migration": name})
+                applied.append(name)
+            continue
         with db.transaction():
             if db.dialect == "postgresql":
                 db.execute("SELECT pg_advisory_xact_lock(?)", (_ADVISORY_KEY,))
@@ -95,3 +126,39 @@ def upgrade(db: Database) -> list[str]:
         log.info("index migration applied", extra={"migration": name})
         applied.append(name)
     return applied
+
+
+def _apply_without_foreign_keys(db: Database, version: int, name: str, sql: str) -> bool:
+    """Apply one SQLite migration with foreign key enforcement off on its
+    connection (the pragma is a no-op inside a transaction, so it is set
+    before BEGIN and restored after), refusing to commit if any reference
+    is left dangling.  Returns whether it was applied (False: already was)."""
+    with db.connection() as conn:
+        conn.execute("PRAGMA foreign_keys=OFF")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                done = conn.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = ?", (version,)
+                ).fetchone()
+                if not done:
+                    for statement in _statements(sql, "sqlite"):
+                        conn.execute(statement)
+                    dangling = conn.execute("PRAGMA foreign_key_check").fetchall()
+                    if dangling:
+                        raise RuntimeError(
+                            f"migration {name} would leave {len(dangling)} dangling "
+                            f"references (first: {dangling[0]}); nothing was changed"
+                        )
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name, applied_at) "
+                        "VALUES (?, ?, ?)",
+                        (version, name, utcnow().isoformat()),
+                    )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.execute("PRAGMA foreign_keys=ON")
+    return not done

@@ -1,0 +1,11 @@
+-- One data set, whatever file meta it came with: the SHA-256 of the bytes
+-- after the File Meta Information group (the data set as encoded in its
+-- transfer syntax; for a deflated object, the deflated bytes).  A C-STORE
+-- receiver builds its own file meta, so the same instance arriving by C-STORE
+-- and by STOW-RS or `imag import` is two different files with one data set:
+-- equal digests make the second a duplicate, not a conflict (see
+-- archive/ingest.py).  For a transcoded instance, the digest of the data set
+-- as received (like original_sha256).  NULL for rows stored before this
+-- column: they are compared by the whole-object digests (sha256,
+-- original_sha256) as before.
+ALTER TABLE instances ADD COLUMN dataset_sha256 {blob};
