@@ -377,6 +377,20 @@ SETTINGS: list[Setting] = [
         "(SO_REUSEPORT); more than one uses more cores for C-STORE ingest",
     ),
     Setting("dicom.max_associations", 32, _int(1, 1000), "concurrent associations at most"),
+    Setting(
+        "dicom.associate_timeout",
+        10,
+        _int(1, 600),
+        "seconds a new connection has to send its A-ASSOCIATE-RQ (TLS handshake included) "
+        "before it is closed",
+    ),
+    Setting(
+        "dicom.max_pending_connections",
+        8,
+        _int(1, 1000),
+        "connections not yet associated at most (per process); beyond it new ones are closed "
+        "at once and the longest-waiting one is cut; they never take a max_associations slot",
+    ),
     Setting("dicom.max_pdu", 4 * 2**20, _size, "largest PDU we accept (bytes)"),
     Setting(
         "dicom.network_timeout",
@@ -392,6 +406,34 @@ SETTINGS: list[Setting] = [
         64 * 2**20,
         _size,
         "objects larger than this are streamed through a file, never held in memory",
+    ),
+    Setting(
+        "ingest.max_inflated_bytes",
+        256 * 2**20,
+        _size,
+        "largest size a Deflated Explicit VR Little Endian object may inflate to (bytes); "
+        "every reader inflates it whole in memory, so this bounds memory, not disk",
+    ),
+    Setting(
+        "ingest.max_frame_bytes",
+        256 * 2**20,
+        _size,
+        "largest decoded frame accepted (Rows x Columns x Samples x Bits Allocated / 8): "
+        "what a viewer, a rendering or a thumbnail decodes at once",
+    ),
+    Setting(
+        "ingest.max_decoded_bytes",
+        4 * 2**30,
+        _size,
+        "largest decoded size of all frames of an object accepted (x Number of Frames): "
+        "what a transcode or a conversion on retrieval decodes",
+    ),
+    Setting(
+        "ingest.max_sequence_depth",
+        32,
+        _int(1, 128),
+        "deepest nesting of sequences accepted (real objects need about 10; "
+        "DICOM readers, ours included, recurse once per level)",
     ),
     Setting(
         "ingest.on_conflict",
@@ -482,6 +524,27 @@ SETTINGS: list[Setting] = [
         60,
         _int(1, 3600),
         "seconds a client may leave a request body stalled before it gets 408",
+    ),
+    Setting(
+        "dicomweb.max_frames_per_request",
+        256,
+        _int(1, 100000),
+        "frame numbers one WADO-RS frames request may list (repeats count); more: 400",
+    ),
+    Setting(
+        "dicomweb.max_built_bytes",
+        256 * 2**20,
+        _size,
+        "largest thing built in memory for one response part: a frame's rendering "
+        "working copy (Rows x Columns x Samples x 8), a decoded frame, an instance "
+        "converted to another transfer syntax; larger: 422 (ask for it as stored)",
+    ),
+    Setting(
+        "dicomweb.max_metadata_depth",
+        64,
+        _int(1, 128),
+        "sequence nesting kept in WADO-RS metadata; deeper top-level elements are "
+        "left out and named in a Warning header",
     ),
     Setting("dicom.tls_cert", "", _str, "PEM certificate: DICOM over TLS on dicom.port"),
     Setting("dicom.tls_key", "", _str, "PEM private key for dicom.tls_cert"),

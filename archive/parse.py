@@ -5,40 +5,65 @@ attributes the index keeps.
 This is the first step of the one ingest pipeline, so it runs for every
 instance: it touches only the elements it needs (pydicom converts element
 values lazily) and never builds a DICOM JSON or decodes pixel data.
+
+It also refuses what would exhaust the server or fail on every later read
+(:mod:`archive.validate`, bounded by :class:`~archive.validate.Limits`): a
+deflated data set is inflated here, a bounded chunk at a time, never by
+pydicom; sequence nesting is measured on the bytes before pydicom parses them
+(pydicom recurses once per level); the pixel data must agree with the image
+attributes, and its declared decoded size with the limits.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.dataset import Dataset, FileDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_dataset
 from pydicom.tag import Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, MediaStorageDirectoryStorage
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
 
+from archive.rejected import Rejected
 from archive.uids import is_valid_uid
+from archive.validate import (
+    PIXEL_TAGS,
+    FileChunks,
+    Limits,
+    PixelElement,
+    Source,
+    check_nesting,
+    check_pixel_data,
+    inflate,
+    memory_chunks,
+    pixel_element_at,
+)
+
+__all__ = [
+    "Header",
+    "Limits",
+    "Rejected",
+    "dataset_offset",
+    "index_fields",
+    "parse_header",
+    "parse_header_file",
+]
 
 log = logging.getLogger(__name__)
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA_TAGS = (Tag(0x7FE00010), Tag(0x7FE00008), Tag(0x7FE00009))
-
-
-class Rejected(Exception):
-    """An incoming object that is refused, with a reason a sender can act on.
-
-    ``code`` is a stable short name for the kind of problem (also the metrics
-    label and the basis of the DICOM / HTTP status the network services send).
-    """
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass
@@ -51,10 +76,15 @@ class Header:
     sop_instance_uid: str
     study_uid: str
     series_uid: str
+    #: declared decoded size of all frames (0: no pixel data), for callers that decode
+    decoded_bytes: int = 0
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    except Exception:  # noqa: BLE001 - unreadable: refused by _header before this is asked
+        return None
     if value is None:
         return None
     if isinstance(value, pydicom.multival.MultiValue):
@@ -66,7 +96,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
-    except (ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - unreadable: refused by _header before this is asked
         return None
     if value is None or value == "":
         return None
@@ -81,6 +111,8 @@ def _uid(ds: Dataset, keyword: str, *, required: bool = True) -> str:
         value = ds.get(keyword)
     except (ValueError, TypeError):
         value = None
+    except Exception as exc:  # noqa: BLE001 - e.g. an unknown VR: pydicom cannot convert it
+        raise Rejected("malformed", f"{keyword} cannot be read: {exc}") from None
     text = str(value).strip().rstrip("\x00") if value is not None else ""
     if not text:
         if required:
@@ -123,24 +155,135 @@ def _check_complete(total: int, ds: Dataset) -> None:
         )
 
 
+_NOT_DICOM = "not a DICOM Part 10 object: no 'DICM' prefix after the 128-byte preamble"
+
+
 def _read(fp: BinaryIO, **kwargs: Any) -> FileDataset:
     head = fp.read(132)
     if len(head) < 132 or head[128:132] != b"DICM":
-        raise Rejected(
-            "not-dicom", "not a DICOM Part 10 object: no 'DICM' prefix after the 128-byte preamble"
-        )
+        raise Rejected("not-dicom", _NOT_DICOM)
     fp.seek(0)
     try:
         return pydicom.dcmread(fp, **kwargs)
     except InvalidDicomError as exc:
         raise Rejected("not-dicom", f"not a valid DICOM Part 10 object: {exc}") from None
+    except RecursionError:
+        raise _too_deep() from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
         raise Rejected("malformed", f"the DICOM object cannot be parsed: {exc}") from None
 
 
-def parse_header(data: bytes) -> Header:
-    """Parse and validate an incoming DICOM Part 10 object (no pixel decoding)."""
-    ds = _read(io.BytesIO(data))
+def _too_deep() -> Rejected:
+    return Rejected(
+        "too-deep",
+        "sequences nest too deep to parse (past ingest.max_sequence_depth)",
+    )
+
+
+@dataclass
+class _Prefix:
+    """The transfer syntax and where the data set starts, read before pydicom
+    reads the data set."""
+
+    start: int  # where the data set starts
+    syntax: str  # "" when the file meta names none
+
+
+def _prefix(fp: BinaryIO) -> _Prefix | None:
+    """The file meta's transfer syntax and end; None when pydicom cannot read
+    the file meta (dcmread, called next, says why in its own words).
+
+    Read by pydicom's own file meta reader, so that what is decided here
+    (inflate it ourselves, the encoding of the nesting walk) is what dcmread
+    would decide: a deflated object must never reach dcmread, which would
+    inflate it whole."""
+    head = fp.read(132)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise Rejected("not-dicom", _NOT_DICOM)
+    try:
+        syntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
+    except Exception:  # noqa: BLE001 - reported by dcmread
+        return None
+    return _Prefix(fp.tell(), syntax or "")
+
+
+def dataset_offset(fp: BinaryIO) -> int:
+    """Where the data set of a Part 10 object starts: after its preamble, its
+    'DICM' prefix and its File Meta Information group (0002,xxxx).
+
+    The bytes from there on are the data set as encoded in its transfer syntax
+    (still deflated for a deflated object): the same whoever wrote the file
+    meta, which a C-STORE receiver builds anew.  The ingest pipeline hashes
+    them to recognise one data set arriving by another path
+    (:mod:`archive.ingest`)."""
+    fp.seek(0)
+    prefix = _prefix(fp)
+    if prefix is None:
+        raise Rejected("malformed", "the file meta cannot be parsed")
+    return prefix.start
+
+
+def _file_meta(data: bytes | BinaryIO) -> tuple[bytes, FileMetaDataset]:
+    """The preamble and file meta as pydicom reads them."""
+    fp = io.BytesIO(data) if isinstance(data, bytes) else data
+    fp.seek(0)
+    preamble = fp.read(128)
+    fp.read(4)
+    try:
+        return preamble, _read_file_meta_info(fp)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
+        raise Rejected("malformed", f"the file meta cannot be parsed: {exc}") from None
+
+
+def _encoding(syntax: str) -> dict[str, bool]:
+    """How pydicom reads a data set in ``syntax``: anything but the two
+    uncompressed exceptions is explicit VR little endian."""
+    if syntax == ImplicitVRLittleEndian:
+        return {"little": True, "implicit": True}
+    if syntax == ExplicitVRBigEndian:
+        return {"little": False, "implicit": False}
+    return {"little": True, "implicit": False}
+
+
+def parse_header(data: bytes, limits: Limits | None = None) -> Header:
+    """Parse and validate an incoming DICOM Part 10 object (no pixel decoding)
+    within ``limits`` (default: the settings' defaults)."""
+    limits = limits or DEFAULT_LIMITS
+    prefix = _prefix(io.BytesIO(data))
+    if prefix is not None and prefix.syntax == DeflatedExplicitVRLittleEndian:
+        body = inflate(memory_chunks(data, prefix.start), limits.max_inflated_bytes)
+        return _parse_inflated(_file_meta(data), body, limits)
+    if prefix is not None and prefix.syntax:
+        check_nesting(
+            Source(data),
+            prefix.start,
+            len(data),
+            max_depth=limits.max_sequence_depth,
+            **_encoding(prefix.syntax),
+        )
+    return _parse_whole(_read(io.BytesIO(data)), data, limits)
+
+
+def _parse_inflated(meta: tuple[bytes, FileMetaDataset], body: bytes, limits: Limits) -> Header:
+    """A deflated object, from its inflated data set (offsets refer to it)."""
+    check_nesting(
+        Source(body), 0, len(body), little=True, implicit=False, max_depth=limits.max_sequence_depth
+    )
+    buffer = DicomBytesIO(body)
+    try:
+        dataset = read_dataset(buffer, is_implicit_VR=False, is_little_endian=True)
+    except RecursionError:
+        raise _too_deep() from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
+        raise Rejected("malformed", f"the DICOM object cannot be parsed: {exc}") from None
+    ds = FileDataset(buffer, dataset, meta[0], meta[1], False, True)
+    ds.set_original_encoding(False, True, dataset._character_set)
+    return _parse_whole(ds, body, limits)
+
+
+def _parse_whole(ds: FileDataset, data: bytes, limits: Limits) -> Header:
+    """The checks of an object whose data set is whole in memory (``data``:
+    the bytes pydicom read it from)."""
     ts = _meta_checks(ds)
     if (
         "PixelData" not in ds
@@ -151,28 +294,62 @@ def parse_header(data: bytes) -> Header:
             "truncated", "the image has Rows and Columns but no Pixel Data (truncated object?)"
         )
     try:
-        if ts != DeflatedExplicitVRLittleEndian:  # offsets refer to the inflated stream
-            _check_complete(len(data), ds)
+        _check_complete(len(data), ds)
     except Rejected:
         raise
     except Exception as exc:  # noqa: BLE001
         raise Rejected("malformed", f"the DICOM object cannot be parsed: {exc}") from None
-    return _header(ds, ts)
+    header = _header(ds, ts)
+    for tag in PIXEL_TAGS:
+        raw = ds.get_item(tag) if tag in ds else None
+        value_at = getattr(raw, "value_tell", None)
+        if raw is not None and value_at is not None:
+            image, _ = check_pixel_data(
+                ds,
+                Source(data),
+                PixelElement(tag, value_at, raw.length),
+                encapsulated=_encapsulated(ts),
+                little=_encoding(ts)["little"],
+                limits=limits,
+            )
+            header.decoded_bytes = image.decoded_bytes
+            break
+    return header
 
 
-def parse_header_file(fp: BinaryIO, size: int) -> Header:
+def _encapsulated(ts: str) -> bool | None:
+    """Whether pixel data in ``ts`` is encapsulated; None for a transfer
+    syntax pydicom does not know (private ones)."""
+    uid = UID(ts)
+    return uid.is_encapsulated if uid.is_transfer_syntax else None
+
+
+def parse_header_file(fp: BinaryIO, size: int, limits: Limits | None = None) -> Header:
     """Like :func:`parse_header` for an object in a file, read without its pixel
     data (objects of several GB: whole-slide images, long multi-frames).
 
-    The header is parsed by pydicom; the pixel data element is checked for
-    completeness from its framing alone (its length, or its fragment items).
+    The header is parsed by pydicom; the pixel data element is checked from
+    its framing alone (its length, or its fragment items), and the elements
+    after it are walked.
     """
+    limits = limits or DEFAULT_LIMITS
+    prefix = _prefix(fp)
+    if prefix is not None and prefix.syntax == DeflatedExplicitVRLittleEndian:
+        body = inflate(FileChunks(fp, prefix.start), limits.max_inflated_bytes)
+        return _parse_inflated(_file_meta(fp), body, limits)
+    src = Source(fp=fp, size=size)
+    if prefix is not None and prefix.syntax:
+        check_nesting(
+            src,
+            prefix.start,
+            size,
+            max_depth=limits.max_sequence_depth,
+            stop_at_pixels=True,
+            **_encoding(prefix.syntax),
+        )
+    fp.seek(0)
     ds = _read(fp, stop_before_pixels=True)
     ts = _meta_checks(ds)
-    if ts == DeflatedExplicitVRLittleEndian:
-        # offsets refer to the inflated stream; deflated objects are small: check fully
-        fp.seek(0)
-        return parse_header(fp.read())
     start = fp.tell()
     try:
         _check_complete(start, ds)  # the header ends where the pixel data (or file) starts
@@ -180,80 +357,40 @@ def parse_header_file(fp: BinaryIO, size: int) -> Header:
         raise
     except Exception as exc:  # noqa: BLE001
         raise Rejected("malformed", f"the DICOM object cannot be parsed: {exc}") from None
-    if start < size:
-        _check_pixel_framing(fp, start, size, UID(ts).is_little_endian)
-    elif "Rows" in ds and "Columns" in ds:
-        raise Rejected(
-            "truncated", "the image has Rows and Columns but no Pixel Data (truncated object?)"
-        )
-    return _header(ds, ts)
-
-
-def _check_pixel_framing(fp: BinaryIO, start: int, size: int, little: bool) -> None:
-    order = "<" if little else ">"
-
-    def read(at: int, count: int) -> bytes:
-        fp.seek(at)
-        chunk = fp.read(count)
-        if len(chunk) < count:
-            raise Rejected("truncated", f"the object is truncated at byte {at} of {size}")
-        return chunk
-
-    head = read(start, 8)
-    group, element = struct.unpack(order + "HH", head[:4])
-    # Some producers label explicit VR but write implicit (pydicom adapts too):
-    # trust the bytes, a VR is two letters.
-    implicit = not head[4:6].isalpha()
-    if implicit:
-        (length,) = struct.unpack(order + "I", head[4:8])
-        value = start + 8
-    else:
-        (length,) = struct.unpack(order + "I", read(start + 8, 4))
-        value = start + 12
-    if length != UNDEFINED_LENGTH:
-        end = value + length
-    else:  # encapsulated: Basic Offset Table and fragment items, then the delimiter
-        end = value
-        while True:
-            tag_group, tag_element, item_length = struct.unpack(order + "HHI", read(end, 8))
-            if (tag_group, tag_element) == (0xFFFE, 0xE0DD):
-                end += 8
-                break
-            if (tag_group, tag_element) != (0xFFFE, 0xE000):
-                raise Rejected(
-                    "malformed",
-                    f"unexpected element ({tag_group:04X},"
-                    f"{tag_element:04X}) inside encapsulated pixel data",
-                )
-            end += 8 + item_length
-    # elements after the pixel data (trailing padding, signatures) must fit exactly
-    long_vrs = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UC", b"UR", b"UT", b"UN"}
-    while end < size:
-        entry = read(end, 8)
-        if entry[4:6].isalpha():
-            if entry[4:6] in long_vrs:
-                (item_length,) = struct.unpack(order + "I", read(end + 8, 4))
-                value_at = end + 12
-            else:
-                (item_length,) = struct.unpack(order + "H", entry[6:8])
-                value_at = end + 8
-        else:
-            (item_length,) = struct.unpack(order + "I", entry[4:8])
-            value_at = end + 8
-        if item_length == UNDEFINED_LENGTH:
-            return  # a trailing sequence of undefined length: not walked
-        end = value_at + item_length
+    if start >= size:
+        if "Rows" in ds and "Columns" in ds:
+            raise Rejected(
+                "truncated", "the image has Rows and Columns but no Pixel Data (truncated object?)"
+            )
+        return _header(ds, ts)
+    little = UID(ts).is_little_endian if UID(ts).is_transfer_syntax else True
+    element = pixel_element_at(src, start, little)
+    if element.tag not in PIXEL_TAGS:
+        raise Rejected("malformed", f"unparseable bytes at byte {start} of {size}")
+    header = _header(ds, ts)
+    image, end = check_pixel_data(
+        ds, src, element, encapsulated=_encapsulated(ts), little=little, limits=limits
+    )
+    header.decoded_bytes = image.decoded_bytes
+    if end < size:  # elements after the pixel data (trailing padding, signatures)
+        end = check_nesting(src, end, size, max_depth=limits.max_sequence_depth, **_encoding(ts))
     if end != size:
         raise Rejected(
             "truncated",
-            f"the object is truncated: pixel data ({group:04X},{element:04X}) or what "
-            f"follows it ends at byte {end}, the object has {size}",
+            f"the object is truncated: pixel data ({element.tag >> 16:04X},"
+            f"{element.tag & 0xFFFF:04X}) or what follows it ends at byte {end}, "
+            f"the object has {size}",
         )
+    return header
 
 
 def _meta_checks(ds: FileDataset) -> str:
     meta = ds.file_meta
-    if str(meta.get("MediaStorageSOPClassUID", "")) == MediaStorageDirectoryStorage:
+    try:
+        media_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
+    except Exception:  # noqa: BLE001 - only the DICOMDIR class matters here
+        media_class = ""
+    if media_class == MediaStorageDirectoryStorage:
         raise Rejected(
             "dicomdir",
             "a DICOMDIR (media directory index), not an instance: import the files it lists",
@@ -270,7 +407,15 @@ def _header(ds: FileDataset, ts: str) -> Header:
         study_uid=_uid(ds, "StudyInstanceUID"),
         series_uid=_uid(ds, "SeriesInstanceUID"),
     )
-    meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
+    for keyword in _PIPELINE_READS:  # converted now, so that no later step trips on them
+        try:
+            ds.get(keyword)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad values
+            raise Rejected("malformed", f"{keyword} cannot be read: {exc}") from None
+    try:
+        meta_sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - the dataset's SOPInstanceUID is authoritative
+        meta_sop = ""
     if meta_sop and meta_sop != header.sop_instance_uid:
         # The dataset is authoritative; the object is stored as received.
         log.warning(
@@ -278,6 +423,31 @@ def _header(ds: FileDataset, ts: str) -> Header:
             extra={"sop_instance_uid": header.sop_instance_uid, "meta_sop_instance_uid": meta_sop},
         )
     return header
+
+
+#: attributes the pipeline reads after the parse: the identity plugin's and the index's
+_PIPELINE_READS = (
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "InstitutionName",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "InstanceNumber",
+    "NumberOfFrames",
+)
 
 
 def index_fields(ds: Dataset) -> dict:

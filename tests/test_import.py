@@ -29,6 +29,7 @@ EXPECTED_REJECTIONS = {
     "rtstruct.dcm": "not-dicom",
     "OT-PAL-8-face.dcm": "not-dicom",
     "emri_small_jpeg_2k_lossless_too_short.dcm": "not-dicom",
+    "badVR.dcm": "inconsistent-pixel-data",  # pixel data shorter than its attributes say
     "JPEGLSNearLossless_08.dcm": "missing-attribute",  # no StudyInstanceUID
     "JPEGLSNearLossless_16.dcm": "missing-attribute",
     "SC_rgb_jls_lossy_line.dcm": "missing-attribute",
