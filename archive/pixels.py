@@ -19,6 +19,14 @@ below to its own status codes.
 * :func:`parse_window`, :func:`parse_viewport`: the WADO-RS ``window`` and
   ``viewport`` query parameters (PS3.18 8.3.5.1).
 
+Each function takes a dataset, or an :class:`ImageFile`: a stored object's
+header plus its seekable file, from which one frame at a time is read, so
+serving frame 3 of a 2 GB multi-frame never loads the other frames.
+``max_bytes`` bounds what decoding a frame may build in memory
+(:class:`TooLarge`, checked from the header before anything is decoded).
+Pixel data that does not match the image attributes is
+:class:`InconsistentPixelData`: the stored object's fault, not the request's.
+
 Frame numbers are 1-based everywhere, as in the WADO-RS URLs.
 """
 
@@ -26,13 +34,14 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames, get_frame
+from pydicom.encaps import encapsulate, generate_frames, get_frame
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
@@ -42,13 +51,21 @@ from pydicom.pixels import (
     convert_color_space,
     get_decoder,
 )
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 __all__ = [
     "MEDIA_TYPES",
     "DecodeError",
     "FrameError",
+    "ImageFile",
+    "InconsistentPixelData",
     "RenderError",
+    "TooLarge",
     "Viewport",
     "Window",
     "decoded_frame",
@@ -76,6 +93,20 @@ class FrameError(ValueError):
 
     A ValueError so the HTTP layer can answer 400/404 without importing pydicom.
     """
+
+
+class InconsistentPixelData(FrameError):
+    """Pixel data that does not match the image attributes (shorter than
+    Rows x Columns x Samples x Bits x Frames, fewer encapsulated frames than
+    Number of Frames...): the stored object is at fault, whatever is asked."""
+
+
+class TooLarge(ValueError):
+    """Decoding would build more than the caller allows (``max_bytes``)."""
+
+    def __init__(self, what: str, needed: int, limit: int) -> None:
+        super().__init__(f"{what} needs {needed} bytes in memory, over the limit of {limit}")
+        self.what, self.needed, self.limit = what, needed, limit
 
 
 class RenderError(ValueError):
@@ -112,13 +143,197 @@ class Viewport(NamedTuple):
     sh: int | None = None
 
 
+# --------------------------------------------------------------------------- stored files
+
+#: pixel data elements by tag
+PIXEL_KEYWORDS = {
+    0x7FE00010: "PixelData",
+    0x7FE00008: "FloatPixelData",
+    0x7FE00009: "DoubleFloatPixelData",
+}
+_UNDEFINED = 0xFFFFFFFF
+
+
+class ImageFile:
+    """A stored instance opened for frame access: ``header`` (the dataset up
+    to its pixel data, which is not read) and a seekable ``file`` whose pixel
+    data element starts at ``pixel_at`` (None: the object has none).  Frames
+    are read from the file one at a time; nothing here closes the file."""
+
+    def __init__(self, header: Dataset, file: BinaryIO, pixel_at: int | None) -> None:
+        self.header = header
+        self.file = file
+        syntax = _transfer_syntax(header)
+        # a deflated object is given inflated (archive.retrieve.open_header)
+        self.syntax = ExplicitVRLittleEndian if syntax == DeflatedExplicitVRLittleEndian else syntax
+        self.keyword: str | None = None
+        self.vr = ""
+        self.value_at = self.length = 0
+        if pixel_at is None:
+            return
+        file.seek(0, io.SEEK_END)
+        self.size = file.tell()
+        file.seek(pixel_at)
+        raw = file.read(12)
+        order = "<" if self.syntax.is_little_endian else ">"
+        if len(raw) < 8:
+            raise InconsistentPixelData(f"the pixel data element is truncated at byte {pixel_at}")
+        group, element = struct.unpack(order + "HH", raw[:4])
+        self.keyword = PIXEL_KEYWORDS.get(group << 16 | element)
+        if self.keyword is None:
+            raise InconsistentPixelData(f"no pixel data element at byte {pixel_at}")
+        if not raw[4:6].isalpha():  # implicit VR (or mislabelled as explicit)
+            (self.length,) = struct.unpack(order + "I", raw[4:8])
+            self.value_at = pixel_at + 8
+            bits = int(header.get("BitsAllocated") or 8)
+            self.vr = "OB" if self.syntax.is_encapsulated or bits <= 8 else "OW"
+        else:
+            if len(raw) < 12:
+                raise InconsistentPixelData("the pixel data element is truncated")
+            self.vr = raw[4:6].decode("ascii")
+            (self.length,) = struct.unpack(order + "I", raw[8:12])
+            self.value_at = pixel_at + 12
+        if self.length != _UNDEFINED and self.value_at + self.length > self.size:
+            raise InconsistentPixelData(
+                f"the pixel data is truncated: it declares {self.length} bytes, "
+                f"the object holds {self.size - self.value_at}"
+            )
+
+    def _pixel_keyword(self) -> str:
+        if self.keyword is None:
+            raise FrameError("the instance has no pixel data")
+        return self.keyword
+
+    def frame_bytes(self, index: int) -> bytes:
+        """Frame ``index`` (1-based) as :func:`get_frame_bytes` returns it."""
+        n = _check_frame(self, index)
+        keyword = self._pixel_keyword()
+        if self.syntax.is_encapsulated:
+            if self.length != _UNDEFINED:
+                raise InconsistentPixelData(
+                    "compressed pixel data must be encapsulated (undefined length), "
+                    f"this has a length of {self.length}"
+                )
+            self.file.seek(self.value_at)
+            try:
+                return get_frame(
+                    self.file,
+                    int(index) - 1,
+                    number_of_frames=n,
+                    extended_offsets=_extended_offsets(self.header),
+                )
+            except (ValueError, IndexError, EOFError, struct.error) as exc:
+                raise InconsistentPixelData(
+                    f"frame {index} cannot be read from the pixel data: {exc}"
+                ) from exc
+        frame_bits = _native_frame_bits(self.header, keyword)
+        needed = math.ceil(frame_bits * n / 8)
+        if self.length == _UNDEFINED or self.length < needed:
+            have = "undefined" if self.length == _UNDEFINED else str(self.length)
+            raise InconsistentPixelData(
+                f"pixel data is truncated: {have} bytes for {n} frame(s) of "
+                f"{frame_bits} bits ({needed} bytes expected from Rows x Columns x "
+                "Samples per Pixel x Bits Allocated x Number of Frames)"
+            )
+        start = (int(index) - 1) * frame_bits
+        first, last = start // 8, math.ceil((start + frame_bits) / 8)
+        data = self._little_endian(first, last)
+        if frame_bits % 8 == 0:
+            return data
+        bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+        offset = start - first * 8
+        return np.packbits(bits[offset : offset + frame_bits], bitorder="little").tobytes()
+
+    def _little_endian(self, first: int, last: int) -> bytes:
+        """Bytes ``first:last`` of the pixel data value, little endian."""
+        width = _swap_width(self.header, self._pixel_keyword(), self.vr)
+        if width == 0:
+            self.file.seek(self.value_at + first)
+            return self.file.read(last - first)
+        start = first - first % width
+        stop = min(math.ceil(last / width) * width, self.length)
+        self.file.seek(self.value_at + start)
+        chunk = to_little_endian(self.file.read(stop - start), width)
+        return chunk[first - start : last - start]
+
+    def decode(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Frame ``index`` decoded from that frame's bytes alone: the array
+        and pydicom's decoding metadata (photometric interpretation after
+        decoding...)."""
+        frame = self.frame_bytes(index)
+        opts = as_pixel_options(self.header, number_of_frames=1)
+        opts.pop("extended_offsets", None)
+        if self.syntax.is_encapsulated:
+            source, syntax = encapsulate([frame]), self.syntax
+        else:  # frame_bytes made it little endian, starting at bit 0
+            source, syntax = frame, ExplicitVRLittleEndian
+            float_vr = {"FloatPixelData": "OF", "DoubleFloatPixelData": "OD"}
+            wide = int(self.header.get("BitsAllocated") or 8) > 8
+            opts["pixel_vr"] = float_vr.get(self._pixel_keyword(), "OW" if wide else "OB")
+        opts["transfer_syntax_uid"] = syntax
+        opts["pixel_keyword"] = self._pixel_keyword()
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError as exc:
+            raise DecodeError(f"no pixel data decoder for {syntax.name} ({syntax})") from exc
+        try:
+            return decoder.as_array(source, index=0, validate=True, **opts)
+        except (RuntimeError, ValueError, AttributeError, KeyError, TypeError) as exc:
+            raise DecodeError(f"cannot decode frame {index} ({syntax.name}): {exc}") from exc
+
+    def value_chunks(self, size: int = 1 << 20) -> Iterator[bytes]:
+        """The pixel data value as stored (encapsulated items included), in
+        chunks, little endian for native data (the bulk data resource)."""
+        self._pixel_keyword()
+        if self.length == _UNDEFINED:  # encapsulated: up to the sequence delimiter
+            end = self._encapsulated_end()
+        else:
+            end = self.value_at + self.length
+        width = (
+            0 if self.syntax.is_encapsulated else _swap_width(self.header, self.keyword, self.vr)
+        )
+        size -= size % 8
+        at = self.value_at
+        while at < end:
+            self.file.seek(at)
+            chunk = self.file.read(min(size, end - at))
+            if not chunk:
+                break
+            at += len(chunk)
+            yield to_little_endian(chunk, width)
+
+    def _encapsulated_end(self) -> int:
+        at = self.value_at
+        while True:
+            self.file.seek(at)
+            raw = self.file.read(8)
+            if len(raw) < 8:
+                raise InconsistentPixelData("encapsulated pixel data has no sequence delimiter")
+            group, element, length = struct.unpack("<HHI", raw)
+            at += 8
+            if (group, element) == (0xFFFE, 0xE0DD):
+                return at
+            if (group, element) != (0xFFFE, 0xE000) or length == _UNDEFINED:
+                raise InconsistentPixelData(
+                    f"unexpected element ({group:04X},{element:04X}) in encapsulated pixel data"
+                )
+            at += length
+
+
+Source = Dataset | ImageFile
+
+
+def _dataset(src: Source) -> Dataset:
+    return src.header if isinstance(src, ImageFile) else src
+
+
 # --------------------------------------------------------------------------- frames
 
 
-def frame_count(ds: Dataset) -> int:
+def frame_count(ds: Source) -> int:
     """Number of frames: *Number of Frames*, or 1 when absent, empty or < 1
     (single-frame IODs do not carry the attribute at all)."""
-    value = ds.get("NumberOfFrames")
+    value = _dataset(ds).get("NumberOfFrames")
     try:
         n = int(value) if value not in (None, "") else 1
     except (TypeError, ValueError) as exc:
@@ -126,7 +341,7 @@ def frame_count(ds: Dataset) -> int:
     return max(n, 1)
 
 
-def _check_frame(ds: Dataset, index: int) -> int:
+def _check_frame(ds: Source, index: int) -> int:
     """Validate a 1-based frame number; return the number of frames."""
     n = frame_count(ds)
     if isinstance(index, bool) or not isinstance(index, int | np.integer):
@@ -165,7 +380,7 @@ def _extended_offsets(ds: Dataset) -> tuple[bytes, bytes] | None:
     return None
 
 
-def _swap_width(ds: Dataset, keyword: str) -> int:
+def _swap_width(ds: Dataset, keyword: str, vr: str = "") -> int:
     """How many bytes to swap per unit to turn stored data little endian: 0
     for little endian data; the sample size for 16/32/64-bit big endian data;
     2 for 8-bit big endian data encoded as OW (pairwise, as pydicom's decoder
@@ -178,10 +393,11 @@ def _swap_width(ds: Dataset, keyword: str) -> int:
     bits = bits or int(ds.get("BitsAllocated") or 8)
     if bits > 8:
         return bits // 8
-    return 2 if bits == 8 and ds[keyword].VR == "OW" else 0
+    return 2 if bits == 8 and (vr or ds[keyword].VR) == "OW" else 0
 
 
-def _to_little_endian(data: bytes, width: int) -> bytes:
+def to_little_endian(data: bytes, width: int) -> bytes:
+    """``data`` with each ``width``-byte word byte-swapped (0: unchanged)."""
     if width == 0:
         return data
     usable = len(data) - len(data) % width
@@ -200,9 +416,9 @@ def _native_frames(ds: Dataset, keyword: str, indices: range) -> Iterator[bytes]
     if width == 2 and frame_bits % 16:
         # 8-bit OW frames of odd length straddle swapped pairs: swap it all
         padded = bytes(data) + b"\0" * (len(data) % 2)
-        data, width = _to_little_endian(padded, 2)[: len(data)], 0
+        data, width = to_little_endian(padded, 2)[: len(data)], 0
     for i in indices:
-        yield _to_little_endian(_native_frame(data, frame_bits, i, n), width)
+        yield to_little_endian(_native_frame(data, frame_bits, i, n), width)
 
 
 def _native_frame_bits(ds: Dataset, keyword: str) -> int:
@@ -229,7 +445,7 @@ def _native_frame(data: bytes, frame_bits: int, index0: int, n: int) -> bytes:
     """
     needed = math.ceil(frame_bits * n / 8)
     if len(data) < needed:
-        raise FrameError(
+        raise InconsistentPixelData(
             f"pixel data is truncated: {len(data)} bytes for {n} frame(s) of "
             f"{frame_bits} bits ({needed} bytes expected)"
         )
@@ -272,7 +488,7 @@ def iter_frames_raw(ds: Dataset) -> Iterator[bytes]:
     yield from _native_frames(ds, keyword, range(n))
 
 
-def get_frame_bytes(ds: Dataset, index: int) -> bytes:
+def get_frame_bytes(ds: Source, index: int) -> bytes:
     """The bytes of frame ``index`` (1-based), without decoding.
 
     Encapsulated transfer syntaxes: the compressed frame exactly as stored
@@ -281,8 +497,11 @@ def get_frame_bytes(ds: Dataset, index: int) -> bytes:
     JPEG end-of-image markers (pydicom.encaps). Native transfer syntaxes: the
     frame's slice of *Pixel Data* (Rows x Columns x SamplesPerPixel x
     BitsAllocated / 8 bytes, bit-exact for 1-bit data), little endian.
-    Raises :class:`FrameError` for a frame number out of range.
+    Raises :class:`FrameError` for a frame number out of range,
+    :class:`InconsistentPixelData` when the data do not hold that frame.
     """
+    if isinstance(ds, ImageFile):
+        return ds.frame_bytes(index)
     n = _check_frame(ds, index)
     keyword = _pixel_element(ds)
     if _transfer_syntax(ds).is_encapsulated:
@@ -294,19 +513,52 @@ def get_frame_bytes(ds: Dataset, index: int) -> bytes:
                 extended_offsets=_extended_offsets(ds),
             )
         except (ValueError, IndexError) as exc:
-            raise FrameError(f"frame {index} cannot be read from the pixel data: {exc}") from exc
+            raise InconsistentPixelData(
+                f"frame {index} cannot be read from the pixel data: {exc}"
+            ) from exc
     return next(_native_frames(ds, keyword, range(int(index) - 1, int(index))))
 
 
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode(ds: Dataset, index: int) -> tuple[np.ndarray, str]:
+def _frame_bytes_decoded(ds: Dataset, per_sample: int | None = None) -> tuple[int, str]:
+    """Bytes one decoded frame takes (``per_sample`` bytes per sample, else
+    the allocated size), and a description, from the header alone."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.get("BitsAllocated") or 8)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InconsistentPixelData(f"incomplete Image Pixel module: {exc}") from exc
+    size = per_sample or max(math.ceil(bits / 8), 1)
+    return rows * columns * samples * size, f"a {columns} x {rows} x {samples} frame"
+
+
+def _check_size(ds: Dataset, max_bytes: int | None, per_sample: int | None = None) -> None:
+    if max_bytes is None:
+        return
+    needed, what = _frame_bytes_decoded(ds, per_sample)
+    if needed > max_bytes:
+        raise TooLarge(what, needed, max_bytes)
+
+
+def _decode(ds: Source, index: int, max_bytes: int | None = None) -> tuple[np.ndarray, str]:
     """Decode frame ``index`` (1-based); return the array and its photometric
     interpretation *after* decoding (JPEG and JPEG 2000 decoders convert
     YBR_FULL_422 / YBR_ICT / YBR_RCT to RGB themselves, so the dataset's value
     is not what the array holds)."""
     _check_frame(ds, index)
+    _check_size(_dataset(ds), max_bytes)
+    if isinstance(ds, ImageFile):
+        arr, meta = ds.decode(index)
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        header = ds.header
+        photometric = str(
+            meta.get("photometric_interpretation") or header.PhotometricInterpretation
+        )
+        return arr, photometric
     _pixel_element(ds)
     tsyntax = _transfer_syntax(ds)
     try:
@@ -325,12 +577,13 @@ def _decode(ds: Dataset, index: int) -> tuple[np.ndarray, str]:
     return arr, photometric
 
 
-def decoded_frame(ds: Dataset, index: int = 1) -> np.ndarray:
+def decoded_frame(ds: Source, index: int = 1, *, max_bytes: int | None = None) -> np.ndarray:
     """Frame ``index`` (1-based) as pydicom decodes it, in native byte order:
     shape (rows, columns) or (rows, columns, samples); colour JPEG data comes
     back as RGB (pydicom's default ``as_rgb``). Raises :class:`FrameError` for
-    a bad frame number and :class:`DecodeError` when no plugin can decode it."""
-    return _decode(ds, index)[0]
+    a bad frame number, :class:`DecodeError` when no plugin can decode it and
+    :class:`TooLarge` when the decoded frame would exceed ``max_bytes``."""
+    return _decode(ds, index, max_bytes)[0]
 
 
 # --------------------------------------------------------------------------- grayscale pipeline
@@ -537,13 +790,18 @@ def _fit(width: int, height: int, box_w: int, box_h: int, upscale: bool) -> tupl
 # --------------------------------------------------------------------------- rendering
 
 
+#: bytes per sample of the rendering pipeline's working copy (float64 values)
+RENDER_BYTES_PER_SAMPLE = 8
+
+
 def render_image(
-    ds: Dataset,
+    src: Source,
     frame: int = 1,
     *,
     window: tuple | None = None,
     viewport: tuple | None = None,
     upscale: bool = False,
+    max_bytes: int | None = None,
 ) -> Image.Image:
     """Frame ``frame`` as an 8-bit Pillow image: mode ``L`` for grayscale,
     ``RGB`` for colour. See :func:`render` for the parameters; this is the
@@ -551,7 +809,10 @@ def render_image(
     vp = _as_viewport(viewport) if viewport is not None else None
     if window is not None:
         _as_window(window)  # reject bad parameters before the (costly) decode
-    arr, photometric = _decode(ds, frame)
+    ds = _dataset(src)
+    _check_frame(src, frame)
+    _check_size(ds, max_bytes, RENDER_BYTES_PER_SAMPLE)
+    arr, photometric = _decode(src, frame)
     samples = int(ds.get("SamplesPerPixel", 1))
     if photometric in ("MONOCHROME1", "MONOCHROME2") and samples == 1 and arr.ndim == 2:
         pixels = _grayscale_to_8bit(ds, arr, photometric, int(frame) - 1, window)
@@ -592,7 +853,7 @@ def _encode(image: Image.Image, media_type: str, quality: int) -> bytes:
 
 
 def render(
-    ds: Dataset,
+    ds: Source,
     frame: int = 1,
     *,
     media_type: str = "image/jpeg",
@@ -600,6 +861,7 @@ def render(
     viewport: tuple | None = None,
     quality: int = 90,
     upscale: bool = False,
+    max_bytes: int | None = None,
 ) -> bytes:
     """A consumer image of one frame, as WADO-RS ``/rendered`` and WADO-URI
     ``contentType=image/jpeg`` return (PS3.18 8.3.5 and 9.5.2.x).
@@ -618,18 +880,30 @@ def render(
     costs bandwidth). ``media_type``: ``image/jpeg`` (``quality`` 1..100),
     ``image/png`` or ``image/gif``; parameters after ``;`` are ignored.
 
+    ``max_bytes`` bounds the pipeline's working copy of the frame (Rows x
+    Columns x Samples x 8 bytes): a bigger frame raises :class:`TooLarge`
+    before it is decoded.
+
     Raises :class:`RenderError` (bad media type or parameter, unrenderable
-    image), :class:`FrameError` (bad frame number), :class:`DecodeError`.
+    image), :class:`FrameError` (bad frame number), :class:`DecodeError`,
+    :class:`InconsistentPixelData`, :class:`TooLarge`.
     """
     mt = _normalise_media_type(media_type)
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise RenderError(f"quality must be an integer in 1..100, not {quality!r}")
-    image = render_image(ds, frame, window=window, viewport=viewport, upscale=upscale)
+    image = render_image(
+        ds, frame, window=window, viewport=viewport, upscale=upscale, max_bytes=max_bytes
+    )
     return _encode(image, mt, quality)
 
 
 def thumbnail(
-    ds: Dataset, *, size: int = 128, media_type: str = "image/jpeg", quality: int = 85
+    ds: Source,
+    *,
+    size: int = 128,
+    media_type: str = "image/jpeg",
+    quality: int = 85,
+    max_bytes: int | None = None,
 ) -> bytes:
     """The middle frame, rendered with the stored window and fitted into
     ``size`` x ``size`` (never enlarged): what WADO-RS ``/thumbnail`` and the
@@ -638,7 +912,14 @@ def thumbnail(
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise RenderError(f"thumbnail size must be a positive integer, not {size!r}")
     middle = (frame_count(ds) + 1) // 2
-    return render(ds, middle, media_type=media_type, viewport=(size, size), quality=quality)
+    return render(
+        ds,
+        middle,
+        media_type=media_type,
+        viewport=(size, size),
+        quality=quality,
+        max_bytes=max_bytes,
+    )
 
 
 # --------------------------------------------------------------------------- query parameters

@@ -85,17 +85,40 @@ def _keyword(name: str) -> str:
     return name
 
 
+#: the largest value an integer query parameter may have: a 32-bit signed
+#: integer, what every SQL engine's integer column and parameter holds (a
+#: bigger one overflowed in the index and was a 500)
+MAX_INT = 2**31 - 1
+
+
 def _int_param(params: Any, name: str, default: int, maximum: int | None = None) -> int:
+    """A non-negative integer parameter (0..MAX_INT, else 400); values above
+    ``maximum`` are lowered to it (PS3.18: the server may return fewer)."""
     raw = params.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = int(raw.strip()) if len(raw) <= 20 else None
     except ValueError:
-        raise BadRequest(f"{name} must be a non-negative integer, not {raw!r}") from None
-    if value < 0:
-        raise BadRequest(f"{name} must be a non-negative integer, not {raw!r}")
+        value = None
+    if value is None or not 0 <= value <= MAX_INT:
+        raise BadRequest(f"{name} must be an integer from 0 to {MAX_INT}, not {raw[:40]!r}")
     return min(value, maximum) if maximum is not None else value
+
+
+def _check_integer_value(keyword: str, value: str) -> None:
+    """An IS matching value must be an integer a DICOM IS can hold
+    (PS3.5 6.2: -2^31 to 2^31-1), else 400: a bigger one overflowed in SQL."""
+    for part in value.split("\\"):
+        text = part.strip()
+        try:
+            number = int(text) if len(text) <= 12 else None
+        except ValueError:
+            continue  # not a number at all: the query model says so
+        if number is None or not -(2**31) <= number <= MAX_INT:
+            raise BadRequest(
+                f"{keyword} must be an integer from {-(2**31)} to {MAX_INT}, not {text[:40]!r}"
+            )
 
 
 def build_query(level: str, params: Any, path_keys: dict[str, str]) -> tuple[Query, list[str]]:
@@ -123,6 +146,8 @@ def build_query(level: str, params: Any, path_keys: dict[str, str]) -> tuple[Que
                 f"{keyword} is a {attr.level.lower()}-level attribute; it cannot "
                 f"be searched at the {level.lower()} level"
             )
+        if attr.vr == "IS":
+            _check_integer_value(keyword, value)
         if attr.vr in _LIST_VRS:
             value = value.replace(",", "\\")
         if keyword in keys and keys[keyword] != value:
@@ -189,9 +214,8 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
         cut = len(rows) > limit
         rows = rows[:limit]
         audit_of(request).detail["results"] = len(rows)
-        if not rows and "StudyInstanceUID" in path_keys:
-            study = {"StudyInstanceUID": path_keys["StudyInstanceUID"]}
-            await deny_if_hidden(request, archive.db, "STUDY", study)
+        if not rows:  # a look-up by UID of a study outside the scope is audited as denied
+            await deny_if_hidden(request, archive.db, None, query.keys)
         base = public_base(request) + request.app["prefix"]
         body = to_json(rows, fields, base, level)
         headers = {}

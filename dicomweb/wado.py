@@ -1,31 +1,50 @@
-"""WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data.
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames, bulk data, rendered.
 
-Instances are streamed as ``multipart/related; type="application/dicom"``,
-part by part, straight from the object store when no conversion is needed
-(objects over 2 GB included), so no study is ever held whole in memory.
+Nothing a request can multiply is built whole in memory: every multipart
+answer (instances of a study, frames, rendered instances, bulk data) is
+streamed part by part, and each part is read from the stored object alone
+(one frame of a multi-frame is read from the object, not the whole pixel
+data), so memory is bounded by one part whatever the count.  What has to be
+built (a rendered or decoded frame, an instance converted to another transfer
+syntax) is checked from the header against ``dicomweb.max_built_bytes``
+before it is built; a frames request lists at most
+``dicomweb.max_frames_per_request`` frame numbers.
+
+A stored object that cannot give what is asked (pixel data that does not
+match its image attributes, undecodable data, a header that cannot be parsed)
+is answered 422 with a problem naming the instance and the reason: the
+request was fine and a retry will not help, so it is neither a 400 nor a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack, asynccontextmanager
+from typing import Any
 
 from aiohttp import web
-from pydicom.dataset import FileDataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from archive import metadata as meta
 from archive import pixels
 from archive.query import QueryError
-from archive.retrieve import StoredObject, locate, read
+from archive.retrieve import StoredObject, UnreadableObject, locate, open_header
 from archive.runtime import Archive
-from archive.security.http import deny_if_hidden, require, scope_of
+from archive.security.http import audit_of, deny_if_hidden, require, scope_of
 from archive.server import ARCHIVE, problem, public_base
-from archive.transcode import convert_for, encode_as, producible
+from archive.transcode import encode_as, producible
 from dicomweb.accept import NotAcceptable, dicom_transfer_syntax, parse_accept, wants
 
+log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+UNPROCESSABLE = "Unprocessable Content"
+#: the most Warning headers one answer carries (the rest are counted)
+MAX_WARNINGS = 10
+#: instances tried for a series' or study's thumbnail before giving up
+THUMBNAIL_TRIES = 5
 
 
 def _keys(request: web.Request) -> tuple[str, dict[str, str]]:
@@ -55,6 +74,123 @@ def base_url(request: web.Request) -> str:
     return public_base(request) + request.app["prefix"]
 
 
+def _built_limit(request: web.Request) -> int:
+    return request.app[ARCHIVE].config["dicomweb.max_built_bytes"]
+
+
+def _header_limits(request: web.Request) -> dict[str, int]:
+    config = request.app[ARCHIVE].config
+    return {
+        "max_depth": config["dicomweb.max_metadata_depth"],
+        "max_inflated": config["ingest.max_inflated_bytes"],
+    }
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _too_large(exc: pixels.TooLarge, advice: str) -> web.Response:
+    return problem(
+        422,
+        UNPROCESSABLE,
+        f"{exc.what} needs {exc.needed} bytes to build, over dicomweb.max_built_bytes "
+        f"({exc.limit}); {advice}",
+    )
+
+
+def _unprocessable(item: StoredObject, exc: Exception, doing: str) -> web.Response:
+    """The stored instance cannot give what is asked: its own fault, 422."""
+    return problem(
+        422,
+        UNPROCESSABLE,
+        f"instance {item.sop_instance_uid} cannot be {doing}: {exc}; it can still be "
+        "retrieved as stored (transfer-syntax=*)",
+    )
+
+
+#: errors that are properties of the stored object, not of the request
+OBJECT_ERRORS = (pixels.InconsistentPixelData, pixels.DecodeError, UnreadableObject)
+
+
+def refusal(item: StoredObject, exc: Exception, doing: str) -> web.Response:
+    """The problem answer for an exception raised while building a part."""
+    if isinstance(exc, pixels.TooLarge):
+        return _too_large(exc, "ask for it as stored (transfer-syntax=*), or a smaller frame")
+    if isinstance(exc, OBJECT_ERRORS):
+        return _unprocessable(item, exc, doing)
+    return problem(400, "Bad Request", str(exc))  # FrameError, RenderError, QueryError
+
+
+@asynccontextmanager
+async def open_image(request: web.Request, item: StoredObject) -> AsyncIterator[pixels.ImageFile]:
+    """The stored instance opened for frame access (its header parsed, its
+    pixel data left in the object), closed at the end of the block."""
+    archive = request.app[ARCHIVE]
+    stack = ExitStack()
+    try:
+        header = await asyncio.to_thread(
+            stack.enter_context, open_header(archive.store, item, **_header_limits(request))
+        )
+        yield await asyncio.to_thread(
+            pixels.ImageFile, header.dataset, header.file, header.pixel_at
+        )
+    finally:
+        await asyncio.to_thread(stack.close)
+
+
+# --------------------------------------------------------------------------- multipart
+
+
+class _Parts:
+    """A multipart/related answer written part by part as it is produced."""
+
+    def __init__(self, request: web.Request, part_type: str) -> None:
+        self.request = request
+        self.boundary = secrets.token_hex(16)
+        self.response = web.StreamResponse(
+            headers={
+                "Content-Type": f'multipart/related; type="{part_type}"; boundary={self.boundary}'
+            }
+        )
+
+    async def start(self) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+
+    async def part(self, content_type: str, data: bytes = b"", location: str = "") -> None:
+        await self.start()
+        head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
+        if location:
+            head += f"Content-Location: {location}\r\n"
+        await self.response.write((head + "\r\n").encode() + data)
+
+    async def write(self, data: bytes) -> None:
+        await self.response.write(data)
+
+    async def end_part(self) -> None:
+        await self.response.write(b"\r\n")
+
+    async def finish(self) -> web.StreamResponse:
+        await self.start()
+        await self.response.write(f"--{self.boundary}--\r\n".encode())
+        await self.response.write_eof()
+        return self.response
+
+    def abort(self, what: str, exc: BaseException) -> web.StreamResponse:
+        """A part failed after the status was sent: cut the connection, so the
+        client sees an incomplete answer rather than a complete wrong one."""
+        log.warning(
+            "streamed answer aborted",
+            extra={"path": self.request.path, "what": what, "error": str(exc)},
+        )
+        if self.request.transport is not None:
+            self.request.transport.close()
+        return self.response
+
+
+# --------------------------------------------------------------------------- retrieve
+
+
 async def _chunks(archive: Archive, item: StoredObject, target: str) -> AsyncIterator[bytes]:
     """The object's bytes in ``target`` syntax, streamed when unconverted."""
     if target in ("*", item.transfer_syntax):
@@ -67,6 +203,56 @@ async def _chunks(archive: Archive, item: StoredObject, target: str) -> AsyncIte
         return
     data = await asyncio.to_thread(archive.store.get, item.object_key)
     yield await asyncio.to_thread(encode_as, data, target)
+
+
+def conversion_size(store: Any, item: StoredObject, limits: dict[str, int]) -> int:
+    """What converting ``item`` builds: its decoded size (all frames), from
+    its header; raises UnreadableObject when that cannot be known."""
+    with open_header(store, item, **limits) as header:
+        if header.dropped:
+            raise UnreadableObject(
+                f"its sequences {', '.join(header.dropped)} nest too deeply to be re-encoded"
+            )
+        ds = header.dataset
+        if header.pixel_at is None or "Rows" not in ds:
+            return item.size
+        try:
+            frame = (
+                int(ds.Rows)
+                * int(ds.Columns)
+                * int(ds.get("SamplesPerPixel") or 1)
+                * max(int(ds.get("BitsAllocated") or 8) // 8, 1)
+            )
+            frames = max(int(ds.get("NumberOfFrames") or 1), 1)
+        except (TypeError, ValueError) as exc:
+            raise UnreadableObject(f"its Image Pixel module is unreadable: {exc}") from None
+        return max(frame * frames, item.size)
+
+
+async def check_conversions(
+    request: web.Request, items: list[StoredObject], target: str
+) -> web.Response | None:
+    """Before a byte is sent: every instance that must be converted to
+    ``target`` can be within ``dicomweb.max_built_bytes``; else the problem."""
+    archive = request.app[ARCHIVE]
+    limit = _built_limit(request)
+    limits = _header_limits(request)
+    for item in items:
+        if target in ("*", item.transfer_syntax):
+            continue
+        try:
+            size = await asyncio.to_thread(conversion_size, archive.store, item, limits)
+        except UnreadableObject as exc:
+            return _unprocessable(item, exc, f"converted to {UID(target).name}")
+        if size > limit:
+            return problem(
+                422,
+                UNPROCESSABLE,
+                f"instance {item.sop_instance_uid} is {size} bytes decoded: converting it to "
+                f"{UID(target).name} would build more than dicomweb.max_built_bytes ({limit}); "
+                "retrieve it as stored (transfer-syntax=*)",
+            )
+    return None
 
 
 @require("studies.read", "wado.retrieve")
@@ -83,32 +269,56 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         target = dicom_transfer_syntax(request.headers.get("Accept"), can, stored)
     except NotAcceptable as exc:
         return problem(406, "Not Acceptable", str(exc))
-    boundary = secrets.token_hex(16)
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
-        }
-    )
-    await response.prepare(request)
+    refused = await check_conversions(request, items, target)
+    if refused is not None:
+        return refused
+    parts = _Parts(request, "application/dicom")
+    base = base_url(request)
     for item in items:
         ts = item.transfer_syntax if target == "*" else target
-        await response.write(
-            f"--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n"
-            f"Content-Location: {meta.instance_url(item).replace(meta.BASE, base_url(request))}"
-            "\r\n\r\n".encode()
-        )
-        async for chunk in _chunks(archive, item, target):
-            await response.write(chunk)
-        await response.write(b"\r\n")
-    await response.write(f"--{boundary}--\r\n".encode())
-    await response.write_eof()
-    return response
+        try:
+            await parts.part(
+                f"application/dicom; transfer-syntax={ts}",
+                location=meta.instance_url(item).replace(meta.BASE, base),
+            )
+            async for chunk in _chunks(archive, item, target):
+                await parts.write(chunk)
+            await parts.end_part()
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - after the status: cut, never a wrong answer
+            return parts.abort(f"instance {item.sop_instance_uid}", exc)
+    return await parts.finish()
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _warning_headers(warnings: list[str]) -> list[tuple[str, str]]:
+    """RFC 7234 ``Warning: 299`` headers (as QIDO-RS uses them), at most
+    :data:`MAX_WARNINGS`, quotes and non-Latin-1 characters removed."""
+
+    def clean(text: str) -> str:
+        return text.replace('"', "'").encode("latin-1", "replace").decode("latin-1")
+
+    out = [("Warning", f'299 IMAG "{clean(w)}"') for w in warnings[:MAX_WARNINGS]]
+    if len(warnings) > MAX_WARNINGS:
+        more = len(warnings) - MAX_WARNINGS
+        out.append(("Warning", f'299 IMAG "and {more} more warnings of the same kind"'))
+    return out
 
 
 @require("studies.read", "wado.metadata")
-async def metadata(request: web.Request) -> web.Response:
-    """Metadata of a study, series or instance as application/dicom+json."""
+async def metadata(request: web.Request) -> web.StreamResponse:
+    """Metadata of a study, series or instance as application/dicom+json.
+
+    An instance whose header cannot be read, or whose sequences nest deeper
+    than ``dicomweb.max_metadata_depth``, does not fail the others: it is
+    left out (unreadable) or given without its too-deep elements, and the
+    answer says so in ``Warning`` headers.  Asked alone, an unreadable
+    instance is 422."""
     archive = request.app[ARCHIVE]
+    config = archive.config
     try:
         wants(request.headers.get("Accept"), ["application/dicom+json", "application/json"])
     except NotAcceptable as exc:
@@ -118,38 +328,126 @@ async def metadata(request: web.Request) -> web.Response:
     except QueryError as exc:
         return problem(400, "Bad Request", str(exc))
     level, _ = _keys(request)
+    base = base_url(request)
+    depth = config["dicomweb.max_metadata_depth"]
     if level == "IMAGE":
-        body = [await asyncio.to_thread(meta.instance_metadata, archive.store, items[0])]
-    else:
-        body = []
-        for series in dict.fromkeys((i.study_uid, i.series_uid) for i in items):
-            body += (
-                await asyncio.to_thread(meta.series_metadata, archive.db, archive.store, *series)
-                or []
+        try:
+            body, warnings = await asyncio.to_thread(
+                meta.instance_metadata,
+                archive.store,
+                items[0],
+                max_depth=depth,
+                max_inflated=config["ingest.max_inflated_bytes"],
             )
-    return web.Response(
-        body=meta.with_base(body, base_url(request)).encode(), content_type="application/dicom+json"
-    )
+        except UnreadableObject as exc:
+            return _unprocessable(items[0], exc, "described")
+        if warnings:
+            audit_of(request).detail["warnings"] = len(warnings)
+        response = web.Response(
+            body=meta.with_base([body], base).encode(), content_type="application/dicom+json"
+        )
+        for name, value in _warning_headers(warnings):
+            response.headers.add(name, value)
+        return response
+
+    def series_text(study_uid: str, series_uid: str) -> meta.SeriesMetadata | None:
+        return meta.series_metadata(
+            archive.db,
+            archive.store,
+            study_uid,
+            series_uid,
+            max_depth=depth,
+            max_inflated=config["ingest.max_inflated_bytes"],
+        )
+
+    series_list = list(dict.fromkeys((i.study_uid, i.series_uid) for i in items))
+    # first bring every series' cache up to date (one series in memory at a
+    # time) for the warnings, which go in the headers; then stream them
+    warnings: list[str] = []
+    texts: dict[tuple[str, str], str] = {}
+    for series in series_list:
+        found = await asyncio.to_thread(series_text, *series)
+        if found is not None:
+            warnings += found.warnings
+            if len(series_list) == 1:
+                texts[series] = found.text
+    if warnings:
+        audit_of(request).detail["warnings"] = len(warnings)
+    response = web.StreamResponse(headers={"Content-Type": "application/dicom+json"})
+    for name, value in _warning_headers(warnings):
+        response.headers.add(name, value)
+    await response.prepare(request)
+    await response.write(b"[")
+    first = True
+    for series in series_list:
+        text = texts.pop(series, None)
+        if text is None:
+            found = await asyncio.to_thread(series_text, *series)
+            text = found.text if found is not None else "[]"
+        inner = text.strip()[1:-1].strip()
+        if inner:
+            await response.write((b"" if first else b",") + inner.replace(meta.BASE, base).encode())
+            first = False
+    await response.write(b"]")
+    await response.write_eof()
+    return response
+
+
+# --------------------------------------------------------------------------- bulk data
 
 
 @require("studies.read", "wado.bulkdata")
-async def bulkdata(request: web.Request) -> web.Response:
-    """A top-level bulk data element of an instance (application/octet-stream)."""
+async def bulkdata(request: web.Request) -> web.StreamResponse:
+    """A top-level bulk data element of an instance (application/octet-stream),
+    streamed from the stored object (little endian, PS3.18 8.7.3.3.2)."""
     try:
-        items = await _locate(request)
         tag = int(request.match_info["tag"], 16)
+        if not 0 <= tag <= 0xFFFFFFFF:
+            raise ValueError
+        items = await _locate(request)
     except QueryError as exc:
         return problem(400, "Bad Request", str(exc))
     except ValueError:
         return problem(400, "Bad Request", "bulk data is addressed by an 8-digit hex tag")
-    ds = await _dataset(request, items[0])
-    if ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian:
-        # bulk data is sent little endian (PS3.18 8.7.3.3.2): swap the OW/OL/OF/OD/OV words
-        ds = convert_for(ds, {ExplicitVRLittleEndian})
-    if tag not in ds or not isinstance(ds[tag].value, bytes):
-        return problem(404, "Not Found", f"instance has no bulk data element {tag:08X}")
-    return _multipart([("application/octet-stream", ds[tag].value)])
+    item = items[0]
+    try:
+        async with open_image(request, item) as image:
+            chunks = await asyncio.to_thread(_bulk_source, image, tag)
+            if chunks is None:
+                return problem(404, "Not Found", f"instance has no bulk data element {tag:08X}")
+            parts = _Parts(request, "application/octet-stream")
+            await parts.part("application/octet-stream")
+            try:
+                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                    await parts.write(chunk)
+                await parts.end_part()
+            except (ConnectionError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - after the status: cut
+                return parts.abort(f"bulk data {tag:08X}", exc)
+            return await parts.finish()
+    except OBJECT_ERRORS as exc:
+        return _unprocessable(item, exc, "read for its bulk data")
 
+
+_WORD = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+def _bulk_source(image: pixels.ImageFile, tag: int) -> Any:
+    """An iterator over the element's value in little endian chunks, or None."""
+    if image.keyword is not None and image.keyword == pixels.PIXEL_KEYWORDS.get(tag):
+        return image.value_chunks(CHUNK)
+    ds = image.header
+    if tag not in ds or not isinstance(ds[tag].value, bytes):
+        return None
+    elem = ds[tag]
+    value = elem.value
+    if not image.syntax.is_little_endian and elem.VR in _WORD:
+        value = pixels.to_little_endian(value, _WORD[elem.VR])
+    return iter([value])
+
+
+# --------------------------------------------------------------------------- frames
 
 # PS3.18 Table 8.7.3-2: media types of compressed frames, by transfer syntax
 FRAME_MEDIA = {
@@ -168,43 +466,38 @@ FRAME_MEDIA = {
 }
 
 
-def _multipart(parts: list[tuple[str, bytes]]) -> web.Response:
-    boundary = secrets.token_hex(16)
-    kinds = {kind.split(";")[0] for kind, _ in parts}
-    body = (
-        b"".join(
-            f"--{boundary}\r\nContent-Type: {kind}\r\n\r\n".encode() + data + b"\r\n"
-            for kind, data in parts
+def _frame_numbers(text: str, limit: int | None = None) -> list[int]:
+    """The frame list of a URL (PS3.18 8.3.3.1: comma-separated, 1-based, in
+    the order asked).  Repeats count against ``limit``: each is a part built
+    and sent, which is what the limit bounds."""
+    fields = [n for n in text.split(",") if n.strip()]
+    if limit is not None and len(fields) > limit:
+        raise QueryError(
+            f"{len(fields)} frame numbers asked, at most {limit} per request "
+            "(dicomweb.max_frames_per_request; repeated numbers count): "
+            "split the request, or retrieve the instance"
         )
-        + f"--{boundary}--\r\n".encode()
-    )
-    part_type = kinds.pop() if len(kinds) == 1 else "application/octet-stream"
-    return web.Response(
-        body=body,
-        headers={"Content-Type": f'multipart/related; type="{part_type}"; boundary={boundary}'},
-    )
-
-
-async def _dataset(request: web.Request, item: StoredObject) -> FileDataset:
-    return await asyncio.to_thread(read, request.app[ARCHIVE].store, item)
-
-
-def _frame_numbers(text: str) -> list[int]:
     try:
-        numbers = [int(n) for n in text.split(",") if n.strip()]
+        numbers = [int(n) for n in fields]
     except ValueError:
-        raise QueryError(f"frame numbers must be integers separated by commas: {text!r}") from None
+        raise QueryError(
+            f"frame numbers must be integers separated by commas: {text[:200]!r}"
+        ) from None
     if not numbers or any(n < 1 for n in numbers):
-        raise QueryError(f"frame numbers start at 1: {text!r}")
+        raise QueryError(f"frame numbers start at 1: {text[:200]!r}")
     return numbers
 
 
 @require("studies.read", "wado.frames")
-async def frames(request: web.Request) -> web.Response:
-    """Frames of an instance: as stored (transfer-syntax=*) or uncompressed."""
+async def frames(request: web.Request) -> web.StreamResponse:
+    """Frames of an instance: as stored (transfer-syntax=*) or uncompressed,
+    streamed one frame at a time."""
+    archive = request.app[ARCHIVE]
     try:
+        numbers = _frame_numbers(
+            request.match_info["frames"], archive.config["dicomweb.max_frames_per_request"]
+        )
         items = await _locate(request)
-        numbers = _frame_numbers(request.match_info["frames"])
     except QueryError as exc:
         return problem(400, "Bad Request", str(exc))
     item = items[0]
@@ -228,29 +521,52 @@ async def frames(request: web.Request) -> web.Response:
             "(uncompressed) or, with transfer-syntax=*, as stored ("
             f"{FRAME_MEDIA.get(item.transfer_syntax, 'application/octet-stream')})",
         )
-    ds = await _dataset(request, item)
-    parts = []
+    if compressed and as_stored:
+        kind = f"{FRAME_MEDIA[item.transfer_syntax]}; transfer-syntax={item.transfer_syntax}"
+    else:
+        kind = "application/octet-stream"
+    decode = compressed and not as_stored
+    limit = _built_limit(request)
+
+    def frame(image: pixels.ImageFile, n: int) -> bytes:
+        if not decode:
+            return pixels.get_frame_bytes(image, n)
+        array = pixels.decoded_frame(image, n, max_bytes=limit)
+        return array.astype(array.dtype.newbyteorder("<")).tobytes()
+
     try:
-        for n in numbers:
-            if as_stored or not compressed:
-                data = await asyncio.to_thread(pixels.get_frame_bytes, ds, n)
-                kind = (
-                    (f"{FRAME_MEDIA[item.transfer_syntax]}; transfer-syntax={item.transfer_syntax}")
-                    if compressed and as_stored
-                    else "application/octet-stream"
+        async with open_image(request, item) as image:
+            count = await asyncio.to_thread(pixels.frame_count, image)
+            beyond = sorted({n for n in numbers if n > count})
+            if beyond:
+                unit = "frame" if count == 1 else "frames"
+                return problem(
+                    400,
+                    "Bad Request",
+                    f"frame {beyond[0]} requested, the instance has {count} {unit}",
                 )
-            else:
-                array = await asyncio.to_thread(pixels.decoded_frame, ds, n)
-                data, kind = (
-                    array.astype(array.dtype.newbyteorder("<")).tobytes(),
-                    "application/octet-stream",
-                )
-            parts.append((kind, data))
-    except pixels.FrameError as exc:
-        return problem(400, "Bad Request", str(exc))
-    except pixels.DecodeError as exc:
-        return problem(500, "Internal Server Error", str(exc))
-    return _multipart(parts)
+            # the first part is built before the status is sent, so that a
+            # refusal of a single-frame request is a proper problem answer
+            data = await asyncio.to_thread(frame, image, numbers[0])
+            parts = _Parts(request, kind.split(";")[0])
+            last = numbers[0]
+            try:
+                for n in numbers:
+                    if n != last:
+                        data = await asyncio.to_thread(frame, image, n)
+                        last = n
+                    await parts.part(kind, data)
+                    await parts.end_part()
+            except (ConnectionError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - after the status: cut
+                return parts.abort(f"frame {n}", exc)
+            return await parts.finish()
+    except (pixels.FrameError, pixels.TooLarge, *OBJECT_ERRORS) as exc:
+        return refusal(item, exc, "cut into frames")
+
+
+# --------------------------------------------------------------------------- rendered
 
 
 def _render_params(request: web.Request) -> dict:
@@ -265,37 +581,68 @@ def _render_params(request: web.Request) -> dict:
             params["quality"] = int(query["quality"])
         except ValueError:
             raise pixels.RenderError(f"quality must be 1-100, not {query['quality']!r}") from None
+        if not 1 <= params["quality"] <= 100:
+            raise pixels.RenderError(f"quality must be 1-100, not {query['quality']!r}")
     return params
 
 
+async def _render_one(
+    request: web.Request, item: StoredObject, render: Callable[[pixels.ImageFile], bytes]
+) -> bytes:
+    async with open_image(request, item) as image:
+        return await asyncio.to_thread(render, image)
+
+
 @require("studies.read", "wado.rendered")
-async def rendered(request: web.Request) -> web.Response:
+async def rendered(request: web.Request) -> web.StreamResponse:
     """A rendered instance or frame (single image), or the rendered instances of a
-    study or series (multipart, first frame of each)."""
+    study or series (multipart, first frame of each, streamed; an instance
+    that cannot be rendered is left out and logged, or 422 when none can)."""
     try:
         media = wants(request.headers.get("Accept"), list(pixels.MEDIA_TYPES))
     except NotAcceptable as exc:
         return problem(406, "Not Acceptable", str(exc))
     try:
-        items = await _locate(request)
         params = _render_params(request)
-        level, _ = _keys(request)
         frame = (
             _frame_numbers(request.match_info["frame"])[0] if "frame" in request.match_info else 1
         )
-        images = []
-        for item in items if level != "IMAGE" else items[:1]:
-            ds = await _dataset(request, item)
-            images.append(
-                await asyncio.to_thread(pixels.render, ds, frame, media_type=media, **params)
-            )
-    except (QueryError, pixels.RenderError, pixels.FrameError) as exc:
+        items = await _locate(request)
+    except (QueryError, pixels.RenderError) as exc:
         return problem(400, "Bad Request", str(exc))
-    except pixels.DecodeError as exc:
-        return problem(500, "Internal Server Error", str(exc))
+    level, _ = _keys(request)
+    limit = _built_limit(request)
+
+    def render(image: pixels.ImageFile) -> bytes:
+        return pixels.render(image, frame, media_type=media, max_bytes=limit, **params)
+
     if level == "IMAGE":
-        return web.Response(body=images[0], content_type=media)
-    return _multipart([(media, image) for image in images])
+        try:
+            body = await _render_one(request, items[0], render)
+        except (pixels.FrameError, pixels.RenderError, pixels.TooLarge, *OBJECT_ERRORS) as exc:
+            return refusal(items[0], exc, "rendered")
+        return web.Response(body=body, content_type=media)
+    parts = _Parts(request, media)
+    refused: tuple[StoredObject, Exception] | None = None
+    for item in items:
+        try:
+            image = await _render_one(request, item, render)
+        except (pixels.TooLarge, *OBJECT_ERRORS) as exc:
+            log.warning(
+                "instance left out of a rendered answer",
+                extra={"sop_instance_uid": item.sop_instance_uid, "error": str(exc)},
+            )
+            refused = refused or (item, exc)
+            continue
+        except (pixels.FrameError, pixels.RenderError) as exc:
+            if not parts.response.prepared:
+                return problem(400, "Bad Request", str(exc))
+            return parts.abort(f"instance {item.sop_instance_uid}", exc)
+        await parts.part(media, image)
+        await parts.end_part()
+    if not parts.response.prepared and refused is not None:
+        return refusal(refused[0], refused[1], "rendered")
+    return await parts.finish()
 
 
 @require("studies.read", "wado.thumbnail")
@@ -306,26 +653,42 @@ async def thumbnail(request: web.Request) -> web.Response:
     except NotAcceptable as exc:
         return problem(406, "Not Acceptable", str(exc))
     try:
-        items = await _locate(request)
         size = 128
         if "viewport" in request.query:
             vp = pixels.parse_viewport(request.query["viewport"])
             size = max(vp[0] or 0, vp[1] or 0) or 128
-        level, _ = _keys(request)
-        item = items[len(items) // 2] if level == "SERIES" else items[0]
-        ds = await _dataset(request, item)
-        if "frame" in request.match_info:
-            frame = _frame_numbers(request.match_info["frame"])[0]
-            body = await asyncio.to_thread(
-                pixels.render, ds, frame, media_type=media, viewport=(size, size)
-            )
-        else:
-            body = await asyncio.to_thread(pixels.thumbnail, ds, size=size, media_type=media)
-    except (QueryError, pixels.RenderError, pixels.FrameError) as exc:
+        frame = (
+            _frame_numbers(request.match_info["frame"])[0] if "frame" in request.match_info else 0
+        )
+        items = await _locate(request)
+    except (QueryError, pixels.RenderError) as exc:
         return problem(400, "Bad Request", str(exc))
-    except pixels.DecodeError as exc:
-        return problem(500, "Internal Server Error", str(exc))
-    return web.Response(body=body, content_type=media)
+    level, _ = _keys(request)
+    # a series stands for itself by its middle instance, a study by its first;
+    # when that one cannot be rendered, the next ones are tried (a few)
+    start = len(items) // 2 if level == "SERIES" else 0
+    candidates = (items[start:] + items[:start])[:THUMBNAIL_TRIES]
+    limit = _built_limit(request)
+
+    def render(image: pixels.ImageFile) -> bytes:
+        if frame:
+            return pixels.render(
+                image, frame, media_type=media, viewport=(size, size), max_bytes=limit
+            )
+        return pixels.thumbnail(image, size=size, media_type=media, max_bytes=limit)
+
+    first: tuple[StoredObject, Exception] | None = None
+    for item in candidates:
+        try:
+            body = await _render_one(request, item, render)
+        except (pixels.TooLarge, *OBJECT_ERRORS) as exc:
+            first = first or (item, exc)
+            continue
+        except (pixels.FrameError, pixels.RenderError) as exc:
+            return refusal(item, exc, "rendered")
+        return web.Response(body=body, content_type=media)
+    assert first is not None
+    return refusal(first[0], first[1], "rendered")
 
 
 def add_routes(app: web.Application) -> None:

@@ -4,6 +4,11 @@
 when given and producible); ``image/jpeg`` (the default) and ``image/png``
 return a rendered frame, with ``frameNumber``, ``rows`` / ``columns``,
 ``windowCenter`` / ``windowWidth`` and ``imageQuality``.
+
+The instance as stored is streamed from the object store; a conversion or a
+rendering is built only within ``dicomweb.max_built_bytes``, and a stored
+object that cannot give what is asked is 422, as in WADO-RS
+(:mod:`dicomweb.wado`, whose helpers this uses).
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from aiohttp import web
 
 from archive import pixels
 from archive.query import QueryError
-from archive.retrieve import locate, read
+from archive.retrieve import locate
 from archive.security.http import deny_if_hidden, require, scope_of
 from archive.server import ARCHIVE, problem
 from archive.transcode import encode_as, producible
+from dicomweb.wado import CHUNK, OBJECT_ERRORS, check_conversions, open_image, refusal
 
 RENDERED = ("image/jpeg", "image/png", "image/gif")
 
@@ -36,7 +42,7 @@ def _int(params: dict, name: str, lo: int, hi: int) -> int | None:
 
 
 @require("studies.read", "wado-uri.retrieve")
-async def wado(request: web.Request) -> web.Response:
+async def wado(request: web.Request) -> web.StreamResponse:
     archive = request.app[ARCHIVE]
     params = request.query
     if params.get("requestType") != "WADO":
@@ -51,8 +57,7 @@ async def wado(request: web.Request) -> web.Response:
         "SOPInstanceUID": params["objectUID"],
     }
     try:
-        items = await asyncio.to_thread(locate, archive.db, "IMAGE", keys, scope_of(request))
-        frame = _int(params, "frameNumber", 1, 2**31) or 1
+        frame = _int(params, "frameNumber", 1, 2**31 - 1) or 1
         rows = _int(params, "rows", 1, 65535)
         columns = _int(params, "columns", 1, 65535)
         quality = _int(params, "imageQuality", 1, 100) or 90
@@ -63,6 +68,9 @@ async def wado(request: web.Request) -> web.Response:
                 window = (float(center or ""), float(width or ""))
             except ValueError:
                 raise QueryError("windowCenter and windowWidth must both be numbers") from None
+            if not all(abs(v) < float("inf") for v in window):
+                raise QueryError("windowCenter and windowWidth must be finite numbers")
+        items = await asyncio.to_thread(locate, archive.db, "IMAGE", keys, scope_of(request))
     except QueryError as exc:
         return problem(400, "Bad Request", str(exc))
     if not items:
@@ -76,6 +84,21 @@ async def wado(request: web.Request) -> web.Response:
             return problem(
                 406, "Not Acceptable", f"cannot send this instance in transfer syntax {target}"
             )
+        if target == item.transfer_syntax:  # as stored: streamed
+            response = web.StreamResponse(headers={"Content-Type": "application/dicom"})
+            response.content_length = item.size
+            stream = await asyncio.to_thread(archive.store.open, item.object_key)
+            try:
+                await response.prepare(request)
+                while chunk := await asyncio.to_thread(stream.read, CHUNK):
+                    await response.write(chunk)
+            finally:
+                await asyncio.to_thread(stream.close)
+            await response.write_eof()
+            return response
+        refused = await check_conversions(request, [item], target)
+        if refused is not None:
+            return refused
         data = await asyncio.to_thread(archive.store.get, item.object_key)
         data = await asyncio.to_thread(encode_as, data, target)
         return web.Response(body=data, content_type="application/dicom")
@@ -88,20 +111,22 @@ async def wado(request: web.Request) -> web.Response:
             f"contentType must be application/dicom or one of {', '.join(RENDERED)}",
         )
     media = "image/jpeg" if media == "*/*" else media
-    ds = await asyncio.to_thread(read, archive.store, item)
     viewport = (columns or rows or 0, rows or columns or 0) if (rows or columns) else None
+    limit = archive.config["dicomweb.max_built_bytes"]
     try:
-        body = await asyncio.to_thread(
-            pixels.render,
-            ds,
-            frame,
-            media_type=media,
-            window=window,
-            viewport=viewport,
-            quality=quality,
-        )
-    except (pixels.FrameError, pixels.RenderError) as exc:
-        return problem(400, "Bad Request", str(exc))
+        async with open_image(request, item) as image:
+            body = await asyncio.to_thread(
+                pixels.render,
+                image,
+                frame,
+                media_type=media,
+                window=window,
+                viewport=viewport,
+                quality=quality,
+                max_bytes=limit,
+            )
+    except (pixels.FrameError, pixels.RenderError, pixels.TooLarge, *OBJECT_ERRORS) as exc:
+        return refusal(item, exc, "rendered")
     return web.Response(body=body, content_type=media)
 
 
