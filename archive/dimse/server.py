@@ -1,4 +1,11 @@
-"""The DICOM listener of ``imag serve`` (pynetdicom)."""
+"""The DICOM listener of ``imag serve`` (pynetdicom).
+
+Connections that have not associated yet are held apart from associations:
+they have ``dicom.associate_timeout`` to send their A-ASSOCIATE-RQ (TLS
+handshake included), at most ``dicom.max_pending_connections`` of them wait at
+once, and they never take one of the ``dicom.max_associations`` slots.  A
+handful of silent TCP connections can then not lock modalities out.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,18 @@ import logging
 import socket
 import ssl
 import threading
+import time
+import weakref
+from typing import Any
 
+from prometheus_client import Counter, Gauge
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -32,6 +43,19 @@ from archive.security.tls import server_context
 
 log = logging.getLogger(__name__)
 
+PENDING = Gauge(
+    "imag_dicom_pending_connections",
+    "DICOM connections accepted whose A-ASSOCIATE-RQ has not arrived yet",
+    multiprocess_mode="livesum",
+)
+CONNECTIONS_REFUSED = Counter(
+    "imag_dicom_connections_refused_total",
+    "DICOM connections closed or associations refused for lack of room, by reason: "
+    "pending-limit (closed at once), cut (longest-waiting closed to make room), "
+    "associate-timeout (no A-ASSOCIATE-RQ in time), association-limit (no slot free)",
+    ["reason"],
+)
+
 # Every storage SOP class, standard or private, in whatever transfer syntax
 # the sender proposes first: the archive stores as received and validates
 # each object in the ingest pipeline.
@@ -48,6 +72,8 @@ QUERY_RETRIEVE = [
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 ]
+#: seconds for the ACSE exchanges of an association (release), after it is established
+ACSE_TIMEOUT = 30
 COMMAND_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -56,14 +82,92 @@ COMMAND_SYNTAXES = [
 ]
 
 
+class PendingConnections:
+    """The connections accepted whose A-ASSOCIATE-RQ has not arrived yet.
+
+    Each has ``timeout`` seconds from its acceptance to send it; at most
+    ``limit`` wait at once.  Beyond that a new connection is closed at once,
+    and the one that has waited longest is cut (after a short grace), so that
+    a peer trying again finds room while silent connections churn."""
+
+    #: a pending connection younger than this is not cut to make room
+    GRACE = 1.0
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit = limit
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._since: dict[Any, float] = {}  # socket → accepted at (monotonic), oldest first
+
+    def admit(self, sock: Any, address: str) -> bool:
+        """Track a new connection; False when there is no room for it (the
+        caller closes it)."""
+        now = time.monotonic()
+        with self._lock:
+            for old in [s for s in self._since if s.fileno() < 0]:  # closed meanwhile
+                del self._since[old]
+            if len(self._since) < self.limit:
+                self._since[sock] = now
+                PENDING.set(len(self._since))
+                return True
+            oldest, since = next(iter(self._since.items()))
+            cut = now - since >= self.GRACE
+            if cut:
+                del self._since[oldest]
+                PENDING.set(len(self._since))
+        CONNECTIONS_REFUSED.labels("pending-limit").inc()
+        log.warning(
+            "DICOM connection closed at once: dicom.max_pending_connections (%d) connections "
+            "are waiting to associate",
+            self.limit,
+            extra={"peer": address, "limit": self.limit},
+        )
+        if cut:
+            CONNECTIONS_REFUSED.labels("cut").inc()
+            log.warning(
+                "DICOM connection cut after %.1f s without an A-ASSOCIATE-RQ, to make room",
+                now - since,
+                extra={"peer": _peer_of(oldest)},
+            )
+            try:  # the connection's own thread sees the end of the stream and stops
+                socket.socket.shutdown(oldest, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return False
+
+    def remaining(self, sock: Any) -> float:
+        """Seconds ``sock`` has left to associate."""
+        with self._lock:
+            since = self._since.get(sock, time.monotonic())
+        return max(0.1, since + self.timeout - time.monotonic())
+
+    def done(self, sock: Any) -> float | None:
+        """``sock`` associated or closed: forget it; how long it waited (None
+        if it was not pending)."""
+        with self._lock:
+            since = self._since.pop(sock, None)
+            PENDING.set(len(self._since))
+        return None if since is None else time.monotonic() - since
+
+
+def _peer_of(sock: Any) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return ""
+
+
 class ReusePortServer(ThreadedAssociationServer):
     """An association server whose socket other IMAG processes may share
     (SO_REUSEPORT): the kernel spreads incoming associations over them.
 
-    With TLS, the handshake runs in the connection's own thread, within the
-    ACSE timeout: pynetdicom does it in the accept loop, without a timeout, so
-    one TCP connection that never sends a ClientHello would stop the listener
-    accepting anyone."""
+    Connections not yet associated are admitted through :attr:`pending`
+    (closed at once beyond its limit).  With TLS, the handshake runs in the
+    connection's own thread, within the associate timeout: pynetdicom does it
+    in the accept loop, without a timeout, so one TCP connection that never
+    sends a ClientHello would stop the listener accepting anyone."""
+
+    pending: PendingConnections | None = None
 
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT"):
@@ -78,24 +182,121 @@ class ReusePortServer(ThreadedAssociationServer):
             )
         return client_socket, address
 
+    def process_request(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        peer = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        if self.pending is not None and not self.pending.admit(request, peer):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
     def process_request_thread(
         self,
         request: socket.socket | tuple[bytes, socket.socket],
         client_address: tuple[str, int] | str,
     ) -> None:
+        if isinstance(request, socket.socket):
+            # Until its A-ASSOCIATE-RQ is in (AssociationSlots.on_requested makes
+            # it blocking again, as pynetdicom expects), every read ends at the
+            # associate timeout: a TLS handshake, or a request sent half-way
+            # (pynetdicom's reader would wait for the rest for ever).
+            wait = self.pending.remaining(request) if self.pending else self.ae.acse_timeout
+            request.settimeout(wait)
         if isinstance(request, ssl.SSLSocket):
             try:
-                request.settimeout(self.ae.acse_timeout)
                 request.do_handshake()
-                request.settimeout(None)  # blocking, as pynetdicom expects
+                if self.pending is None:
+                    request.settimeout(None)
             except (OSError, ValueError) as exc:
+                if isinstance(exc, TimeoutError):
+                    CONNECTIONS_REFUSED.labels("associate-timeout").inc()
                 log.warning(
                     "DICOM TLS handshake failed",
                     extra={"peer": client_address[0], "error": str(exc)},
                 )
+                if self.pending is not None:
+                    self.pending.done(request)
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
+
+
+class AssociationSlots:
+    """Event handlers keeping pending connections and associations apart.
+
+    pynetdicom counts every acceptor thread against its association limit,
+    connections still waiting for their A-ASSOCIATE-RQ included.  Here a
+    connection waits with the associate timeout as its ACSE timeout; when
+    its request arrives it leaves the pending set, and only associations
+    that got their request count against ``dicom.max_associations``."""
+
+    def __init__(self, pending: PendingConnections, max_associations: int, acse_timeout: float):
+        self.pending = pending
+        self.max_associations = max_associations
+        self.acse_timeout = acse_timeout
+        #: association → its socket (pynetdicom forgets it when it closes it)
+        self._socket: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_CONN_OPEN, self.on_open),
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_CONN_CLOSE, self.on_close),
+        ]
+
+    def on_open(self, event: evt.Event) -> None:
+        # What is left of the associate timeout goes to the ARTIM timer, which
+        # closes a connection silent for that long (EVT_CONN_CLOSE follows);
+        # the acceptor's own wait for the request is given a second more, so
+        # that it is always the timer that ends the wait.
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        self._socket[event.assoc] = sock
+        remaining = self.pending.remaining(sock)
+        event.assoc.acse_timeout = remaining + 1
+        event.assoc.dul.artim_timer.timeout = remaining
+
+    def on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        sock = self._socket.get(assoc)
+        self.pending.done(sock)
+        if sock is not None:
+            sock.settimeout(None)  # an association: blocking, as pynetdicom expects
+        others = [
+            a
+            for a in assoc.ae.active_associations
+            if a.is_acceptor
+            and a is not assoc
+            and a.requestor.primitive is not None
+            and not (a.is_rejected or a.is_released or a.is_aborted)
+        ]
+        if len(others) < self.max_associations:
+            return
+        CONNECTIONS_REFUSED.labels("association-limit").inc()
+        log.warning(
+            "association refused: dicom.max_associations (%d) associations in progress",
+            self.max_associations,
+            extra={"address": assoc.requestor.address, "limit": self.max_associations},
+        )
+        # Rejected transient, by the service provider (presentation): local limit exceeded
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        assoc.kill()
+
+    def on_established(self, event: evt.Event) -> None:
+        event.assoc.acse_timeout = self.acse_timeout  # the association's own, from now on
+
+    def on_close(self, event: evt.Event) -> None:
+        waited = self.pending.done(self._socket.pop(event.assoc, None))
+        if waited is not None and waited >= self.pending.timeout - 0.5:
+            CONNECTIONS_REFUSED.labels("associate-timeout").inc()
+            log.warning(
+                "DICOM connection closed: no A-ASSOCIATE-RQ within dicom.associate_timeout (%d s)",
+                self.pending.timeout,
+                extra={"address": event.assoc.requestor.address},
+            )
 
 
 class DicomServer:
@@ -106,10 +307,16 @@ class DicomServer:
         self.archive = archive
         self.aet: str = config["dicom.aet"]
         self.ae = AE(ae_title=self.aet)
-        self.ae.maximum_associations = config["dicom.max_associations"]
+        max_associations = config["dicom.max_associations"]
+        max_pending = config["dicom.max_pending_connections"]
+        self.pending = PendingConnections(max_pending, config["dicom.associate_timeout"])
+        # pynetdicom's own limit counts pending connections too; ours
+        # (AssociationSlots) does not.  Theirs stays above what ours allows,
+        # threads still winding down included, as a backstop.
+        self.ae.maximum_associations = 2 * (max_associations + max_pending)
         self.ae.maximum_pdu_size = config["dicom.max_pdu"]
         self.ae.network_timeout = config["dicom.network_timeout"]
-        self.ae.acse_timeout = 30
+        self.ae.acse_timeout = ACSE_TIMEOUT
         self.ae.dimse_timeout = config["dicom.network_timeout"]
         self.ae.require_called_aet = config["dicom.check_called_aet"]
         self.ae.add_supported_context(Verification, COMMAND_SYNTAXES)
@@ -117,6 +324,7 @@ class DicomServer:
             self.ae.add_supported_context(sop_class, COMMAND_SYNTAXES)
         self.peers = PeerTable(config["dicom.peers"], config["dicom.accept_unknown"])
         self.services = DicomServices(archive, self.peers, self.aet)
+        self.slots = AssociationSlots(self.pending, max_associations, ACSE_TIMEOUT)
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -135,10 +343,13 @@ class DicomServer:
             )
         self._server = self.ae.make_server(
             (host, port),
-            evt_handlers=self.services.handlers(),
+            # the slots first: an association refused for lack of room is not
+            # looked at any further
+            evt_handlers=self.slots.handlers() + self.services.handlers(),
             server_class=ReusePortServer,
             ssl_context=ssl_context,
         )
+        self._server.pending = self.pending  # before it accepts anyone
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="imag-dicom-server", daemon=True
         )

@@ -4,14 +4,23 @@ SQL is written once with ``?`` placeholders; for PostgreSQL they become ``%s``.
 Each thread gets its own connection (sqlite3 connections must not cross
 threads; psycopg ones must not be used concurrently), and writes happen in
 explicit transactions so that an instance's rows commit together or not at all.
+
+Pooled PostgreSQL connections heal: one whose backend is gone (terminated,
+server restarted, fail-over) is found dead before it is used and replaced,
+with every other idle one; a read that loses its connection is run once more;
+BEGIN is sent again on a fresh connection.  Nothing that may have committed
+is ever repeated (a write in autocommit mode, a COMMIT): its error goes to the
+caller.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import select
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +28,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
+from prometheus_client import Counter
+from psycopg.pq import TransactionStatus
+
+log = logging.getLogger(__name__)
+
+INDEX_CONNECTIONS_REPLACED = Counter(
+    "imag_index_connections_replaced_total",
+    "Index connections found dead (server restart, terminated backend) and replaced",
+    ["when"],
+)
+INDEX_READS_RETRIED = Counter(
+    "imag_index_reads_retried_total",
+    "Reads run again on a fresh connection after theirs was lost",
+)
 
 TYPES = {
     "sqlite": {
@@ -101,7 +124,65 @@ class Database:
             raise IndexError_(f"cannot connect to the index at {_safe(self.url)}: {exc}") from None
 
     def _usable(self, conn: Any) -> bool:
-        return self.dialect == "sqlite" or not (conn.closed or conn.broken)
+        """Whether ``conn`` may go back to the pool: open, and not left inside a
+        transaction."""
+        if self.dialect == "sqlite":
+            return not conn.in_transaction
+        return not (conn.closed or conn.broken) and (
+            conn.info.transaction_status == TransactionStatus.IDLE
+        )
+
+    def _lost(self, conn: Any) -> bool:
+        """Whether the server side of ``conn`` is gone (psycopg marks a
+        connection broken when an operation finds it so)."""
+        return self.dialect == "postgresql" and bool(conn.closed or conn.broken)
+
+    def _alive(self, conn: Any) -> bool:
+        """Whether an idle pooled connection still has its server.
+
+        A backend that was terminated (pg_terminate_backend, a server restart,
+        a fail-over) sends its last error message and closes the socket, but
+        psycopg only notices on the next use: a request would then fail on a
+        connection that was dead before it was sent.  An idle connection in
+        autocommit mode receives nothing, so a readable socket means the
+        server has spoken its last; one poll() tells, without a round trip."""
+        if self.dialect == "sqlite":
+            return True
+        if not self._usable(conn):
+            return False
+        try:
+            poller = select.poll()
+            poller.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
+        except (OSError, ValueError, psycopg.Error):
+            return False
+
+    def _checkout(self) -> Any:
+        """A pooled connection that is alive, or a new one."""
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            return self._connect()
+        if self._alive(conn):
+            return conn
+        self._close(conn)
+        self._found_dead("checkout")
+        return self._connect()
+
+    def _found_dead(self, when: str) -> None:
+        """One pooled connection turned out dead: the other idle ones were
+        opened to the same server and are most likely dead too (every backend
+        terminated, the server restarted): close them rather than let each
+        fail a request in turn."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            self._close(conn)
+        INDEX_CONNECTIONS_REPLACED.labels(when).inc()
+        log.warning(
+            "index connection found dead; replaced by a new one",
+            extra={"when": when, "idle_dropped": len(idle), "index": _safe(self.url)},
+        )
 
     @contextmanager
     def connection(self) -> Iterator[Any]:
@@ -110,10 +191,7 @@ class Database:
         if current is not None:
             yield current
             return
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is None or not self._usable(conn):
-            conn = self._connect()
+        conn = self._checkout()
         try:
             yield conn
         finally:
@@ -125,6 +203,12 @@ class Database:
                 if len(self._idle) < self.max_idle:
                     self._idle.append(conn)
                     return
+        elif self._lost(conn):
+            self._found_dead("in use")
+        self._close(conn)
+
+    @staticmethod
+    def _close(conn: Any) -> None:
         try:
             conn.close()
         except Exception:  # noqa: BLE001 - closing is best effort
@@ -134,10 +218,7 @@ class Database:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001
-                pass
+            self._close(conn)
 
     # -- statements -------------------------------------------------------------
 
@@ -147,17 +228,37 @@ class Database:
             text = _PLACEHOLDER.sub("%s", text)
         return text
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+    def _run(self, sql: str, params: Sequence[Any], fetch: Callable[[Any], Any]) -> Any:
+        """Run one statement and ``fetch`` its result.
+
+        Outside a transaction, a read (SELECT) whose connection turns out to
+        have been lost is run once more on a fresh connection: it changed
+        nothing.  A write is not: in autocommit mode the statement is its own
+        commit, and when the connection dies under it, whether it committed
+        is unknown.  (A connection already dead when it was borrowed is
+        replaced before anything is sent, see :meth:`_alive`.)"""
+        text, values = self.sql(sql), _adapt(params, self.dialect)
+        current = getattr(self._local, "conn", None)
+        if current is not None:
+            return fetch(current.execute(text, values))
         with self.connection() as conn:
-            conn.execute(self.sql(sql), _adapt(params, self.dialect))
+            try:
+                return fetch(conn.execute(text, values))
+            except psycopg.OperationalError:
+                if not (self._lost(conn) and _is_read(sql)):
+                    raise
+        INDEX_READS_RETRIED.inc()
+        with self.connection() as conn:
+            return fetch(conn.execute(text, values))
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self._run(sql, params, lambda cur: None)
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        with self.connection() as conn:
-            return list(conn.execute(self.sql(sql), _adapt(params, self.dialect)).fetchall())
+        return self._run(sql, params, lambda cur: list(cur.fetchall()))
 
     def query_one(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
-        with self.connection() as conn:
-            return conn.execute(self.sql(sql), _adapt(params, self.dialect)).fetchone()
+        return self._run(sql, params, lambda cur: cur.fetchone())
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
         row = self.query_one(sql, params)
@@ -176,27 +277,62 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Database]:
-        """A write transaction: everything inside commits together or not at all."""
+        """A write transaction: everything inside commits together or not at all.
+
+        A connection that turns out dead at BEGIN is replaced and BEGIN sent
+        again (nothing was done yet).  Once the body runs, a lost connection
+        fails the transaction: the server rolls it back, the caller gets the
+        error.  A COMMIT is never repeated: if the connection dies during it,
+        the outcome is unknown and the error goes to the caller."""
         if getattr(self._local, "conn", None) is not None:
             raise RuntimeError("transactions do not nest")
-        with self.connection() as conn:
-            self._local.conn = conn
+        conn = self._begin()
+        self._local.conn = conn
+        try:
             try:
-                if self.dialect == "sqlite":
-                    # IMMEDIATE takes the write lock up front, so two writers queue
-                    # on busy_timeout instead of failing on lock upgrade.
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        yield self
-                    except BaseException:
-                        conn.execute("ROLLBACK")
-                        raise
-                    conn.execute("COMMIT")
-                else:
-                    with conn.transaction():
-                        yield self
-            finally:
-                self._local.conn = None
+                yield self
+            except BaseException:
+                self._rollback(conn)
+                raise
+            conn.execute("COMMIT")
+        finally:
+            self._local.conn = None
+            self._release(conn)
+
+    def _begin(self) -> Any:
+        # SQLite: IMMEDIATE takes the write lock up front, so two writers queue
+        # on busy_timeout instead of failing on lock upgrade.
+        begin = "BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN"
+        for attempt in (1, 2):
+            conn = self._checkout()
+            try:
+                conn.execute(begin)
+                return conn
+            except psycopg.OperationalError:
+                lost = self._lost(conn)
+                self._release(conn)
+                if attempt == 2 or not lost:
+                    raise
+            except BaseException:
+                self._release(conn)
+                raise
+        raise AssertionError("unreachable")
+
+    def _rollback(self, conn: Any) -> None:
+        """Roll back after a failure inside a transaction.  On a lost
+        connection there is nothing to roll back here: the server discards
+        a transaction whose connection is gone."""
+        if self._lost(conn):
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - the body's error is the one to report
+            log.warning("rollback failed", exc_info=True)
+
+
+def _is_read(sql: str) -> bool:
+    """A statement that changes nothing when run twice."""
+    return sql.lstrip()[:6].upper() == "SELECT"
 
 
 def _adapt(params: Sequence[Any], dialect: str) -> Sequence[Any]:

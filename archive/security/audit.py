@@ -3,7 +3,10 @@ security event, written before the answer leaves, optionally forwarded to
 syslog (RFC 5424).
 
 The table refuses UPDATE and DELETE (triggers, migrations 0006/0007), so an
-entry once written stays as written.
+entry once written stays as written.  When an entry cannot be written, the
+access it records is refused (fail closed): :meth:`AuditLog.write` raises
+:class:`AuditUnavailable`, which every service turns into a refusal (HTTP 503,
+DICOM 0xA700-class) before any patient data leaves.
 """
 
 from __future__ import annotations
@@ -19,11 +22,29 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from prometheus_client import Counter
+
 from archive.index.db import Database, utcnow
 
 log = logging.getLogger(__name__)
 
 OUTCOMES = ("allowed", "denied", "failed")
+
+AUDIT_WRITE_FAILURES = Counter(
+    "imag_audit_write_failures_total",
+    "Audit entries that could not be written (the access they record was refused)",
+    ["action"],
+)
+
+#: what a refused client is told
+UNAVAILABLE_DETAIL = (
+    "the audit trail cannot be written, so no patient data is served; "
+    "the error is in the server log"
+)
+
+
+class AuditUnavailable(Exception):
+    """The audit trail cannot be written: the access must be refused."""
 
 
 @dataclass
@@ -63,7 +84,29 @@ class AuditLog:
 
     def write(self, entry: AuditEntry) -> None:
         """Append ``entry`` (durably: the caller answers only afterwards).  The
-        patient is looked up from the study when the caller did not name it."""
+        patient is looked up from the study when the caller did not name it.
+
+        Raises :class:`AuditUnavailable` when the entry cannot be written
+        (table unwritable, index down): logged as an error and counted in
+        ``imag_audit_write_failures_total``; the caller refuses the access."""
+        try:
+            self._insert(entry)
+        except Exception as exc:
+            AUDIT_WRITE_FAILURES.labels(entry.action).inc()
+            log.error(
+                "audit entry could not be written; the access is refused",
+                extra={
+                    "action": entry.action,
+                    "actor": entry.actor,
+                    "outcome": entry.outcome,
+                    "error": f"{type(exc).__name__}: {exc}",
+                },
+            )
+            raise AuditUnavailable(str(exc)) from exc
+        if self._syslog is not None:
+            self._syslog.send(entry)
+
+    def _insert(self, entry: AuditEntry) -> None:
         if entry.study_uid and not entry.patient_id:
             entry.patient_id = self.db.scalar(
                 "SELECT p.patient_id FROM studies st JOIN patients p ON p.id = st.patient_ref "
@@ -89,8 +132,6 @@ class AuditLog:
                 json.dumps(entry.detail, sort_keys=True) if entry.detail else None,
             ),
         )
-        if self._syslog is not None:
-            self._syslog.send(entry)
 
     def query(
         self,

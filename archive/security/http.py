@@ -7,6 +7,10 @@ and writes exactly one audit entry per request.  A handler that declares
 nothing is refused for everyone: a route added later cannot be open by
 accident.  What data a permitted request reaches is the principal's scope,
 applied by the handler in its query (:func:`scope_of`).
+
+The audit entry is written before any byte of the answer leaves, with the
+status the client gets; when it cannot be written the request is answered
+503 with a problem body instead (fail closed), never with the data.
 """
 
 from __future__ import annotations
@@ -23,10 +27,9 @@ from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import Counter
 
 from archive.index.db import Database
-from archive.query import QueryError
-from archive.retrieve import outside_scope
+from archive.retrieve import hidden_studies
 from archive.runtime import Archive
-from archive.security.audit import AuditEntry
+from archive.security.audit import UNAVAILABLE_DETAIL, AuditEntry, AuditUnavailable
 from archive.security.oidc import OidcVerifier, looks_like_jwt
 from archive.security.principals import AuthError, Principals
 from archive.security.ratelimit import FailureLimiter
@@ -92,17 +95,20 @@ def audit_of(request: web.Request) -> AuditContext:
 
 
 async def deny_if_hidden(
-    request: web.Request, db: Database, level: str, keys: dict[str, str]
+    request: web.Request, db: Database, level: str | None, keys: dict[str, str]
 ) -> None:
     """After a lookup in the caller's scope found nothing: if what ``keys`` name
-    exists outside it, the request is audited as denied (it is still answered
-    as absent, giving no hint that the study exists)."""
-    try:
-        hidden = await asyncio.to_thread(outside_scope, db, level, keys, scope_of(request))
-    except QueryError:
-        return
+    exists outside it, the request is audited as denied, with that study in
+    the study column (so that ``imag audit --study`` finds the attempt); it
+    is still answered as absent, giving no hint that the study exists.
+    ``level`` None: the lowest level whose UID ``keys`` name (QIDO-RS keys)."""
+    hidden = await asyncio.to_thread(hidden_studies, db, keys, scope_of(request), level)
     if hidden:
-        request[AUDIT].outcome = "denied"
+        context = request[AUDIT]
+        context.outcome = "denied"
+        context.study_uid = hidden[0] if len(hidden) == 1 else None
+        if len(hidden) > 1:
+            context.detail["studies"] = hidden
 
 
 class HttpSecurity:
@@ -156,16 +162,42 @@ def _unauthorized(detail: str) -> web.Response:
     return response
 
 
+class StreamRefused(BaseException):
+    """Raised out of a handler's ``response.prepare()`` when the request's audit
+    entry cannot be written, before anything was sent.
+
+    A BaseException, as a cancellation is: a streaming handler's own error
+    handling (``except Exception``: cut the connection, answer 500) must not
+    turn the refusal into something else.  The handler stops; the middleware
+    answers 503 in its place."""
+
+
+def _audit_unavailable() -> web.Response:
+    from archive.server import problem
+
+    return problem(503, "Service Unavailable", UNAVAILABLE_DETAIL)
+
+
 @web.middleware
 async def security_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Authenticate, authorize and audit one request."""
+    """Authenticate, authorize and audit one request; refuse it (503) when its
+    audit entry cannot be written."""
+    if getattr(request.match_info.handler, "imag_public", False):
+        return await handler(request)
+    try:
+        return await _secured(request, handler)
+    except (AuditUnavailable, StreamRefused):
+        return _audit_unavailable()
+
+
+async def _secured(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     from archive.server import problem
 
     target = request.match_info.handler
-    if getattr(target, "imag_public", False):
-        return await handler(request)
     security: HttpSecurity = request.config_dict[SECURITY]  # type: ignore[assignment]
     address = client_address(request, security.trusted_proxies)
     header = request.headers.get("Authorization", "")
@@ -261,17 +293,23 @@ async def security_middleware(
     async def write_pending(status: int) -> None:
         await audit(entry(context.outcome or _outcome(status), status))
 
-    # Written when the response is prepared, before its first byte leaves (a
-    # streamed retrieval too), with the status the client gets.
+    # Written once, with the status the client gets, before the first byte of
+    # the answer leaves: here for an answer the handler returns (or raises),
+    # in the prepare hook for one the handler streams itself.
     request[PENDING] = write_pending
     try:
         response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+    except (web.HTTPException, AuditUnavailable) as exc:
+        if isinstance(exc, web.HTTPException):
             await _flush(request, exc.status)
-        raise  # turned into a problem response outside; audited as it is prepared
-    if response.prepared:
-        await _flush(request, response.status)  # a stream with no prepare hook run
+        raise  # an HTTP error becomes a problem response outside
+    except Exception:
+        try:
+            await _flush(request, 500)  # the status errors_and_metrics answers
+        except AuditUnavailable:
+            pass  # the client gets a 500 without data either way
+        raise
+    await _flush(request, response.status)
     return response
 
 
@@ -282,8 +320,25 @@ async def _flush(request: web.Request, status: int) -> None:
 
 
 async def audit_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` signal: write the request's audit entry now."""
-    await _flush(request, response.status)
+    """``on_response_prepare`` signal: write the request's audit entry now, if
+    the handler prepares (streams) its response itself.
+
+    aiohttp runs this hook after it set the connection's writer up for the
+    response and before it writes the headers.  When the entry cannot be
+    written, nothing has been sent yet: the writer is put back as it was, and
+    :class:`StreamRefused` propagates out of the handler's ``prepare`` to the
+    middleware, which answers 503 in place of the stream."""
+    try:
+        await _flush(request, response.status)
+    except AuditUnavailable as exc:
+        writer = request.writer
+        if writer.output_size:  # never the case before the headers; do not answer twice
+            raise ConnectionError("audit trail unwritable after the answer started") from exc
+        writer.chunked = False
+        writer.length = None
+        if getattr(writer, "_compress", None) is not None:
+            writer._compress = None  # type: ignore[attr-defined]
+        raise StreamRefused() from exc
 
 
 def _outcome(status: int) -> str:
