@@ -233,6 +233,8 @@ def _match(sql: _Sql, attr: Attr, value: str) -> None:
             number = int(value)
         except ValueError:
             raise QueryError(f"{attr.keyword}: {value!r} is not an integer") from None
+        if not -(2**31) <= number < 2**31:  # IS values are 32-bit (PS3.5 6.2)
+            raise QueryError(f"{attr.keyword}: {value!r} is outside the range of an IS value")
         sql.add(f"{column} = ?", number)
         return
     if attr.keyword == "ModalitiesInStudy":

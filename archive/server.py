@@ -41,6 +41,8 @@ from archive.security.roles import ROLES
 
 log = logging.getLogger(__name__)
 ARCHIVE = web.AppKey("archive", Archive)
+#: the largest value of a {bigint} / BIGINT column (sequence numbers, ids)
+MAX_BIGINT = 2**63 - 1
 
 HTTP_REQUESTS = Counter("imag_http_requests_total", "HTTP requests", ["method", "status"])
 HTTP_SECONDS = Histogram("imag_http_request_seconds", "HTTP request duration", ["method"])
@@ -130,10 +132,12 @@ async def changes_feed(request: web.Request) -> web.Response:
     try:
         since = int(request.query.get("since", "0"))
         limit = int(request.query.get("limit", "100"))
-        if since < 0 or not 1 <= limit <= 1000:
+        if not 0 <= since <= MAX_BIGINT or not 1 <= limit <= 1000:
             raise ValueError
     except ValueError:
-        return problem(400, "Bad Request", "since must be a non-negative integer and limit 1-1000")
+        return problem(
+            400, "Bad Request", "since must be an integer from 0 to 2^63-1 and limit 1-1000"
+        )
     types = request.query.getall("type", [])
     unknown = [t for t in types if t not in changes.TYPES]
     if unknown:
@@ -200,8 +204,8 @@ async def audit_export(request: web.Request) -> web.StreamResponse:
             "after_id": int(q.get("after", "0")),
             "limit": int(q.get("limit", "1000")),
         }
-        if filters["limit"] < 1 or filters["limit"] > 100000 or filters["after_id"] < 0:
-            raise ValueError("limit must be 1-100000 and after a non-negative integer")
+        if not 1 <= filters["limit"] <= 100000 or not 0 <= filters["after_id"] <= MAX_BIGINT:
+            raise ValueError("limit must be 1-100000 and after an integer from 0 to 2^63-1")
     except ValueError as exc:
         return problem(400, "Bad Request", f"bad audit query: {exc}")
     rows = await asyncio.to_thread(archive.audit.query, **filters)
