@@ -9,12 +9,11 @@ their SOP Instance UID and digest and counted as duplicates.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from archive.config import Config
@@ -23,6 +22,7 @@ from archive.index import Database
 from archive.index.catalog import StoreOutcome
 from archive.ingest import IngestPipeline, IngestResult, Prepared
 from archive.parse import Rejected
+from archive.pool import BoundedPool
 from archive.runtime import Archive, open_object_store
 
 
@@ -124,41 +124,31 @@ def run_import(
     """Import every file under ``paths``; return the summary.
 
     ``on_result`` is called in the parent for each file as it completes (for
-    progress bars and per-file reports).
+    progress bars and per-file reports).  Ctrl-C stops the import once the
+    files being prepared are done (:class:`archive.pool.BoundedPool`); a
+    re-run completes it.
     """
     config = archive.config
     source = Source(kind="import", site=site or config["ingest.default_site"])
     workers = workers or config["import.workers"] or os.cpu_count() or 1
     summary = ImportSummary()
     pipeline = archive.pipeline
-    in_flight: dict[Future, str] = {}
-    limit = workers * 8
 
     def finish(path: str, result: IngestResult) -> None:
         summary.add(path, result)
         if on_result is not None:
             on_result(path, result)
 
-    def drain(block: bool) -> None:
-        done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED, timeout=None if block else 0)
-        for future in done:
-            path = in_flight.pop(future)
-            step = future.result()
+    with BoundedPool(
+        workers, per_worker=8, initializer=_init_worker, initargs=(config, source)
+    ) as pool:
+
+        def prepared(path: str, step: Prepared | IngestResult) -> None:
             if isinstance(step, IngestResult):
                 finish(path, step)
-            else:
-                commit = pipeline.commit(step)
-                in_flight[commit] = path
+            else:  # stored by the worker: its index row is committed by the writer thread
+                pool.follow(pipeline.commit(step), partial(finish, path))
 
-    # "spawn": the parent runs an index writer thread, which must not be forked.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(config, source)
-    ) as pool:
         for path in iter_files(paths):
-            in_flight[pool.submit(_prepare_file, path)] = path
-            while len(in_flight) >= limit:
-                drain(block=True)
-        while in_flight:
-            drain(block=True)
+            pool.submit(_prepare_file, path, partial(prepared, path))
     return summary

@@ -13,16 +13,15 @@ converted instances no longer match.  Data that arrived lossy is left as is.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from archive.codecs import LossySource, TranscodeError, transcode
 from archive.config import Config
 from archive.ingest import POLICY_TARGETS
+from archive.pool import BoundedPool
 from archive.runtime import Archive, open_object_store
-from archive.transcode import LossySource, TranscodeError, transcode
 from archive.uids import object_key
 
 
@@ -59,8 +58,6 @@ def pending(
 ) -> Iterator[Task]:
     """Instances whose stored syntax differs from their policy's, in id order,
     fetched in keyset pages (10^8 rows never in one result)."""
-    policies = {s["name"]: s["store_as"] for s in archive.config["sites"] if s.get("store_as")}
-    default = archive.config["store_as"]
     last = 0
     while True:
         sql = (
@@ -76,7 +73,7 @@ def pending(
         if not rows:
             return
         for iid, study, series, sop, key, stored_ts, row_site in rows:
-            target = POLICY_TARGETS.get(to or policies.get(row_site) or default)
+            target = POLICY_TARGETS.get(to or archive.config.store_as_for(row_site))
             if target and stored_ts != target:
                 yield Task(iid, study, series, sop, key, target)
         last = rows[-1][0]
@@ -114,42 +111,34 @@ def reencode(
     workers: int = 0,
     on_done: Callable[[Task, str], None] | None = None,
 ) -> ReencodeSummary:
-    """Convert every pending instance; see the module doc."""
+    """Convert every pending instance; see the module doc.  ``on_done`` is
+    called in this process for each instance as it completes (progress);
+    Ctrl-C stops the run once the instances being converted are done
+    (:class:`archive.pool.BoundedPool`), and a re-run continues."""
     summary = ReencodeSummary()
     workers = workers or os.cpu_count() or 1
-    in_flight: set[Future] = set()
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init, initargs=(archive.config,)
-    ) as pool:
 
-        def drain(block: bool) -> None:
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED, timeout=None if block else 0)
-            for future in done:
-                in_flight.discard(future)
-                task, outcome, before, after, digest, detail = future.result()
-                if outcome == "converted":
-                    switched = archive.catalog.switch_object(
-                        task.instance_id, task.object_key, detail, after, digest, task.target
-                    )
-                    if switched:
-                        archive.store.delete(task.object_key)
-                        summary.converted += 1
-                        summary.bytes_before += before
-                        summary.bytes_after += after
-                    else:  # replaced meanwhile: our copy is not referenced
-                        archive.store.delete(detail)
-                elif outcome == "lossy":
-                    summary.skipped_lossy += 1
-                else:
-                    summary.failed.append((task.sop_instance_uid, detail))
-                if on_done is not None:
-                    on_done(task, outcome)
+    def converted(result: tuple[Task, str, int, int, bytes | None, str]) -> None:
+        task, outcome, before, after, digest, detail = result
+        if outcome == "converted":
+            switched = archive.catalog.switch_object(
+                task.instance_id, task.object_key, detail, after, digest, task.target
+            )
+            if switched:
+                archive.store.delete(task.object_key)
+                summary.converted += 1
+                summary.bytes_before += before
+                summary.bytes_after += after
+            else:  # replaced meanwhile: our copy is not referenced
+                archive.store.delete(detail)
+        elif outcome == "lossy":
+            summary.skipped_lossy += 1
+        else:
+            summary.failed.append((task.sop_instance_uid, detail))
+        if on_done is not None:
+            on_done(task, outcome)
 
+    with BoundedPool(workers, per_worker=4, initializer=_init, initargs=(archive.config,)) as pool:
         for task in pending(archive, to=to, site=site):
-            in_flight.add(pool.submit(_convert, task))
-            while len(in_flight) >= workers * 4:
-                drain(block=True)
-        while in_flight:
-            drain(block=True)
+            pool.submit(_convert, task, converted)
     return summary

@@ -1,12 +1,12 @@
 """Lossless codec throughput and compression ratio, per codec and per modality.
 
-For each lossless target of :mod:`archive.transcode` (RLE, JPEG-LS, JPEG
+For each lossless target of :mod:`archive.codecs` (RLE, JPEG-LS, JPEG
 2000, HTJ2K, HTJ2K RPCL) and each generated modality (CT, MR, CR, MG, US
 multi-frame RGB), prints encode and decode MB/s (uncompressed pixel bytes per
 second, best of a few runs, one thread: what one ingest worker does) and
 the compression ratio (uncompressed / encapsulated bytes).  Encoding is
-:func:`archive.transcode.encode_dataset` from native data; decoding is
-:func:`archive.transcode.decoded_pixels` (pydicom's decoders, with the
+:func:`archive.codecs.encode_dataset` from native data; decoding is
+:func:`archive.codecs.decoded_pixels` (pydicom's decoders, with the
 codestream checks), the HTJ2K rows also show OpenJPH's own decoder, which
 the archive does not use on received data.  Every round trip is checked
 bit-exact.
@@ -26,8 +26,15 @@ from collections.abc import Callable
 import numpy as np
 import pydicom
 from pydicom.encaps import generate_frames
+from pydicom.uid import (
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
 
-from archive import transcode as tc
+from archive import codecs as tc
 from archive.synthetic import StudySpec, make_instance, modality_preset, render_pixels
 
 try:
@@ -36,11 +43,11 @@ except ImportError:  # pragma: no cover
     imagecodecs = None
 
 CODECS = {
-    "RLE": tc.RLELossless,
-    "JPEG-LS": tc.JPEGLSLossless,
-    "JPEG 2000": tc.JPEG2000Lossless,
-    "HTJ2K": tc.HTJ2KLossless,
-    "HTJ2K RPCL": tc.HTJ2KLosslessRPCL,
+    "RLE": RLELossless,
+    "JPEG-LS": JPEGLSLossless,
+    "JPEG 2000": JPEG2000Lossless,
+    "HTJ2K": HTJ2KLossless,
+    "HTJ2K RPCL": HTJ2KLosslessRPCL,
 }
 
 # name -> (modality, preset overrides); --quick divides the sizes
@@ -110,7 +117,7 @@ def measure(data: bytes, arr: np.ndarray, target: str, min_time: float) -> dict:
         "ratio": raw / compressed,
         "alt": None,
     }
-    if target in (tc.HTJ2KLossless, tc.HTJ2KLosslessRPCL) and imagecodecs is not None:
+    if target in (HTJ2KLossless, HTJ2KLosslessRPCL) and imagecodecs is not None:
         count = int(encoded.get("NumberOfFrames", 1))
         frames = list(generate_frames(encoded.PixelData, number_of_frames=count))
 
@@ -163,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     print()
     print(
-        "decode = archive.transcode.decoded_pixels (pydicom: pylibjpeg-rle, pyjpegls/CharLS,\n"
-        "OpenJPEG for JPEG 2000 and HTJ2K); encode = archive.transcode.encode_dataset\n"
+        "decode = archive.codecs.decoded_pixels (pydicom: pylibjpeg-rle, pyjpegls/CharLS,\n"
+        "OpenJPEG for JPEG 2000 and HTJ2K); encode = archive.codecs.encode_dataset\n"
         "(pylibjpeg-rle, pyjpegls, pylibjpeg-openjpeg, OpenJPH via imagecodecs).\n"
         f"total {time.perf_counter() - started:.0f} s"
     )

@@ -11,7 +11,6 @@ has a decoder).
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 import warnings
 from functools import cache
@@ -34,15 +33,16 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from archive import transcode as tc
+from archive import codecs as tc
 from archive.synthetic import StudySpec, make_instance, modality_preset, render_pixels
+from tests.dcmtk import dcmtk, have_dcmtk
 from tests.dicomfiles import pydicom_test_folders
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # pydicom warns a lot about its odd test files
 
 TARGETS = [ExplicitVRLittleEndian, *tc.LOSSLESS_TARGETS]
 HTJ2K_203 = UID("1.2.840.10008.1.2.4.203")
-DCMTK = shutil.which("dcmdump") is not None
+DCMTK = have_dcmtk("dcmdump")
 
 
 def _id(uid: str) -> str:
@@ -311,7 +311,7 @@ def test_htj2k_openjph_fallback_decoder(monkeypatch: pytest.MonkeyPatch) -> None
     errors."""
     good = synthetic_result("US-RGB-multiframe", HTJ2KLosslessRPCL)
     expected = synthetic_case("US-RGB-multiframe")[1]
-    real = tc.get_decoder
+    real = get_decoder
 
     class Missing:
         is_available = False
@@ -319,7 +319,7 @@ def test_htj2k_openjph_fallback_decoder(monkeypatch: pytest.MonkeyPatch) -> None
     def no_htj2k(uid):  # noqa: ANN001, ANN202
         return Missing() if uid in (HTJ2KLossless, HTJ2KLosslessRPCL) else real(uid)
 
-    monkeypatch.setattr(tc, "get_decoder", no_htj2k)
+    monkeypatch.setattr(tc.decode, "get_decoder", no_htj2k)
     assert np.array_equal(tc.decoded_pixels(read(good)), expected)
     out = read(tc.transcode(good, JPEGLSLossless))
     assert np.array_equal(pixels(out), expected)
@@ -504,6 +504,7 @@ def bundled_files() -> tuple[tuple[str, bytes], ...]:
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=_id)
+@pytest.mark.slow
 def test_bundled_files_round_trip(target: str, tmp_path: Path) -> None:
     files = bundled_files()
     assert len(files) > 100
@@ -538,7 +539,7 @@ def test_bundled_files_round_trip(target: str, tmp_path: Path) -> None:
 
 def _dcmtk(*args: str) -> tuple[int, list[str]]:
     """Exit status and the error lines (E: / F:) a dcmtk tool printed."""
-    result = subprocess.run(args, capture_output=True, timeout=120)
+    result = subprocess.run([dcmtk(args[0]), *args[1:]], capture_output=True, timeout=120)
     lines = result.stderr.decode("utf-8", "replace").splitlines()
     return result.returncode, [line for line in lines if line[:2] in ("E:", "F:")]
 
