@@ -7,37 +7,25 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from archive.security.scope import Scope
+from archive.topology import Peer
+
+__all__ = ["Decision", "Peer", "PeerTable", "addresses"]
 
 
-@dataclass(frozen=True)
-class Peer:
-    """A configured remote AE (``[[dicom.peers]]``)."""
-
-    aet: str
-    host: str  # address or host name; "*" = any address
-    port: int
-    site: str = ""
-    regional: bool = False
-
-    def addresses(self) -> set[str] | None:
-        """The IP addresses ``host`` stands for; None for any."""
-        if self.host in ("*", ""):
-            return None
-        try:
-            return {str(ipaddress.ip_address(self.host))}
-        except ValueError:
-            pass
-        try:
-            infos = socket.getaddrinfo(self.host, None)
-        except socket.gaierror:
-            return set()
-        return {str(info[4][0]) for info in infos}
-
-    @property
-    def scope(self) -> Scope | None:
-        """The studies this peer may find and retrieve: its site's; None = all."""
-        return None if self.regional else Scope(frozenset([self.site]))
+def addresses(host: str) -> set[str] | None:
+    """The IP addresses a peer's ``host`` stands for (resolved once, when the
+    listener starts); None for any address."""
+    if host in ("*", ""):
+        return None
+    try:
+        return {str(ipaddress.ip_address(host))}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return set()
+    return {str(info[4][0]) for info in infos}
 
 
 @dataclass(frozen=True)
@@ -52,14 +40,13 @@ class Decision:
 class PeerTable:
     """Lookup of the configured peers by AE title, with the address check."""
 
-    def __init__(self, peers: Iterable[dict | Peer], accept_unknown: bool = False) -> None:
+    def __init__(self, peers: Iterable[Peer], accept_unknown: bool = False) -> None:
         self.accept_unknown = accept_unknown
         self._by_aet: dict[str, Peer] = {}
         self._addresses: dict[str, set[str] | None] = {}
-        for p in peers:
-            peer = p if isinstance(p, Peer) else Peer(**p)
+        for peer in peers:
             self._by_aet[peer.aet] = peer
-            self._addresses[peer.aet] = peer.addresses()
+            self._addresses[peer.aet] = addresses(peer.host)
 
     def get(self, aet: str) -> Peer | None:
         return self._by_aet.get(aet.strip())
