@@ -1,5 +1,12 @@
 """The durable job queue: claiming, leases, retries, dedupe keys, workers
-(threads and real ``imag worker`` processes), on SQLite and PostgreSQL."""
+(threads and real ``imag worker`` processes), on SQLite and PostgreSQL.
+
+Time is a FakeClock that the tests advance: nothing here sleeps for a due
+time, a lease or a back-off to pass.  Worker threads are waited for with
+:meth:`Worker.wait_idle` / :meth:`Worker.wait_renewed` (conditions, bounded);
+only the tests of real ``imag worker`` processes poll the index for what
+another process did.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -18,6 +26,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from archive import metrics
 from archive.cli import main as imag_main
+from archive.clock import Clock, FakeClock, SystemClock
 from archive.index import open_database, upgrade
 from archive.index.db import Database, utcnow
 from archive.jobs import HANDLERS, JobError, JobQueue, PermanentJobError, Worker, current_job
@@ -28,8 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def db(index_url: str) -> Iterator[Database]:
-    database = open_database(index_url)
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db(index_url: str, clock: FakeClock) -> Iterator[Database]:
+    database = open_database(index_url, clock=clock)
     upgrade(database)
     yield database
     database.close()
@@ -41,6 +55,7 @@ def queue(db: Database) -> JobQueue:
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "") -> None:
+    """Poll for what another *process* did (no condition crosses processes)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -51,7 +66,7 @@ def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "
 # -- the queue --------------------------------------------------------------------------------
 
 
-def test_enqueue_claim_complete(queue: JobQueue) -> None:
+def test_enqueue_claim_complete(queue: JobQueue, clock: FakeClock) -> None:
     now_id = queue.enqueue("demo", {"n": 1})
     later_id = queue.enqueue("demo", {"n": 2}, delay=0.3)
 
@@ -63,13 +78,17 @@ def test_enqueue_claim_complete(queue: JobQueue) -> None:
     assert queue.get(now_id).state == "done"
     assert queue.get(now_id).worker == "w1"
 
-    time.sleep(0.35)
+    clock.advance(0.29)
+    assert queue.claim("w1") == []  # still not due
+    clock.advance(0.06)
     [later] = queue.claim("w1")
     assert later.id == later_id and later.payload == {"n": 2}
 
 
-def test_claim_takes_only_the_given_kinds_oldest_due_first(queue: JobQueue) -> None:
-    past = utcnow() - timedelta(seconds=10)
+def test_claim_takes_only_the_given_kinds_oldest_due_first(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    past = clock.now() - timedelta(seconds=10)
     a = queue.enqueue("a", {}, due_at=past + timedelta(seconds=2))
     b = queue.enqueue("b", {}, due_at=past)
     a2 = queue.enqueue("a", {}, due_at=past + timedelta(seconds=1))
@@ -79,13 +98,15 @@ def test_claim_takes_only_the_given_kinds_oldest_due_first(queue: JobQueue) -> N
 
 
 def test_a_leased_job_is_reclaimed_only_after_its_lease_and_the_stale_worker_cannot_finish_it(
-    queue: JobQueue,
+    queue: JobQueue, clock: FakeClock
 ) -> None:
     job_id = queue.enqueue("demo", {})
     [first] = queue.claim("old", lease_seconds=0.3)
     assert queue.claim("new", lease_seconds=0.3) == []  # leased: nobody else gets it
 
-    time.sleep(0.4)  # "old" stalled past its lease
+    clock.advance(0.25)
+    assert queue.claim("new", lease_seconds=0.3) == []  # still within the lease
+    clock.advance(0.15)  # "old" stalled past its lease
     [second] = queue.claim("new", lease_seconds=30)
     assert second.id == job_id and second.attempts == 2
     assert "lease expired (worker old)" in queue.get(job_id).last_error
@@ -101,26 +122,26 @@ def test_a_leased_job_is_reclaimed_only_after_its_lease_and_the_stale_worker_can
     assert (record.state, record.worker, record.attempts) == ("done", "new", 2)
 
 
-def test_extend_lease_keeps_a_long_job(queue: JobQueue) -> None:
+def test_extend_lease_keeps_a_long_job(queue: JobQueue, clock: FakeClock) -> None:
     queue.enqueue("demo", {})
     [job] = queue.claim("w", lease_seconds=0.3)
     for _ in range(3):
-        time.sleep(0.15)
+        clock.advance(0.15)
         assert queue.extend_lease(job, 0.3)
     assert queue.claim("other") == []
     assert queue.complete(job)
 
 
 def test_failures_back_off_exponentially_then_the_job_is_dead_keeping_its_last_error(
-    queue: JobQueue,
+    queue: JobQueue, clock: FakeClock
 ) -> None:
     job_id = queue.enqueue("demo", {}, max_attempts=3)
     delays = []
     for attempt in (1, 2, 3):
-        wait_for(lambda: queue.get(job_id).due_at <= utcnow(), what="due")
+        clock.advance(max(0.0, (queue.get(job_id).due_at - clock.now()).total_seconds()))
         [job] = queue.claim("w")
         assert job.attempts == attempt
-        failed_at = utcnow()
+        failed_at = clock.now()
         state = queue.fail(job, f"RuntimeError: failure {attempt}")
         record = queue.get(job_id)
         assert record.last_error == f"RuntimeError: failure {attempt}"
@@ -130,7 +151,7 @@ def test_failures_back_off_exponentially_then_the_job_is_dead_keeping_its_last_e
         else:
             assert state == record.state == "dead"
     assert 0.04 <= delays[0] < delays[1] <= 0.13  # 0.05 s, then 0.1 s, +0-20 % jitter
-    time.sleep(0.15)
+    clock.advance(0.15)
     assert queue.claim("w") == []  # dead jobs are not run again
     assert queue.depth()["dead"] == 1
 
@@ -151,18 +172,20 @@ def test_permanent_failure_is_dead_at_once(queue: JobQueue) -> None:
 
 
 def test_a_job_whose_lease_expires_on_its_last_attempt_is_dead_not_retried_forever(
-    queue: JobQueue,
+    queue: JobQueue, clock: FakeClock
 ) -> None:
     job_id = queue.enqueue("demo", {}, max_attempts=1)
     queue.claim("crashes", lease_seconds=0.1)
-    time.sleep(0.15)
+    clock.advance(0.15)
     assert queue.claim("next") == []
     record = queue.get(job_id)
     assert record.state == "dead"
     assert "lease expired on the last attempt (worker crashes)" in record.last_error
 
 
-def test_a_dedupe_key_keeps_one_live_job_and_pushes_its_due_time(queue: JobQueue) -> None:
+def test_a_dedupe_key_keeps_one_live_job_and_pushes_its_due_time(
+    queue: JobQueue, clock: FakeClock
+) -> None:
     first = queue.enqueue("stable", {"n": 1}, delay=0.2, dedupe_key="study:1")
     due_first = queue.get(first).due_at
     again = queue.enqueue("stable", {"n": 2}, delay=0.5, dedupe_key="study:1")
@@ -172,9 +195,9 @@ def test_a_dedupe_key_keeps_one_live_job_and_pushes_its_due_time(queue: JobQueue
     assert record.payload == {"n": 2} and record.due_at > due_first
     assert len(queue.list(kind="stable")) == 2
 
-    time.sleep(0.3)
+    clock.advance(0.3)
     assert [j.id for j in queue.claim("w", limit=5)] == [other]  # study:1 was pushed
-    time.sleep(0.25)
+    clock.advance(0.25)
     [job] = queue.claim("w")
     assert job.id == first and job.payload == {"n": 2}
     assert queue.complete(job)
@@ -183,7 +206,9 @@ def test_a_dedupe_key_keeps_one_live_job_and_pushes_its_due_time(queue: JobQueue
     assert queue.enqueue("stable", {"n": 4}, dedupe_key="study:1") not in (first, other)
 
 
-def test_a_dedupe_enqueue_while_the_job_runs_makes_a_new_pending_job(queue: JobQueue) -> None:
+def test_a_dedupe_enqueue_while_the_job_runs_makes_a_new_pending_job(
+    queue: JobQueue, clock: FakeClock
+) -> None:
     running_id = queue.enqueue("stable", {"n": 1}, dedupe_key="study:1")
     [job] = queue.claim("w")
     # an arrival during the run (or the handler rescheduling itself) is not
@@ -193,7 +218,7 @@ def test_a_dedupe_enqueue_while_the_job_runs_makes_a_new_pending_job(queue: JobQ
     assert queue.enqueue("stable", {"n": 3}, delay=0.2, dedupe_key="study:1") == successor
     assert queue.complete(job)
     assert queue.get(running_id).state == "done"
-    time.sleep(0.25)
+    clock.advance(0.25)
     [rerun] = queue.claim("w")
     assert rerun.id == successor and rerun.payload == {"n": 3}
 
@@ -219,7 +244,7 @@ def test_enqueue_inside_a_transaction_belongs_to_it(db: Database, queue: JobQueu
     assert queue.get(job_id).payload == {"kept": True}  # ... and committed with it
 
 
-def test_retry_and_cancel(queue: JobQueue) -> None:
+def test_retry_and_cancel(queue: JobQueue, clock: FakeClock) -> None:
     pending = queue.enqueue("demo", {}, delay=60)
     queue.cancel(pending)
     assert queue.get(pending).state == "cancelled"
@@ -227,7 +252,7 @@ def test_retry_and_cancel(queue: JobQueue) -> None:
         queue.cancel(pending)
     queue.retry(pending)
     record = queue.get(pending)
-    assert record.state == "pending" and record.due_at <= utcnow()
+    assert record.state == "pending" and record.due_at <= clock.now()
 
     [job] = queue.claim("w")
     with pytest.raises(JobError, match="is running"):
@@ -253,7 +278,7 @@ def test_retry_and_cancel(queue: JobQueue) -> None:
         queue.retry(dead)
 
 
-def test_depth_and_list(queue: JobQueue) -> None:
+def test_depth_and_list(queue: JobQueue, clock: FakeClock) -> None:
     for i in range(3):
         queue.enqueue("a", {"i": i})
     queue.enqueue("b", {}, delay=60)
@@ -265,6 +290,7 @@ def test_depth_and_list(queue: JobQueue) -> None:
     assert [j.payload for j in queue.list(kind="a")] == [{"i": 2}, {"i": 1}, {"i": 0}]
     assert [j.id for j in queue.list(state="done")] == [job.id]
     assert len(queue.list(limit=2)) == 2
+    clock.advance(1)
     assert queue.oldest_due_seconds() > 0
     assert queue.purge(timedelta(0)) == 1
     assert queue.get(job.id) is None
@@ -274,13 +300,25 @@ def test_depth_and_list(queue: JobQueue) -> None:
 
 
 @pytest.fixture
-def worker_archive(make_config: Callable, index_url: str) -> Iterator[Archive]:
-    with Archive(make_config(index_url=index_url)) as arch:
+def worker_archive(make_config: Callable, index_url: str, clock: FakeClock) -> Iterator[Archive]:
+    with Archive(make_config(index_url=index_url), clock=clock) as arch:
         yield arch
 
 
+def run_until(
+    worker: Worker, clock: FakeClock, done: Callable[[], bool], step: float = 1.0, rounds: int = 10
+) -> None:
+    """Let ``worker`` run every due job, then ``step`` seconds pass, until ``done()``."""
+    for _ in range(rounds):
+        assert worker.wait_idle(), "the worker did not finish the due jobs"
+        if done():
+            return
+        clock.advance(step)
+    raise AssertionError(f"not done after {rounds} rounds of {step} s")
+
+
 def test_worker_runs_handlers_retries_failures_and_records_dead_jobs(
-    worker_archive: Archive, monkeypatch: pytest.MonkeyPatch
+    worker_archive: Archive, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[dict, int]] = []
     flaky_runs: list[int] = []
@@ -317,10 +355,9 @@ def test_worker_runs_handlers_retries_failures_and_records_dead_jobs(
     dead_runs = {"kind": "t.broken", "outcome": "dead"}
     runs_before = REGISTRY.get_sample_value("imag_job_runs_total", dead_runs) or 0
 
-    with Worker(worker_archive, "tw", poll_interval=0.02, concurrency=2, queue=queue):
-        wait_for(
-            lambda: all(queue.get(i).state in ("done", "dead") for i in ids.values()),
-            what="every job finished",
+    with Worker(worker_archive, "tw", poll_interval=0.02, concurrency=2, queue=queue) as w:
+        run_until(
+            w, clock, lambda: all(queue.get(i).state in ("done", "dead") for i in ids.values())
         )
     assert seen == [({"x": 1}, 1)]
     flaky_job = queue.get(ids["flaky"])
@@ -340,33 +377,47 @@ def test_a_claimed_kind_without_handler_fails_with_a_clear_error(worker_archive:
     job_id = queue.enqueue("nobody.handles", {}, max_attempts=1)
     # without kinds a worker claims only kinds it can run: the job stays pending
     with Worker(worker_archive, "w", poll_interval=0.02, queue=queue) as w:
-        time.sleep(0.1)
+        assert w.wait_idle()  # it looked, and left the job alone
         assert queue.get(job_id).state == "pending"
         w.stop()
-    with Worker(worker_archive, "w", kinds=["nobody.handles"], poll_interval=0.02, queue=queue):
-        wait_for(lambda: queue.get(job_id).state == "dead", what="dead")
+    with Worker(
+        worker_archive, "w", kinds=["nobody.handles"], poll_interval=0.02, queue=queue
+    ) as w:
+        assert w.wait_idle()
+        assert queue.get(job_id).state == "dead"
     assert queue.get(job_id).last_error.startswith(
         "LookupError: no handler for job kind 'nobody.handles' in this process"
     )
 
 
 def test_worker_keeps_the_lease_of_a_handler_longer_than_the_lease(
-    worker_archive: Archive, monkeypatch: pytest.MonkeyPatch
+    worker_archive: Archive, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(HANDLERS, "t.slow", lambda archive, payload: time.sleep(0.8))
+    running, finish = threading.Event(), threading.Event()
+
+    def slow(archive: Archive, payload: dict) -> None:
+        running.set()
+        assert finish.wait(30), "the test never let the handler finish"
+
+    monkeypatch.setitem(HANDLERS, "t.slow", slow)
     queue = JobQueue(worker_archive.db)
     job_id = queue.enqueue("t.slow", {})
-    with Worker(worker_archive, "w", poll_interval=0.02, lease_seconds=0.3, queue=queue):
-        wait_for(lambda: queue.get(job_id).state == "running", what="running")
-        time.sleep(0.4)  # past the first lease: renewed, so nobody else may take it
-        assert queue.claim("thief", lease_seconds=5) == []
-        wait_for(lambda: queue.get(job_id).state == "done", what="done")
+    with Worker(worker_archive, "w", poll_interval=0.02, lease_seconds=0.3, queue=queue) as w:
+        assert running.wait(10)
+        for _ in range(3):  # 0.6 s in all, twice the lease: renewed, so nobody else may take it
+            clock.advance(0.2)
+            assert w.wait_renewed()
+            assert queue.claim("thief", lease_seconds=5) == []
+        finish.set()
+        assert w.wait_idle()
+        assert queue.get(job_id).state == "done"
     assert queue.get(job_id).attempts == 1
 
 
-def test_worker_stops_promptly_when_idle(worker_archive: Archive) -> None:
-    w = Worker(worker_archive, "w", poll_interval=5, lease_seconds=60).start()
-    time.sleep(0.05)
+@pytest.mark.parametrize("idle_clock", [SystemClock(), FakeClock()], ids=["system", "fake"])
+def test_worker_stops_promptly_when_idle(worker_archive: Archive, idle_clock: Clock) -> None:
+    w = Worker(worker_archive, "w", poll_interval=5, lease_seconds=60, clock=idle_clock).start()
+    assert w.wait_idle()  # between polls, in its 5 s wait
     started = time.monotonic()
     w.stop()
     assert time.monotonic() - started < 1
@@ -501,8 +552,7 @@ def test_a_worker_killed_mid_job_loses_it_to_another_after_the_lease(
     db = open_database(index_url)
     upgrade(db)
     jobkinds.create_tables(db)
-    lease = ("--lease-seconds", "1.5")
-    first, first_log = start_worker(index_url, tmp_path, "first", *lease)
+    first, first_log = start_worker(index_url, tmp_path, "first")
     second = None
     try:
         wait_started(first, first_log)
@@ -514,7 +564,14 @@ def test_a_worker_killed_mid_job_loses_it_to_another_after_the_lease(
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         killed_at = time.time()
-        second, second_log = start_worker(index_url, tmp_path, "second", *lease)
+        assert JobQueue(db).get(job_id).state == "running"  # leased to the dead worker
+        # The lease runs out, as its 60 s without a heartbeat would (the
+        # processes' clocks cannot be advanced from here).
+        db.execute(
+            "UPDATE jobs SET lease_until = ? WHERE id = ?",
+            (utcnow() - timedelta(seconds=1), job_id),
+        )
+        second, second_log = start_worker(index_url, tmp_path, "second")
         wait_started(second, second_log)
         wait_for(lambda: JobQueue(db).get(job_id).state == "done", timeout=20, what="job reclaimed")
     finally:

@@ -5,7 +5,6 @@ addresses behind proxies, tokens at rest, and migrations with trigger bodies."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from archive.clock import FakeClock
 from archive.config import Config, ConfigError, load_config
 from archive.index.migrate import _split
 from archive.runtime import Archive
@@ -140,15 +140,50 @@ def test_tokens_are_kept_only_as_their_sha256(archive: Archive) -> None:
 
 
 def test_the_limiter_blocks_after_max_failures_and_forgets_after_the_window() -> None:
-    limiter = FailureLimiter(max_failures=3, window_seconds=0.5)
+    clock = FakeClock()
+    limiter = FailureLimiter(max_failures=3, window_seconds=0.5, clock=clock)
     for _ in range(2):
         limiter.failed("address:10.0.0.1", "token:x")
     assert limiter.retry_after("address:10.0.0.1") == 0
     limiter.failed("address:10.0.0.1")
     assert limiter.retry_after("address:10.0.0.1") >= 1
     assert limiter.retry_after("address:10.0.0.2", "token:y") == 0  # others are not affected
-    time.sleep(0.6)
+    clock.advance(0.4)
+    assert limiter.retry_after("address:10.0.0.1") >= 1  # still within the window
+    clock.advance(0.2)
     assert limiter.retry_after("address:10.0.0.1") == 0
+
+
+def test_a_limited_client_is_answered_429_until_the_window_has_passed_on_the_archive_clock(
+    make_config: Callable[..., Config], index_url: str
+) -> None:
+    clock = FakeClock()
+    settings = {"auth.max_failures": 2, "auth.failure_window_seconds": 30}
+    bad = {"Authorization": "Bearer imag_not-a-real-token"}
+    with Archive(make_config(index_url=index_url, settings=settings), clock=clock) as archive:
+        app = make_app(archive)
+
+        async def run() -> list[tuple[int, str | None]]:
+            async with TestClient(TestServer(app)) as client:
+
+                async def attempt() -> tuple[int, str | None]:
+                    response = await client.get("/whoami", headers=bad)
+                    return response.status, response.headers.get("Retry-After")
+
+                answers = [await attempt(), await attempt(), await attempt()]
+                clock.advance(29)
+                answers.append(await attempt())
+                clock.advance(1)
+                answers.append(await attempt())
+                return answers
+
+        assert asyncio.run(run()) == [
+            (401, None),
+            (401, None),
+            (429, "30"),
+            (429, "1"),
+            (401, None),  # the window has passed: authentication is tried again
+        ]
 
 
 class _Request:

@@ -332,7 +332,7 @@ class Catalog:
         what they write (the change feed, stability jobs, audit entries)
         commits with the rows or not at all."""
         db = self.db
-        now = utcnow()
+        now = db.clock.now()
         results: list[CommitResult] = []
         with db.transaction():
             batch = _Batch()

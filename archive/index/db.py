@@ -31,6 +31,8 @@ import psycopg
 from prometheus_client import Counter
 from psycopg.pq import TransactionStatus
 
+from archive.clock import Clock, SystemClock
+
 log = logging.getLogger(__name__)
 
 INDEX_CONNECTIONS_REPLACED = Counter(
@@ -81,8 +83,11 @@ class Database:
     each leaving one open.
     """
 
-    def __init__(self, url: str, max_idle: int = 8) -> None:
+    def __init__(self, url: str, max_idle: int = 8, *, clock: Clock | None = None) -> None:
         self.url = url
+        #: the time rows are stamped with and compared to (due times, leases,
+        #: arrivals): one clock for everything that writes through this handle
+        self.clock: Clock = clock or SystemClock()
         scheme = urlsplit(url).scheme
         if scheme == "sqlite":
             self.dialect = "sqlite"
@@ -348,6 +353,7 @@ def _safe(url: str) -> str:
     return url
 
 
-def open_database(url: str) -> Database:
-    """Open (lazily connect to) the index database at ``url``."""
-    return Database(url)
+def open_database(url: str, *, clock: Clock | None = None) -> Database:
+    """Open (lazily connect to) the index database at ``url``; ``clock`` stamps
+    and compares its times (default: the system clock)."""
+    return Database(url, clock=clock)

@@ -1,37 +1,45 @@
 """Failed-authentication limits: after too many failures from one address, or
 with one token, further attempts get 429 with Retry-After until the window
 has passed.  Counts are per process (each process behind a load balancer
-limits on its own, so the effective limit is at most N times the setting)."""
+limits on its own, so the effective limit is at most N times the setting).
+
+Windows are measured on the limiter's clock (monotonic: a wall-clock step
+neither lifts nor extends a block); tests give a FakeClock and advance it."""
 
 from __future__ import annotations
 
+import math
 import threading
-import time
 from collections import deque
+
+from archive.clock import Clock, SystemClock
 
 
 class FailureLimiter:
     """Sliding-window counts of failures per key (an address, a token digest)."""
 
-    def __init__(self, max_failures: int, window_seconds: float) -> None:
+    def __init__(
+        self, max_failures: int, window_seconds: float, *, clock: Clock | None = None
+    ) -> None:
         self.max_failures = max_failures
         self.window = window_seconds
+        self.clock: Clock = clock or SystemClock()
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
     def retry_after(self, *keys: str) -> int:
         """Seconds until ``keys`` may try again; 0 when none is over the limit."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         wait = 0.0
         with self._lock:
             for key in keys:
                 times = self._prune(key, now)
                 if times is not None and len(times) >= self.max_failures:
                     wait = max(wait, times[0] + self.window - now)
-        return int(wait) + 1 if wait > 0 else 0
+        return math.ceil(wait) if wait > 0 else 0
 
     def failed(self, *keys: str) -> None:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self._lock:
             for key in keys:
                 self._failures.setdefault(key, deque()).append(now)
