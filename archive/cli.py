@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import os
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from archive.config import SETTINGS, Config, ConfigError, load_config
+from archive.commandline import load
+from archive.config import ConfigError, all_settings, load_config
 from archive.index import current_version, open_database, upgrade
-from archive.logs import setup_logging
 
 log = logging.getLogger("imag")
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config)
-    setup_logging(config["log.level"], config["log.format"])
-    return config
+_load = load
 
 
 def _human(n: float) -> str:
@@ -45,11 +38,23 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(shown, indent=2))
         return 0
-    for s in SETTINGS:
+    for s in all_settings():
         print(
             f"{s.path:<26} = {shown[s.path]!r:<40} # {config.sources.get(s.path, 'default')},"
             f" {s.env}"
         )
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from archive import plugins
+
+    shown = plugins.describe()
+    if args.json:
+        print(json.dumps(shown, indent=2))
+        return 0
+    for name, hooks in shown.items():
+        print(f"{name:<28} {', '.join(hooks)}")
     return 0
 
 
@@ -243,98 +248,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args)
-    processes = config["dicom.processes"] if config["dicom.enabled"] else 1
-    multiproc_dir = None
-    if processes > 1:
-        # Before prometheus_client is first imported: every process then writes
-        # its metrics to this folder and /metrics adds them up.
-        from archive.dimse.processes import metrics_dir
+    from archive.app.serve import serve
 
-        multiproc_dir = metrics_dir(config)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
-
-    from archive.runtime import Archive
-    from archive.server import serve_http
-
-    async def main() -> None:
-        archive = Archive(config)
-        from archive.security.commands import ensure_admin_token
-        from archive.security.principals import Principals
-
-        token_file = ensure_admin_token(config, Principals(archive.db))
-        if token_file is not None:
-            log.warning("first start: admin token written", extra={"path": str(token_file)})
-            print(
-                f"IMAG first start: the admin API token is in {token_file} (readable only by "
-                "you); send it as 'Authorization: Bearer <token>', and create users with "
-                "'imag user add' and 'imag token create'",
-                file=sys.stderr,
-                flush=True,
-            )
-        if not config["auth.enabled"]:
-            log.warning("authentication is OFF (auth.enabled = false): local development only")
-        dicom = None
-        children: list = []
-        if config["dicom.enabled"]:
-            from archive.dimse.processes import start_listeners
-            from archive.dimse.server import DicomServer
-
-            dicom = DicomServer(archive)
-            dicom.start(config["dicom.host"], config["dicom.port"])
-            if processes > 1:
-                children = start_listeners(config, dicom.port, processes - 1)
-        from archive.jobs import JobQueue, Worker, load_handlers
-        from archive.metrics import watch_job_queue
-
-        load_handlers()
-        queue = JobQueue(archive.db)
-        watch_job_queue(queue)
-        worker = (
-            Worker(
-                archive, f"serve-{os.getpid()}", queue=queue, concurrency=config["jobs.workers"]
-            ).start()
-            if config["jobs.workers"]
-            else None
-        )
-        archive.changes.start()
-        runner = await serve_http(archive, config["http.host"], config["http.port"])
-        scheme = "https" if config["http.tls_cert"] else "http"
-        http = f"{scheme}://{config['http.host']}:{config['http.port']}"
-        where = {"http": http, "index": config.masked()["index.url"], "storage": config.storage_url}
-        if dicom is not None:
-            where["dicom"] = f"{config['dicom.aet']}@{config['dicom.host']}:{dicom.port}" + (
-                f" ({processes} processes)" if processes > 1 else ""
-            )
-        log.info("imag serving", extra=where)
-        print(
-            "IMAG listening: " + ", ".join(f"{k} {v}" for k, v in where.items()),
-            file=sys.stderr,
-            flush=True,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        if children:
-            from archive.dimse.processes import stop_listeners
-
-            await asyncio.to_thread(stop_listeners, children)
-        if dicom is not None:
-            dicom.stop()
-        await runner.cleanup()
-        if worker is not None:
-            await asyncio.to_thread(worker.stop)
-        archive.changes.stop()
-        archive.close()
-
-    try:
-        asyncio.run(main())
-    finally:
-        if multiproc_dir:
-            shutil.rmtree(multiproc_dir, ignore_errors=True)
-    return 0
+    return serve(_load(args))
 
 
 def _queue(args: argparse.Namespace):  # noqa: ANN202 - (Database, JobQueue)
@@ -396,7 +312,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from archive.jobs import run_worker_process
+    from archive.app.worker import run_worker_process
 
     config = _load(args)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
@@ -515,9 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = dbsub.add_parser("upgrade", help="apply pending schema migrations")
     p.set_defaults(func=cmd_db_upgrade)
 
-    from archive.security.commands import add_commands
+    from archive import plugins
 
-    add_commands(sub, _load)
+    plugins.hook().imag_commands(subparsers=sub)
+
+    p = sub.add_parser(
+        "plugins", help="the plugins loaded, core first, and the hooks each implements"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
 
     cfg = sub.add_parser("config", help="configuration")
     cfgsub = cfg.add_subparsers(dest="config_command", required=True, metavar="COMMAND")

@@ -17,12 +17,13 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from archive.security.roles import ROLES
+from archive.topology import STORE_AS, Peer, Route, Site
 
 
 class ConfigError(ValueError):
@@ -125,40 +126,33 @@ def _size(value: Any) -> int:
     return n
 
 
-def _peers(value: Any) -> list[dict]:
-    """[[dicom.peers]] tables (or a JSON array in IMAG_DICOM_PEERS)."""
+def _tables(value: Any, json_form: str, toml_form: str) -> list:
+    """A list of tables: from the TOML file, or a JSON array in an ``IMAG_*``
+    variable (records given in code are kept as they are)."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise TypeError("a JSON array of {aet, host, port, site} objects") from None
-    if not isinstance(value, list):
-        raise TypeError("a list of [[dicom.peers]] tables with aet, host, port and site")
-    peers = []
-    for i, item in enumerate(value):
-        if not isinstance(item, Mapping):
-            raise TypeError(f"a table for peer #{i + 1}")
-        unknown = set(item) - {"aet", "host", "port", "site", "regional"}
-        if unknown:
-            raise TypeError(
-                f"peer #{i + 1}: only aet, host, port, site, regional "
-                f"(unknown: {', '.join(sorted(unknown))})"
-            )
-        try:
-            peers.append(
-                {
-                    "aet": _aet(item.get("aet")),
-                    "host": _str(item.get("host", "*")),
-                    "port": _int(0, 65535)(item.get("port", 104)),
-                    "site": _str(item.get("site", "")),
-                    "regional": _bool(item.get("regional", False)),
-                }
-            )
-        except TypeError as exc:
-            raise TypeError(f"peer #{i + 1} ({item.get('aet')!r}): {exc}") from None
-    titles = [p["aet"] for p in peers]
-    if len(set(titles)) != len(titles):
-        raise TypeError("peers with distinct AE titles")
+            raise TypeError(json_form) from None
+    if not isinstance(value, list | tuple):
+        raise TypeError(toml_form)
+    return list(value)
+
+
+def _distinct(names: list[str], expected: str) -> None:
+    if len(set(names)) != len(names):
+        raise TypeError(expected)
+
+
+def _peers(value: Any) -> list[Peer]:
+    """[[dicom.peers]] tables (or a JSON array in IMAG_DICOM_PEERS)."""
+    tables = _tables(
+        value,
+        "a JSON array of {aet, host, port, site} objects",
+        "a list of [[dicom.peers]] tables with aet, host, port and site",
+    )
+    peers = [Peer.from_toml(table, i + 1) for i, table in enumerate(tables)]
+    _distinct([p.aet for p in peers], "peers with distinct AE titles")
     return peers
 
 
@@ -194,97 +188,40 @@ def _syslog_url(value: Any) -> str:
     return text
 
 
-STORE_AS = ("as-received", "htj2k-lossless", "j2k-lossless", "jpegls-lossless", "rle-lossless")
-
-
-def _sites(value: Any) -> list[dict]:
-    """[[sites]] tables: name, and optionally store_as (a per-producer policy)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise TypeError("a JSON array of {name, store_as} objects") from None
-    if not isinstance(value, list):
-        raise TypeError("a list of [[sites]] tables with name and store_as")
-    sites = []
-    for i, item in enumerate(value):
-        if not isinstance(item, Mapping) or not item.get("name"):
-            raise TypeError(f"site #{i + 1}: a table with at least a name")
-        unknown = set(item) - {"name", "store_as", "stable_after_seconds"}
-        if unknown:
-            raise TypeError(
-                f"site #{i + 1}: only name, store_as and stable_after_seconds "
-                f"(unknown: {', '.join(sorted(unknown))})"
-            )
-        store_as = item.get("store_as")
-        if store_as is not None and store_as not in STORE_AS:
-            raise TypeError(f"site {item['name']!r}: store_as one of {', '.join(STORE_AS)}")
-        stable = item.get("stable_after_seconds")
-        if stable is not None:
-            stable = _int(1, 7 * 86400)(stable)
-        sites.append(
-            {"name": _str(item["name"]), "store_as": store_as, "stable_after_seconds": stable}
-        )
+def _sites(value: Any) -> list[Site]:
+    """[[sites]] tables: name, and optionally store_as (a per-producer policy)
+    and stable_after_seconds."""
+    tables = _tables(
+        value,
+        "a JSON array of {name, store_as} objects",
+        "a list of [[sites]] tables with name and store_as",
+    )
+    sites = [Site.from_toml(table, i + 1) for i, table in enumerate(tables)]
+    _distinct([s.name for s in sites], "sites with distinct names")
     return sites
 
 
-ROUTE_MATCH = ("site", "calling_aet", "modality", "sop_class", "study_description", "body_part")
-
-
-def _routes(value: Any) -> list[dict]:
+def _routes(value: Any) -> list[Route]:
     """[[routes]]: send matching instances (when = "instance") or stable studies
     (when = "stable") to a DICOM peer (to_dicom = AE title of a [[dicom.peers]])
     or a STOW-RS endpoint (to_stow = base URL; stow_token_file = a file holding
     the destination's API token).  Match values are exact,
     wildcards (* ?) or regular expressions written "re:..."."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise TypeError("a JSON array of route objects") from None
-    if not isinstance(value, list):
-        raise TypeError("a list of [[routes]] tables")
-    routes = []
-    for i, item in enumerate(value):
-        if not isinstance(item, Mapping):
-            raise TypeError(f"route #{i + 1}: a table")
-        name = str(item.get("name") or f"route-{i + 1}")
-        allowed = {"name", "when", "to_dicom", "to_stow", "stow_token_file", *ROUTE_MATCH}
-        unknown = set(item) - allowed
-        if unknown:
-            raise TypeError(
-                f"route {name!r}: unknown key(s) {', '.join(sorted(unknown))}; "
-                f"allowed: {', '.join(sorted(allowed))}"
-            )
-        when = item.get("when", "instance")
-        if when not in ("instance", "stable"):
-            raise TypeError(f"route {name!r}: when = 'instance' or 'stable'")
-        targets = [k for k in ("to_dicom", "to_stow") if item.get(k)]
-        if len(targets) != 1:
-            raise TypeError(f"route {name!r}: exactly one of to_dicom or to_stow")
-        for key in ROUTE_MATCH:
-            pattern = item.get(key)
-            if isinstance(pattern, str) and pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as exc:
-                    raise TypeError(
-                        f"route {name!r}: {key} is not a valid regular expression: {exc}"
-                    ) from None
-        routes.append(
-            {
-                "name": name,
-                "when": when,
-                "to_dicom": item.get("to_dicom"),
-                "to_stow": item.get("to_stow"),
-                "stow_token_file": item.get("stow_token_file"),
-                **{k: item.get(k) for k in ROUTE_MATCH},
-            }
-        )
-    names = [r["name"] for r in routes]
-    if len(set(names)) != len(names):
-        raise TypeError("routes with distinct names")
+    tables = _tables(value, "a JSON array of route objects", "a list of [[routes]] tables")
+    routes = [Route.from_toml(table, i + 1) for i, table in enumerate(tables)]
+    _distinct([r.name for r in routes], "routes with distinct names")
     return routes
+
+
+#: the checks a plugin's settings use (``Setting("example.limit", 10, as_int(1, 100), ...)``):
+#: each turns a TOML or ``IMAG_*`` value into the setting's value, or raises
+#: TypeError saying what is expected
+as_text = _str
+as_int = _int
+as_bool = _bool
+as_choice = _choice
+as_size = _size
+as_fraction = _fraction
 
 
 # -- the settings table ---------------------------------------------------------
@@ -560,6 +497,25 @@ SETTINGS: list[Setting] = [
 _BY_PATH = {s.path: s for s in SETTINGS}
 
 
+def all_settings() -> list[Setting]:
+    """The core's settings, then those plugins add (``imag_settings``): one
+    table for the TOML file, the ``IMAG_*`` variables and ``imag config show``.
+    A plugin setting whose path another setting already has is refused."""
+    from archive import plugins
+
+    found = list(SETTINGS)
+    seen = dict(_BY_PATH)
+    for plugin, settings in plugins.collect("imag_settings"):
+        for setting in settings:
+            if setting.path in seen:
+                raise plugins.PluginError(
+                    f"setting {setting.path!r} of plugin {plugin} is already defined"
+                )
+            seen[setting.path] = setting
+            found.append(setting)
+    return found
+
+
 @dataclass(frozen=True)
 class Config:
     """The effective configuration; build it with :func:`load_config`."""
@@ -582,15 +538,72 @@ class Config:
     def storage_url(self) -> str:
         return self.values["storage.url"]
 
+    @property
+    def peers(self) -> list[Peer]:
+        """The known DICOM peers (``[[dicom.peers]]``)."""
+        return self.values["dicom.peers"]
+
+    @property
+    def sites(self) -> list[Site]:
+        """The producing sites with their own policies (``[[sites]]``)."""
+        return self.values["sites"]
+
+    @property
+    def routes(self) -> list[Route]:
+        """The routing rules (``[[routes]]``), in file order."""
+        return self.values["routes"]
+
+    def peer(self, aet: str) -> Peer | None:
+        """The configured peer with this AE title, if any."""
+        return next((p for p in self.peers if p.aet == aet), None)
+
+    def site(self, name: str) -> Site | None:
+        """The ``[[sites]]`` entry of this site, if it has one."""
+        return next((s for s in self.sites if s.name == name), None)
+
+    def route(self, name: str) -> Route | None:
+        """The route of this name, if it is (still) configured."""
+        return next((r for r in self.routes if r.name == name), None)
+
+    def store_as_for(self, site: str) -> str:
+        """The stored transfer syntax policy of a site: its own ``store_as``,
+        else the archive-wide one."""
+        found = self.site(site)
+        if found is not None and found.store_as:
+            return found.store_as
+        return self.values["store_as"]
+
+    def stable_after_for(self, site: str) -> int:
+        """Seconds without a new instance after which a study of this site is
+        stable: the site's own ``stable_after_seconds``, else the archive-wide one."""
+        found = self.site(site)
+        if found is not None and found.stable_after_seconds:
+            return found.stable_after_seconds
+        return int(self.values["stable_after_seconds"])
+
     def masked(self) -> dict[str, Any]:
         """Values for display: secrets (passwords in URLs, keys) replaced by ***."""
         out: dict[str, Any] = {}
-        for s in SETTINGS:
+        for s in all_settings():
+            if s.path not in self.values:
+                continue
             value = self.values[s.path]
             if s.secret and isinstance(value, str):
                 value = _mask_url(value)
-            out[s.path] = value
+            out[s.path] = _shown(value)
         return out
+
+
+def _shown(value: Any) -> Any:
+    """A value as plain data for display and JSON: records (peers, sites,
+    routes) as the TOML tables they were read from."""
+    if isinstance(value, list | tuple):
+        return [_shown(v) for v in value]
+    if hasattr(value, "as_toml"):
+        return value.as_toml()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value
 
 
 def _mask_url(url: str) -> str:
@@ -603,12 +616,14 @@ def _mask_url(url: str) -> str:
     return url
 
 
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(
+    table: Mapping[str, Any], prefix: str = "", known: Mapping[str, Setting] = _BY_PATH
+) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in table.items():
         path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and path not in _BY_PATH:
-            flat.update(_flatten(value, path + "."))
+        if isinstance(value, Mapping) and path not in known:
+            flat.update(_flatten(value, path + ".", known))
         else:
             flat[path] = value
     return flat
@@ -625,16 +640,18 @@ def load_config(
     Raises ConfigError naming the key and the expected form of its value.
     """
     env = os.environ if env is None else env
+    settings = all_settings()
+    by_path = {s.path: s for s in settings}
     file_values: dict[str, Any] = {}
     if path is not None:
         try:
             with open(path, "rb") as fh:
-                file_values = _flatten(tomllib.load(fh))
+                file_values = _flatten(tomllib.load(fh), known=by_path)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        unknown = sorted(k for k in file_values if k not in _BY_PATH)
+        unknown = sorted(k for k in file_values if k not in by_path)
         if unknown:
             raise ConfigError(
                 f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
@@ -643,7 +660,7 @@ def load_config(
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for s in SETTINGS:
+    for s in settings:
         if overrides and s.path in overrides:
             raw, src, where = overrides[s.path], "override", s.path
         elif s.env in env and env[s.env] != "":

@@ -27,13 +27,16 @@ identity plugin's job, through a regional identifier, not the index's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom.dataset import Dataset
 
+from archive.hookspecs import hookimpl
 from archive.index.catalog import Origin
 from archive.security.scope import Scope
+
+if TYPE_CHECKING:
+    from archive.config import Config
 
 
 @dataclass(frozen=True)
@@ -93,15 +96,20 @@ class DefaultIdentity:
         return PatientIdentity(issuer or source.site, patient_id)
 
 
-def load_identity_plugin(name: str) -> IdentityPlugin:
-    """Instantiate the identity plugin registered under ``name`` in the
-    ``imag.identity`` entry point group."""
-    if name == "default":
-        return DefaultIdentity()
-    found = entry_points(group="imag.identity", name=name)
-    if not found:
-        available = sorted(ep.name for ep in entry_points(group="imag.identity"))
+@hookimpl
+def imag_identity_provider(name: str) -> IdentityPlugin | None:
+    return DefaultIdentity() if name == "default" else None
+
+
+def load_identity_plugin(name: str, config: Config | None = None) -> IdentityPlugin:
+    """The identity provider named ``name`` (setting ``plugins.identity``), from
+    the plugins' ``imag_identity_provider``."""
+    from archive import plugins
+
+    found = plugins.hook().imag_identity_provider(name=name, config=config)
+    if found is None:
         raise ValueError(
-            f"identity plugin {name!r} not found; installed: {', '.join(available) or 'none'}"
+            f"identity plugin {name!r} not found; installed plugins: "
+            f"{', '.join(plugins.plugin_names())}"
         )
-    return next(iter(found)).load()()
+    return found

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import BinaryIO
 
+from archive.codecs import LossySource, TranscodeError, transcode
 from archive.config import Config
 from archive.identity import IdentityPlugin, Source, load_identity_plugin
 from archive.index import Catalog, Database, InstanceRecord, StoreOutcome
@@ -86,10 +87,7 @@ from archive.parse import (
     parse_header,
     parse_header_file,
 )
-from archive.routing import commit_hook as routing_hook
 from archive.security.audit import AuditEntry, AuditLog, AuditUnavailable
-from archive.stability import commit_hook
-from archive.transcode import LossySource, TranscodeError, transcode
 from archive.uids import object_key
 from storage import ObjectStore, StorageError
 
@@ -248,9 +246,6 @@ class IngestPipeline:
         self.catalog = Catalog(db)
         self.identity = identity or load_identity_plugin(config["plugins.identity"])
         self.max_bytes: int = config["ingest.max_object_bytes"]
-        self.site_policy: dict[str, str] = {
-            s["name"]: s["store_as"] for s in config["sites"] if s.get("store_as")
-        }
         self.on_conflict: str = config["ingest.on_conflict"]
         #: writes the C-STORE audit entries inside the index transaction
         self.audit = AuditLog(db, config["audit.syslog"])
@@ -261,7 +256,7 @@ class IngestPipeline:
                 config["ingest.batch_size"],
                 self.on_conflict,
                 # the audit hook last: its entries are the last writes before COMMIT
-                hooks=[commit_hook(config), routing_hook(config), audit_hook(self.audit)],
+                hooks=[*commit_hooks(config), audit_hook(self.audit)],
             )
             if writer
             else None
@@ -432,8 +427,7 @@ class IngestPipeline:
 
     def target_for(self, site: str) -> str | None:
         """The transfer syntax the site's policy stores in (None: as received)."""
-        policy = self.site_policy.get(site) or self.config["store_as"]
-        return POLICY_TARGETS.get(policy)
+        return POLICY_TARGETS.get(self.config.store_as_for(site))
 
     def _transcode(self, data: bytes, target: str, header: Header) -> bytes | None:
         """The object re-encoded for storage, None to store it as received
@@ -672,6 +666,14 @@ def store_audit_entry(origin: Origin, result: IngestResult) -> AuditEntry:
         source=origin.source,
         detail=detail,
     )
+
+
+def commit_hooks(config: Config) -> list[CommitHook]:
+    """What plugins do inside each commit of new instances (``imag_ingest_commit_hooks``:
+    the core's change events and study stability, routing of single instances)."""
+    from archive import plugins
+
+    return plugins.listed("imag_ingest_commit_hooks", config=config)
 
 
 def audit_hook(audit: AuditLog) -> CommitHook:

@@ -1,9 +1,10 @@
 """Routing: forward matching instances or stable studies to other systems.
 
-Rules (``[[routes]]``) match on the producing site, the calling AE, modality,
-SOP class, study description and body part (exact, ``*``/``?`` wildcards, or
-``re:`` regular expressions).  A matching instance (``when = "instance"``) or
-a study that became stable (``when = "stable"``) becomes a delivery job,
+Rules (``[[routes]]``, read as :class:`archive.topology.Route` records) match
+on the producing site, the calling AE, modality, SOP class, study description
+and body part (exact, ``*``/``?`` wildcards, or ``re:`` regular expressions).
+A matching instance (``when = "instance"``) or a study that became stable
+(``when = "stable"``) becomes a delivery job,
 enqueued in the same transaction as the change that caused it, so no
 delivery is lost across restarts.  The job sends to a DICOM peer (C-STORE,
 in a transfer syntax the peer accepts) or to a STOW-RS endpoint; failures are
@@ -17,7 +18,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -26,12 +26,15 @@ from typing import Any
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 
+from archive import multipart
+from archive.codecs import convert_for
 from archive.config import Config
+from archive.hookspecs import hookimpl
 from archive.index.catalog import CommitResult, InstanceRecord, StoreOutcome
 from archive.index.db import Database
 from archive.jobs import JobQueue, PermanentJobError, handler
 from archive.retrieve import StoredObject, locate, read
-from archive.transcode import convert_for
+from archive.topology import Route
 
 log = logging.getLogger(__name__)
 STOW_BATCH = 50
@@ -50,11 +53,10 @@ def matches(pattern: str | None, value: str | None) -> bool:
     return text == pattern
 
 
-def route_matches(route: dict, attrs: dict[str, Any]) -> bool:
+def route_matches(route: Route, attrs: dict[str, Any]) -> bool:
     """Whether every match key of ``route`` matches; list values (a study's
     modalities, its series' body parts) match when any element does."""
-    for key in ("site", "calling_aet", "modality", "sop_class", "study_description", "body_part"):
-        pattern = route.get(key)
+    for key, pattern in route.match.items():
         value = attrs.get(key)
         values = value if isinstance(value, list | tuple | set) else [value]
         if not any(matches(pattern, v) for v in values):
@@ -64,7 +66,7 @@ def route_matches(route: dict, attrs: dict[str, Any]) -> bool:
 
 def commit_hook(config: Config):  # noqa: ANN201 - a Catalog.commit hook
     """Enqueue instance routes for the instances a commit stored."""
-    routes = [r for r in config["routes"] if r["when"] == "instance"]
+    routes = [r for r in config.routes if r.when == "instance"]
 
     def hook(db: Database, done: Sequence[tuple[InstanceRecord, CommitResult]]) -> None:
         if not routes:
@@ -85,8 +87,8 @@ def commit_hook(config: Config):  # noqa: ANN201 - a Catalog.commit hook
                 if route_matches(route, attrs):
                     queue.enqueue(
                         "route.instance",
-                        {"route": route["name"], "sop": record.sop_instance_uid},
-                        dedupe_key=f"route:{route['name']}:{record.sop_instance_uid}",
+                        {"route": route.name, "sop": record.sop_instance_uid},
+                        dedupe_key=f"route:{route.name}:{record.sop_instance_uid}",
                     )
 
     return hook
@@ -95,7 +97,7 @@ def commit_hook(config: Config):  # noqa: ANN201 - a Catalog.commit hook
 def on_stable(config: Config, db: Database, study_uid: str) -> None:
     """Enqueue stable-study routes for a study that just became stable (inside
     the transaction that records its study.stable)."""
-    routes = [r for r in config["routes"] if r["when"] == "stable"]
+    routes = [r for r in config.routes if r.when == "stable"]
     if not routes:
         return
     row = db.query_one(
@@ -127,32 +129,34 @@ def on_stable(config: Config, db: Database, study_uid: str) -> None:
         if route_matches(route, attrs):  # calling_aet is an instance-route key
             queue.enqueue(
                 "route.study",
-                {"route": route["name"], "study": study_uid},
-                dedupe_key=f"route:{route['name']}:{study_uid}",
+                {"route": route.name, "study": study_uid},
+                dedupe_key=f"route:{route.name}:{study_uid}",
             )
 
 
 # -- delivery -------------------------------------------------------------------------------
 
 
-def _route(config: Config, name: str) -> dict:
-    for route in config["routes"]:
-        if route["name"] == name:
-            return route
-    raise PermanentJobError(f"route {name!r} is no longer configured")
+def _route(config: Config, name: str) -> Route:
+    route = config.route(name)
+    if route is None:
+        raise PermanentJobError(f"route {name!r} is no longer configured")
+    return route
 
 
-def deliver(archive, route: dict, items: list[StoredObject]) -> None:  # noqa: ANN001
+def deliver(archive, route: Route, items: list[StoredObject]) -> None:  # noqa: ANN001
     if not items:
         return  # deleted meanwhile: nothing to send
-    if route.get("to_dicom"):
-        _to_dicom(archive, route["to_dicom"], items)
+    if route.to_dicom:
+        _to_dicom(archive, route.to_dicom, items)
+    elif route.to_stow:
+        _to_stow(archive, route.to_stow, items, _bearer(route))
     else:
-        _to_stow(archive, route["to_stow"], items, _bearer(route))
+        raise PermanentJobError(f"route {route.name!r} has no destination")
 
 
 def _to_dicom(archive, aet: str, items: list[StoredObject]) -> None:  # noqa: ANN001
-    peer = next((p for p in archive.config["dicom.peers"] if p["aet"] == aet), None)
+    peer = archive.config.peer(aet)
     if peer is None:
         raise PermanentJobError(f"route destination {aet!r} is not in [[dicom.peers]]")
     ae = AE(ae_title=archive.config["dicom.aet"])
@@ -163,14 +167,14 @@ def _to_dicom(archive, aet: str, items: list[StoredObject]) -> None:  # noqa: AN
                 seen.add((item.sop_class_uid, ts))
                 contexts.append(build_context(item.sop_class_uid, [ts]))
     assoc = ae.associate(
-        peer["host"],
-        peer["port"],
+        peer.host,
+        peer.port,
         ae_title=aet,
         contexts=contexts[:128],
         max_pdu=archive.config["dicom.max_pdu"],
     )
     if not assoc.is_established:
-        raise ConnectionError(f"could not associate with {aet} at {peer['host']}:{peer['port']}")
+        raise ConnectionError(f"could not associate with {aet} at {peer.host}:{peer.port}")
     try:
         accepted: dict[str, set[str]] = {}
         for cx in assoc.accepted_contexts:
@@ -190,39 +194,39 @@ def _to_dicom(archive, aet: str, items: list[StoredObject]) -> None:  # noqa: AN
         raise
 
 
-def _bearer(route: dict) -> str:
+def _bearer(route: Route) -> str:
     """The destination's API token, read from ``stow_token_file`` at each delivery
     (so a rotated token is picked up without a restart)."""
-    path = route.get("stow_token_file")
+    path = route.stow_token_file
     if not path:
         return ""
     try:
         with open(path, encoding="utf-8") as fh:
             return fh.read().strip()
     except OSError as exc:
-        raise RuntimeError(f"route {route['name']!r}: cannot read stow_token_file: {exc}") from None
+        raise RuntimeError(f"route {route.name!r}: cannot read stow_token_file: {exc}") from None
 
 
 def _to_stow(archive, base_url: str, items: list[StoredObject], token: str = "") -> None:  # noqa: ANN001
+    """POST the objects as STOW-RS requests of up to STOW_BATCH instances, each
+    body streamed from the store chunk by chunk (chunked transfer encoding)."""
     url = base_url.rstrip("/") + "/studies"
     for start in range(0, len(items), STOW_BATCH):
         batch = items[start : start + STOW_BATCH]
-        boundary = secrets.token_hex(16)
-        body = (
-            b"".join(
-                f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                + archive.store.get(item.object_key)
-                + b"\r\n"
+        boundary = multipart.new_boundary()
+        body = multipart.stream(
+            (
+                ("application/dicom", multipart.chunks(archive.store.open(item.object_key)))
                 for item in batch
-            )
-            + f"--{boundary}--\r\n".encode()
+            ),
+            boundary,
         )
         request = urllib.request.Request(
             url,
             data=body,
             method="POST",
             headers={
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                "Content-Type": multipart.content_type(boundary, "application/dicom"),
                 "Accept": "application/dicom+json",
                 **({"Authorization": f"Bearer {token}"} if token else {}),
             },
@@ -245,3 +249,28 @@ def run_instance(archive, payload: dict) -> None:  # noqa: ANN001 - Archive
 def run_study(archive, payload: dict) -> None:  # noqa: ANN001 - Archive
     route = _route(archive.config, payload["route"])
     deliver(archive, route, locate(archive.db, "STUDY", {"StudyInstanceUID": payload["study"]}))
+
+
+# -- registration ----------------------------------------------------------------------------
+
+
+def _on_stable_event(archive, event) -> None:  # noqa: ANN001 - Archive, events.Event
+    on_stable(archive.config, archive.db, event.study_uid)
+
+
+@hookimpl
+def imag_job_kinds() -> dict:
+    return {"route.instance": run_instance, "route.study": run_study}
+
+
+@hookimpl
+def imag_ingest_commit_hooks(config: Config) -> list:
+    return [commit_hook(config)]
+
+
+@hookimpl
+def imag_event_subscribers() -> list:
+    from archive.events import Subscriber
+
+    # transactional: the delivery jobs are enqueued exactly once per stable burst
+    return [Subscriber("routing", ("study.stable",), _on_stable_event)]

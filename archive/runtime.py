@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from archive.changes import ChangeFollower
+from archive.clock import Clock
 from archive.config import Config
 from archive.index import Catalog, Database, open_database, upgrade
 from archive.ingest import IngestPipeline
@@ -23,16 +23,23 @@ def open_object_store(config: Config) -> ObjectStore:
 class Archive:
     """The archive core as one object: what every command and server needs."""
 
-    def __init__(self, config: Config, *, migrate: bool = True, writer: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        migrate: bool = True,
+        writer: bool = True,
+        clock: Clock | None = None,
+    ) -> None:
         self.config = config
-        self.db: Database = open_database(config.index_url)
+        self.db: Database = open_database(config.index_url, clock=clock)
+        #: the archive's time (the index's clock): a FakeClock in tests
+        self.clock: Clock = self.db.clock
         if migrate:
             upgrade(self.db)
         self.store: ObjectStore = open_object_store(config)
         self.catalog = Catalog(self.db)
         self.pipeline = IngestPipeline(config, self.store, self.db, writer=writer)
-        #: subscribe to changes (study.stable, ...) here; `imag serve` starts it
-        self.changes = ChangeFollower(self.db)
         #: the append-only audit trail of accesses and security events
         self.audit = AuditLog(self.db, config["audit.syslog"])
 

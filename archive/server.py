@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from importlib.metadata import entry_points
 
 from aiohttp import web
 from prometheus_client import (
@@ -26,6 +25,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from archive import plugins
+from archive.events import event_types
 from archive.runtime import Archive
 from archive.security.http import (
     AUTHENTICATED,
@@ -37,26 +38,15 @@ from archive.security.http import (
     require,
     security_middleware,
 )
-from archive.security.roles import ROLES
+from archive.security.roles import role_permissions
+from archive.web import ARCHIVE, problem
 
 log = logging.getLogger(__name__)
-ARCHIVE = web.AppKey("archive", Archive)
 #: the largest value of a {bigint} / BIGINT column (sequence numbers, ids)
 MAX_BIGINT = 2**63 - 1
 
 HTTP_REQUESTS = Counter("imag_http_requests_total", "HTTP requests", ["method", "status"])
 HTTP_SECONDS = Histogram("imag_http_request_seconds", "HTTP request duration", ["method"])
-
-
-def problem(status: int, title: str, detail: str) -> web.Response:
-    """An RFC 9457 problem details response."""
-    return web.Response(
-        status=status,
-        content_type="application/problem+json",
-        text=json.dumps(
-            {"type": "about:blank", "title": title, "status": status, "detail": detail}
-        ),
-    )
 
 
 @web.middleware
@@ -81,31 +71,6 @@ async def errors_and_metrics(
     HTTP_REQUESTS.labels(request.method, str(response.status)).inc()
     HTTP_SECONDS.labels(request.method).observe(time.perf_counter() - started)
     return response
-
-
-def public_base(request: web.Request) -> str:
-    """The scheme://host[:port] clients use to reach us, for links in answers.
-
-    ``http.public_url`` wins; behind a proxy X-Forwarded-Proto / -Host tell;
-    otherwise the Host header, with our port added when a client (such as
-    dicomweb-client) leaves it out.
-    """
-    configured = (
-        request.config_dict[ARCHIVE].config["http.public_url"]
-        if ARCHIVE in request.config_dict
-        else ""
-    )
-    if configured:
-        return configured.rstrip("/")
-    proto = request.headers.get("X-Forwarded-Proto", request.scheme)
-    host = request.headers.get("X-Forwarded-Host")
-    if not host:
-        host = request.host
-        has_port = host.rsplit("]", 1)[-1].count(":") == 1
-        sockname = request.transport.get_extra_info("sockname") if request.transport else None
-        if not has_port and sockname and sockname[1] not in (80, 443):
-            host = f"{host}:{sockname[1]}"
-    return f"{proto}://{host}"
 
 
 @public
@@ -139,12 +104,13 @@ async def changes_feed(request: web.Request) -> web.Response:
             400, "Bad Request", "since must be an integer from 0 to 2^63-1 and limit 1-1000"
         )
     types = request.query.getall("type", [])
-    unknown = [t for t in types if t not in changes.TYPES]
+    known = event_types()
+    unknown = [t for t in types if t not in known]
     if unknown:
         return problem(
             400,
             "Bad Request",
-            f"unknown change type(s) {', '.join(unknown)}: one of {', '.join(changes.TYPES)}",
+            f"unknown change type(s) {', '.join(unknown)}: one of {', '.join(known)}",
         )
     rows = await asyncio.to_thread(changes.read, archive.db, since, limit, types)
     return web.json_response(
@@ -176,7 +142,7 @@ async def whoami(request: web.Request) -> web.Response:
             "name": who.name,
             "kind": who.kind,
             "role": who.role,
-            "permissions": sorted(ROLES.get(who.role, ())),
+            "permissions": sorted(role_permissions(who.role)),
             "sites": list(who.sites),
             "groups": list(who.groups),
             "via": who.via,
@@ -227,9 +193,7 @@ def make_app(archive: Archive) -> web.Application:
     app.router.add_get("/changes", changes_feed)
     app.router.add_get("/whoami", whoami)
     app.router.add_get("/admin/audit", audit_export)
-    for ep in entry_points(group="imag.routes"):
-        ep.load()(app, archive)
-        log.info("routes mounted", extra={"service": ep.name})
+    plugins.hook().imag_routes(app=app, archive=archive)
     return app
 
 

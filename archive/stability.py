@@ -8,6 +8,11 @@ When the job runs it looks at the study's last arrival: old enough, it
 records ``study.stable``; otherwise it schedules itself for the new time.
 An instance arriving while the job runs gets a pending job of its own,
 hence a new burst and, later, a new event.
+
+"Now" is the index's clock (``db.clock``): the catalog stamps arrivals with
+it and the queue compares due times with it, so a test that gives the
+archive a :class:`~archive.clock.FakeClock` makes studies stable by advancing
+it.
 """
 
 from __future__ import annotations
@@ -15,21 +20,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from archive import changes
+from archive import events
 from archive.config import Config
+from archive.hookspecs import hookimpl
 from archive.index.catalog import CommitResult, InstanceRecord, StoreOutcome
-from archive.index.db import Database, utcnow
+from archive.index.db import Database
 from archive.jobs import JobQueue, handler
-from archive.routing import on_stable
 
 KIND = "study.stability"
 
 
 def stable_after(config: Config, site: str) -> int:
-    for s in config["sites"]:
-        if s["name"] == site and s.get("stable_after_seconds"):
-            return int(s["stable_after_seconds"])
-    return int(config["stable_after_seconds"])
+    """Seconds of quiet after which a study of ``site`` is stable (its
+    ``[[sites]]`` entry's, else the archive-wide ``stable_after_seconds``)."""
+    return config.stable_after_for(site)
 
 
 def schedule(db: Database, study_uid: str, site: str, due_at: datetime) -> None:
@@ -62,8 +66,8 @@ def commit_hook(config: Config):  # noqa: ANN201 - a Catalog.commit hook
             studies[record.study_uid] = record.site
         if not rows:
             return
-        changes.record(db, rows)
-        now = utcnow()
+        now = db.clock.now()
+        events.record(db, rows, at=now)
         for study_uid, site in studies.items():
             schedule(db, study_uid, site, now + timedelta(seconds=stable_after(config, site)))
 
@@ -81,8 +85,19 @@ def run(archive, payload: dict) -> None:  # noqa: ANN001 - Archive; a job handle
         if last is None:
             return  # the study is gone
         last_at = last if isinstance(last, datetime) else datetime.fromisoformat(last)
-        if last_at + wait <= utcnow():
-            changes.record(db, [("study.stable", site, study_uid, None, None)])
-            on_stable(archive.config, db, study_uid)
+        now = db.clock.now()
+        if last_at + wait <= now:
+            # routing and every other subscriber of study.stable get their jobs here
+            events.record(db, [("study.stable", site, study_uid, None, None)], at=now)
         else:
             schedule(db, study_uid, site, last_at + wait)
+
+
+@hookimpl
+def imag_job_kinds() -> dict:
+    return {KIND: run}
+
+
+@hookimpl
+def imag_ingest_commit_hooks(config: Config) -> list:
+    return [commit_hook(config)]

@@ -18,7 +18,7 @@ from pydicom.tag import Tag
 
 from archive.query import ATTRIBUTES, LEVELS, Query, QueryError, attributes_for, search
 from archive.security.http import audit_of, deny_if_hidden, require, scope_of
-from archive.server import ARCHIVE, problem, public_base
+from archive.web import ARCHIVE, problem, public_base
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 1000

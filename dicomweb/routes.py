@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from archive.runtime import Archive
-from archive.server import ARCHIVE
+from archive.web import ARCHIVE
 from dicomweb import qido, stow, wado, wado_uri
 
 PREFIX = "/dicom-web"

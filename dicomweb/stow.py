@@ -34,8 +34,8 @@ from pydicom.dataset import Dataset
 
 from archive.identity import Source
 from archive.security.http import audit_of, principal_of, require
-from archive.server import ARCHIVE, problem, public_base
 from archive.uids import is_valid_uid
+from archive.web import ARCHIVE, problem, public_base
 
 # PS3.18 Table 10.5.3-2 / PS3.4 B.2.3 failure reasons, by the pipeline's code
 FAILURE = {

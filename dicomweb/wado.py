@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
 from typing import Any
@@ -29,13 +28,13 @@ from aiohttp import web
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from archive import metadata as meta
-from archive import pixels
+from archive import multipart, pixels
+from archive.codecs import encode_as, producible
 from archive.query import QueryError
 from archive.retrieve import StoredObject, UnreadableObject, locate, open_header
 from archive.runtime import Archive
 from archive.security.http import audit_of, deny_if_hidden, require, scope_of
-from archive.server import ARCHIVE, problem, public_base
-from archive.transcode import encode_as, producible
+from archive.web import ARCHIVE, problem, public_base
 from dicomweb.accept import NotAcceptable, dicom_transfer_syntax, parse_accept, wants
 
 log = logging.getLogger(__name__)
@@ -146,11 +145,9 @@ class _Parts:
 
     def __init__(self, request: web.Request, part_type: str) -> None:
         self.request = request
-        self.boundary = secrets.token_hex(16)
+        self.boundary = multipart.new_boundary()
         self.response = web.StreamResponse(
-            headers={
-                "Content-Type": f'multipart/related; type="{part_type}"; boundary={self.boundary}'
-            }
+            headers={"Content-Type": multipart.content_type(self.boundary, part_type)}
         )
 
     async def start(self) -> None:
@@ -159,20 +156,17 @@ class _Parts:
 
     async def part(self, content_type: str, data: bytes = b"", location: str = "") -> None:
         await self.start()
-        head = f"--{self.boundary}\r\nContent-Type: {content_type}\r\n"
-        if location:
-            head += f"Content-Location: {location}\r\n"
-        await self.response.write((head + "\r\n").encode() + data)
+        await self.response.write(multipart.part_head(self.boundary, content_type, location) + data)
 
     async def write(self, data: bytes) -> None:
         await self.response.write(data)
 
     async def end_part(self) -> None:
-        await self.response.write(b"\r\n")
+        await self.response.write(multipart.PART_END)
 
     async def finish(self) -> web.StreamResponse:
         await self.start()
-        await self.response.write(f"--{self.boundary}--\r\n".encode())
+        await self.response.write(multipart.closing(self.boundary))
         await self.response.write_eof()
         return self.response
 

@@ -18,11 +18,11 @@ import asyncio
 from aiohttp import web
 
 from archive import pixels
+from archive.codecs import encode_as, producible
 from archive.query import QueryError
 from archive.retrieve import locate
 from archive.security.http import deny_if_hidden, require, scope_of
-from archive.server import ARCHIVE, problem
-from archive.transcode import encode_as, producible
+from archive.web import ARCHIVE, problem
 from dicomweb.wado import CHUNK, OBJECT_ERRORS, check_conversions, open_image, refusal
 
 RENDERED = ("image/jpeg", "image/png", "image/gif")

@@ -19,8 +19,11 @@ from archive.identity import Source
 from archive.jobs import JobQueue, Worker
 from archive.routing import matches, route_matches
 from archive.runtime import Archive
+from archive.topology import Route, RouteMatch
+from tests.dcmtk import dcmtk
 from tests.dicomfiles import make_instance
-from tests.httpserver import free_port, running_imag
+from tests.inprocess import InProcessImag
+from tests.processes import free_port
 
 
 @pytest.mark.parametrize(
@@ -41,7 +44,11 @@ def test_match_keys_are_exact_wildcard_or_regular_expressions(pattern, value, ex
 
 
 def test_a_route_matches_when_every_key_does_and_lists_match_on_any_element() -> None:
-    route = {"site": "A", "modality": "CT", "body_part": "re:CHEST|THORAX"}
+    route = Route(
+        "to-peer",
+        to_dicom="PEER",
+        match=RouteMatch(site="A", modality="CT", body_part="re:CHEST|THORAX"),
+    )
     assert route_matches(route, {"site": "A", "modality": ["SR", "CT"], "body_part": "CHEST"})
     assert not route_matches(route, {"site": "B", "modality": "CT", "body_part": "CHEST"})
 
@@ -55,7 +62,7 @@ class StoreSCP:
 
     def start(self) -> StoreSCP:
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", "STORESCP", "+xa", "-od", str(self.folder), str(self.port)],
+            [dcmtk("storescp"), "-aet", "STORESCP", "+xa", "-od", str(self.folder), str(self.port)],
             env=os.environ | {"TCP_NODELAY": "1"},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -63,7 +70,8 @@ class StoreSCP:
         deadline = time.monotonic() + 10
         while (
             subprocess.run(
-                ["echoscu", "-aec", "STORESCP", "127.0.0.1", str(self.port)], capture_output=True
+                [dcmtk("echoscu"), "-aec", "STORESCP", "127.0.0.1", str(self.port)],
+                capture_output=True,
             ).returncode
             != 0
         ):
@@ -169,36 +177,38 @@ def test_deliveries_retry_until_the_receiver_comes_back(routed, tmp_path: Path) 
         scp.stop()
 
 
-def test_a_stable_study_is_forwarded_to_a_second_imag_over_stow_rs(routed, tmp_path: Path) -> None:
-    with running_imag(tmp_path / "second") as second:
-        archive = routed(
-            [
-                {
-                    "name": "to-region",
-                    "when": "stable",
-                    "site": "A",
-                    "to_stow": second.dicomweb,
-                    "stow_token_file": str(second.token_file),
-                }
-            ],
-            stable_after_seconds=1,
-        )
-        study, series = generate_uid(), generate_uid()
-        sent = [make_instance(study=study, series=series) for _ in range(2)]
-        for data in sent:
-            assert archive.pipeline.ingest(data, Source("dicom", site="A")).ok
+def test_a_stable_study_is_forwarded_to_a_second_imag_over_stow_rs(
+    routed, imag_in_process: InProcessImag
+) -> None:
+    second = imag_in_process
+    archive = routed(
+        [
+            {
+                "name": "to-region",
+                "when": "stable",
+                "site": "A",
+                "to_stow": second.dicomweb,
+                "stow_token_file": str(second.token_file),
+            }
+        ],
+        stable_after_seconds=1,
+    )
+    study, series = generate_uid(), generate_uid()
+    sent = [make_instance(study=study, series=series) for _ in range(2)]
+    for data in sent:
+        assert archive.pipeline.ingest(data, Source("dicom", site="A")).ok
 
-        def there() -> list:
-            answer = second.http.get(f"{second.dicomweb}/studies/{study}/instances", timeout=10)
-            return answer.json() if answer.status_code == 200 else []
+    def there() -> list:
+        answer = second.http.get(f"{second.dicomweb}/studies/{study}/instances", timeout=10)
+        return answer.json() if answer.status_code == 200 else []
 
-        wait_for(lambda: len(there()) == 2, 30)
-        retrieved = second.http.get(
-            f"{second.dicomweb}/studies/{study}",
-            timeout=30,
-            headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
-        )
-        for data in sent:  # bit-identical objects in the second archive
-            assert data in retrieved.content
-        # the route ran once, as one job for the study
-        assert archive.db.query("SELECT state FROM jobs WHERE kind = 'route.study'") == [("done",)]
+    wait_for(lambda: len(there()) == 2, 30)
+    retrieved = second.http.get(
+        f"{second.dicomweb}/studies/{study}",
+        timeout=30,
+        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'},
+    )
+    for data in sent:  # bit-identical objects in the second archive
+        assert data in retrieved.content
+    # the route ran once, as one job for the study
+    assert archive.db.query("SELECT state FROM jobs WHERE kind = 'route.study'") == [("done",)]

@@ -1,21 +1,31 @@
 """Study stability and the change feed: a study with no new instance for
 stable_after_seconds emits one study.stable per burst of arrivals, recorded in
-the durable, ordered change feed that integrations and services follow."""
+the durable, ordered change feed that integrations and services follow.
+
+The archive's clock is a FakeClock: "stable_after_seconds later" is an
+advance of it, then the job worker is waited for (bounded, on a condition).
+Only the end-to-end test of a real ``imag serve`` waits its 1 s in real time.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from archive import changes
+from archive import changes, plugins
+from archive.clock import FakeClock
 from archive.config import Config
+from archive.events import Event, Subscriber
+from archive.hookspecs import hookimpl
 from archive.identity import Source
-from archive.jobs import JobQueue, Worker
+from archive.jobs import JobQueue, Worker, load_handlers
 from archive.runtime import Archive
 from tests.dicomfiles import make_instance
 from tests.httpserver import running_imag
@@ -23,13 +33,32 @@ from tests.httpserver import running_imag
 SOURCE = Source("dicom", site="A")
 
 
+@dataclass
+class Stable:
+    """An archive whose studies are stable after 1 s of its fake clock, with a
+    job worker running."""
+
+    archive: Archive
+    clock: FakeClock
+    worker: Worker
+
+    def let_pass(self, seconds: float) -> None:
+        """``seconds`` pass; the worker runs what became due."""
+        self.clock.advance(seconds)
+        assert self.worker.wait_idle(), "the worker did not finish the due jobs"
+
+    def events(self, study: str) -> list[changes.Change]:
+        return stable_events(self.archive, study)
+
+
 @pytest.fixture
-def stable_archive(make_config: Callable[..., Config], index_url: str) -> Iterator[Archive]:
-    """An archive whose studies are stable after 1 s, with a job worker running."""
-    with Archive(make_config(index_url=index_url, settings={"stable_after_seconds": 1})) as a:
+def stable(make_config: Callable[..., Config], index_url: str) -> Iterator[Stable]:
+    clock = FakeClock()
+    config = make_config(index_url=index_url, settings={"stable_after_seconds": 1})
+    with Archive(config, clock=clock) as a:
         worker = Worker(a, "test", queue=JobQueue(a.db), poll_interval=0.05).start()
         try:
-            yield a
+            yield Stable(a, clock, worker)
         finally:
             worker.stop()
 
@@ -39,6 +68,7 @@ def stable_events(archive: Archive, study: str) -> list[changes.Change]:
 
 
 def wait_for(condition: Callable[[], bool], seconds: float) -> None:
+    """Poll a real ``imag serve`` process (no condition crosses processes)."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -51,48 +81,59 @@ def push(archive: Archive, study: str, count: int) -> None:
         assert archive.pipeline.ingest(make_instance(study=study, series=series), SOURCE).ok
 
 
-def test_two_bursts_separated_by_more_than_stable_after_give_two_events(
-    stable_archive: Archive,
-) -> None:
+def test_two_bursts_separated_by_more_than_stable_after_give_two_events(stable: Stable) -> None:
     study = generate_uid()
-    push(stable_archive, study, 3)
-    wait_for(lambda: len(stable_events(stable_archive, study)) == 1, 10)
-    push(stable_archive, study, 2)  # a new burst
-    wait_for(lambda: len(stable_events(stable_archive, study)) == 2, 10)
-    time.sleep(1.5)
-    assert len(stable_events(stable_archive, study)) == 2
+    push(stable.archive, study, 3)
+    stable.let_pass(0.9)
+    assert stable.events(study) == []  # not stable yet
+    stable.let_pass(0.2)
+    assert len(stable.events(study)) == 1
+    push(stable.archive, study, 2)  # a new burst
+    stable.let_pass(1.1)
+    assert len(stable.events(study)) == 2
+    stable.let_pass(1.5)
+    assert len(stable.events(study)) == 2
 
 
 def test_a_study_pushed_continuously_gives_one_event_after_the_last_instance(
-    stable_archive: Archive,
+    stable: Stable,
 ) -> None:
     study = generate_uid()
     series = generate_uid()
-    started = time.monotonic()
-    while time.monotonic() - started < 3:  # an instance every 0.3 s, for 3 s
-        stable_archive.pipeline.ingest(make_instance(study=study, series=series), SOURCE)
-        time.sleep(0.3)
-    assert stable_events(stable_archive, study) == []
-    wait_for(lambda: len(stable_events(stable_archive, study)) == 1, 10)
-    time.sleep(1.5)
-    assert len(stable_events(stable_archive, study)) == 1
+    for _ in range(10):  # an instance every 0.3 s, for 3 s
+        assert stable.archive.pipeline.ingest(make_instance(study=study, series=series), SOURCE).ok
+        stable.let_pass(0.3)
+    assert stable.events(study) == []
+    stable.let_pass(1)
+    assert len(stable.events(study)) == 1
+    stable.let_pass(1.5)
+    assert len(stable.events(study)) == 1
 
 
 def test_the_feed_lists_stored_instances_in_order_and_subscribers_hear_of_stability(
-    stable_archive: Archive,
+    stable: Stable,
 ) -> None:
     heard: list[str] = []
     got = threading.Event()
-    follower = changes.ChangeFollower(stable_archive.db, poll_interval=0.05)
-    follower.subscribe("study.stable", lambda c: (heard.append(c.study_uid), got.set()))
-    follower.start()
+
+    def hear(archive: Archive, event: Event) -> None:
+        heard.append(event.study_uid)
+        got.set()
+
+    # a durable subscriber, as a plugin registers it (run as a job by the worker)
+    listener = SimpleNamespace(
+        imag_event_subscribers=hookimpl(lambda: [Subscriber("test-heard", ("study.stable",), hear)])
+    )
+    plugins.plugin_manager().register(listener, name="test-heard")
+    load_handlers()
     try:
         study = generate_uid()
-        push(stable_archive, study, 2)
+        push(stable.archive, study, 2)
+        stable.let_pass(1.1)
         assert got.wait(10) and heard == [study]
     finally:
-        follower.stop()
-    feed = changes.read(stable_archive.db, 0, 100)
+        plugins.plugin_manager().unregister(listener)
+    feed = changes.read(stable.archive.db, 0, 100)
     assert [c.seq for c in feed] == sorted(c.seq for c in feed)
     stored = [c for c in feed if c.type == "instance.stored" and c.study_uid == study]
     assert len(stored) == 2 and all(c.site == "A" for c in stored)

@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.sop_class import Verification
 
+from archive.codecs import convert_for
 from archive.dimse.identifiers import answer, query_from_identifier, retrieve_keys
 from archive.dimse.peers import Peer, PeerTable
 from archive.identity import Source
@@ -32,7 +33,6 @@ from archive.retrieve import StoredObject, hidden_studies, locate, read
 from archive.runtime import Archive
 from archive.security.audit import AuditEntry, AuditUnavailable
 from archive.security.scope import Scope
-from archive.transcode import convert_for
 
 log = logging.getLogger(__name__)
 

@@ -18,26 +18,12 @@ import weakref
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
 from pynetdicom.transport import ThreadedAssociationServer
 
-from archive.dimse.handlers import DicomServices
+from archive import plugins
 from archive.dimse.peers import PeerTable
+from archive.dimse.services import bindings
 from archive.runtime import Archive
 from archive.security.tls import server_context
 
@@ -64,23 +50,8 @@ _config.UNRESTRICTED_STORAGE_SERVICE = True
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
-QUERY_RETRIEVE = [
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-]
 #: seconds for the ACSE exchanges of an association (release), after it is established
 ACSE_TIMEOUT = 30
-COMMAND_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    DeflatedExplicitVRLittleEndian,
-]
-
 
 class PendingConnections:
     """The connections accepted whose A-ASSOCIATE-RQ has not arrived yet.
@@ -319,11 +290,12 @@ class DicomServer:
         self.ae.acse_timeout = ACSE_TIMEOUT
         self.ae.dimse_timeout = config["dicom.network_timeout"]
         self.ae.require_called_aet = config["dicom.check_called_aet"]
-        self.ae.add_supported_context(Verification, COMMAND_SYNTAXES)
-        for sop_class in QUERY_RETRIEVE:
-            self.ae.add_supported_context(sop_class, COMMAND_SYNTAXES)
+        services = plugins.listed("imag_dicom_services", config=config)
+        for service in services:
+            for abstract_syntax, syntaxes in service.contexts:
+                self.ae.add_supported_context(abstract_syntax, syntaxes)
         self.peers = PeerTable(config["dicom.peers"], config["dicom.accept_unknown"])
-        self.services = DicomServices(archive, self.peers, self.aet)
+        self.service_handlers = bindings(services, archive, self.peers, self.aet)
         self.slots = AssociationSlots(self.pending, max_associations, ACSE_TIMEOUT)
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
@@ -345,7 +317,7 @@ class DicomServer:
             (host, port),
             # the slots first: an association refused for lack of room is not
             # looked at any further
-            evt_handlers=self.slots.handlers() + self.services.handlers(),
+            evt_handlers=self.slots.handlers() + self.service_handlers,
             server_class=ReusePortServer,
             ssl_context=ssl_context,
         )

@@ -20,12 +20,13 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import MatchInfoError
 from prometheus_client import Counter
 
+from archive import plugins
 from archive.index.db import Database
 from archive.retrieve import hidden_studies
 from archive.runtime import Archive
@@ -35,6 +36,7 @@ from archive.security.principals import AuthError, Principals
 from archive.security.ratelimit import FailureLimiter
 from archive.security.roles import Principal
 from archive.security.scope import Scope
+from archive.web import problem
 
 log = logging.getLogger(__name__)
 
@@ -117,24 +119,73 @@ class HttpSecurity:
     def __init__(self, archive: Archive) -> None:
         config = archive.config
         self.enabled: bool = config["auth.enabled"]
-        self.principals = Principals(archive.db)
         self.audit = archive.audit
-        self.oidc = OidcVerifier.from_config(config)
+        #: the plugins' authenticators, the core's bearer tokens and OIDC first
+        self.authenticators: list[Authenticator] = plugins.listed(
+            "imag_authenticators", archive=archive
+        )
         self.trusted_proxies = frozenset(config["http.trusted_proxies"])
         self.limiter = FailureLimiter(
-            config["auth.max_failures"], config["auth.failure_window_seconds"]
+            config["auth.max_failures"], config["auth.failure_window_seconds"], clock=archive.clock
         )
 
     async def authenticate(self, header: str) -> Principal:
+        """The principal of an ``Authorization`` header: the first authenticator
+        that recognises the credentials decides (AuthError when refused)."""
         scheme, _, credential = header.partition(" ")
         credential = credential.strip()
-        if scheme.lower() != "bearer" or not credential:
-            raise AuthError("expected 'Authorization: Bearer <token>'")
-        if looks_like_jwt(credential):
-            if self.oidc is None:
-                raise AuthError("OIDC tokens are not accepted here (auth.oidc.issuer is not set)")
-            return await asyncio.to_thread(self.oidc.verify, credential)
-        return await asyncio.to_thread(self.principals.authenticate, credential)
+        if credential:
+            for authenticator in self.authenticators:
+                if authenticator.accepts(scheme.lower(), credential):
+                    return await asyncio.to_thread(authenticator.authenticate, credential)
+        raise AuthError("expected 'Authorization: Bearer <token>'")
+
+
+class Authenticator(Protocol):
+    """A way to prove who one is (hook ``imag_authenticators``).
+
+    ``accepts`` looks at the credentials' form only (scheme lower-cased, e.g.
+    ``bearer``): the first authenticator that accepts them decides.
+    ``authenticate`` (run in a thread: it may query the index or fetch keys)
+    returns the principal or raises :class:`AuthError` with a reason the client
+    may read; every refusal is audited and counted by the failure limiter."""
+
+    name: str
+
+    def accepts(self, scheme: str, credential: str) -> bool: ...
+
+    def authenticate(self, credential: str) -> Principal: ...
+
+
+@dataclass
+class ApiTokenAuthenticator:
+    """``Authorization: Bearer imag_...``: API tokens of users and service accounts."""
+
+    principals: Principals
+    name: str = "api-token"
+
+    def accepts(self, scheme: str, credential: str) -> bool:
+        return scheme == "bearer" and not looks_like_jwt(credential)
+
+    def authenticate(self, credential: str) -> Principal:
+        return self.principals.authenticate(credential)
+
+
+@dataclass
+class OidcAuthenticator:
+    """``Authorization: Bearer <JWT>``: OIDC access tokens (refused with a reason
+    when no provider is configured)."""
+
+    verifier: OidcVerifier | None
+    name: str = "oidc"
+
+    def accepts(self, scheme: str, credential: str) -> bool:
+        return scheme == "bearer" and looks_like_jwt(credential)
+
+    def authenticate(self, credential: str) -> Principal:
+        if self.verifier is None:
+            raise AuthError("OIDC tokens are not accepted here (auth.oidc.issuer is not set)")
+        return self.verifier.verify(credential)
 
 
 def client_address(request: web.Request, trusted: frozenset[str]) -> str:
@@ -155,8 +206,6 @@ def _token_key(header: str) -> str:
 
 
 def _unauthorized(detail: str) -> web.Response:
-    from archive.server import problem
-
     response = problem(401, "Unauthorized", detail)
     response.headers["WWW-Authenticate"] = 'Bearer realm="imag"'
     return response
@@ -173,8 +222,6 @@ class StreamRefused(BaseException):
 
 
 def _audit_unavailable() -> web.Response:
-    from archive.server import problem
-
     return problem(503, "Service Unavailable", UNAVAILABLE_DETAIL)
 
 
@@ -195,8 +242,6 @@ async def security_middleware(
 async def _secured(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    from archive.server import problem
-
     target = request.match_info.handler
     security: HttpSecurity = request.config_dict[SECURITY]  # type: ignore[assignment]
     address = client_address(request, security.trusted_proxies)

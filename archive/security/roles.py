@@ -39,6 +39,35 @@ ROLES: dict[str, frozenset[str]] = {
 KINDS = ("user", "service")
 
 
+def permissions() -> dict[str, str]:
+    """Every permission: the core's and those plugins define (``imag_permissions``)."""
+    from archive import plugins
+
+    return plugins.merged("imag_permissions", "permission")
+
+
+def role_permissions(role: str) -> frozenset[str]:
+    """What ``role`` may do: the core's grants plus plugins' (``imag_role_grants``);
+    ``admin`` may do everything any plugin defines."""
+    from archive import plugins
+
+    key = tuple(plugins.plugin_names())  # a plugin registered or removed: compute again
+    cached = _GRANTED.get(key)
+    if cached is None:
+        everything = frozenset(permissions())
+        extra = plugins.grants()
+        cached = {
+            name: (everything if name == "admin" else base | frozenset(extra.get(name, ())))
+            for name, base in ROLES.items()
+        }
+        _GRANTED.clear()
+        _GRANTED[key] = cached
+    return cached.get(role, frozenset())
+
+
+_GRANTED: dict[tuple[str, ...], dict[str, frozenset[str]]] = {}
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who is acting: a user, a service account, an OIDC subject or a DICOM peer."""
@@ -52,7 +81,7 @@ class Principal:
     via: str = ""
 
     def can(self, permission: str) -> bool:
-        return permission in ROLES.get(self.role, frozenset())
+        return permission in role_permissions(self.role)
 
     @property
     def scope(self) -> Scope | None:

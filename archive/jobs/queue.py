@@ -1,133 +1,27 @@
-"""The durable job queue: everything deferred is a row of the ``jobs`` table.
-
-Study stability, forwarding, message delivery and re-transcoding are jobs: a
-``kind`` (which handler runs it), a JSON ``payload``, a due time, attempts and
-a lease.  The queue lives in the index, so a job enqueued in the same
-transaction as the rows that caused it exists exactly when they do.
-
-**Enqueue in your own transaction.**  :meth:`Database.transaction` binds a
-connection to the calling thread and every statement issued on that thread
-inside it uses that connection, so ``JobQueue(db).enqueue(...)`` called inside
-``with db.transaction():`` is part of that transaction (rolled back with it).
-No separate variant is needed.
-
-**Claiming** (:meth:`JobQueue.claim`) atomically takes due jobs -- pending with
-``due_at <= now``, or running whose lease has expired (its worker died) -- and
-leases them to one worker: PostgreSQL locks the chosen rows with
-``FOR UPDATE SKIP LOCKED`` so concurrent workers take different jobs without
-waiting on each other; SQLite serialises writers (``BEGIN IMMEDIATE``).
-
-**A lease is (id, worker, attempt).**  :meth:`~JobQueue.complete`,
-:meth:`~JobQueue.fail` and :meth:`~JobQueue.extend_lease` act only while the
-job is still leased to that claim, so a worker that stalled past its lease and
-lost the job to another cannot complete it a second time.  Jobs run *at least
-once*: a worker killed after its handler's effects committed but before
-``complete`` gets its job re-run; handlers must be idempotent.
-
-**Dedupe keys** make "at most one *pending* job per key" a constraint (the
-partial unique index ``jobs_pending_dedupe``): enqueueing with the key of a
-pending job moves that job's due time and payload instead of adding one, which
-is what study stability needs (each arrival pushes the check later).  Running
-jobs are not covered: work that arrives while a job with the key runs gets a
-pending job of its own rather than being merged into one about to finish.  So
-a job with a key may run while its successor waits; if the running one then
-fails, the successor already carries the newer request and the failed one is
-``cancelled`` ("superseded") instead of being retried beside it.
-
-**Failures** go back to pending with exponential back-off (2 s, 4 s, 8 s, ...
-capped at 1 h, +0-20 % jitter) and keep ``last_error``; after ``max_attempts``
-the job is ``dead`` until ``imag jobs retry``.  A handler raising
-:class:`PermanentJobError` makes its job dead at once.
-
-**Handlers** register with ``@handler("kind")`` (a function ``(archive,
-payload) -> None``; :func:`current_job` gives the running :class:`Job`).  A
-worker process finds them by importing, before it starts, every module named
-by the ``imag.jobs`` entry point group and by the ``IMAG_WORKER_IMPORT``
-environment variable (comma-separated module names) -- see
-:func:`load_handlers`.  A :class:`Worker` without an explicit ``kinds`` list
-claims only kinds that have a handler in its process; a claimed job whose kind
-has none fails with an error naming it.
-"""
+"""The queue: job rows, enqueue, atomic claim, leases, retries (see :mod:`archive.jobs`)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import os
 import random
-import signal
-import socket
 import sqlite3
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
 from archive import metrics
-from archive.index.db import Database, utcnow
+from archive.clock import Clock, SystemClock
+from archive.index.db import Database
+from archive.jobs.registry import JobError
 
-if TYPE_CHECKING:
-    from archive.config import Config
-    from archive.runtime import Archive
-
-log = logging.getLogger(__name__)
+log = logging.getLogger("archive.jobs")
 
 STATES = ("pending", "running", "done", "dead", "cancelled")
 LIVE = ("pending", "running")
-
-Handler = Callable[["Archive", dict], None]
-HANDLERS: dict[str, Handler] = {}
-
-
-class JobError(Exception):
-    """A queue operation cannot be done (unknown job, wrong state, ...)."""
-
-
-class PermanentJobError(Exception):
-    """Raised by a handler when retrying cannot help: the job becomes dead at once."""
-
-
-def handler(kind: str, *, replace: bool = False) -> Callable[[Handler], Handler]:
-    """Register the decorated function as the handler of jobs of ``kind``."""
-
-    def register(fn: Handler) -> Handler:
-        current = HANDLERS.get(kind)
-        if current is not None and current is not fn and not replace:
-            raise ValueError(f"job kind {kind!r} already has a handler ({current.__qualname__})")
-        HANDLERS[kind] = fn
-        return fn
-
-    return register
-
-
-def load_handlers() -> list[str]:
-    """Import the modules that register handlers: the ``imag.jobs`` entry points
-    and the comma-separated module names in ``IMAG_WORKER_IMPORT``.  Returns
-    what was imported."""
-    loaded = []
-    for ep in entry_points(group="imag.jobs"):
-        ep.load()
-        loaded.append(ep.value)
-    for name in os.environ.get("IMAG_WORKER_IMPORT", "").split(","):
-        if name.strip():
-            importlib.import_module(name.strip())
-            loaded.append(name.strip())
-    return loaded
-
-
-_current = threading.local()
-
-
-def current_job() -> Job | None:
-    """The job the calling handler is running (None outside a handler)."""
-    return getattr(_current, "job", None)
-
 
 # -- rows ------------------------------------------------------------------------------------
 
@@ -141,7 +35,7 @@ def _dt(value: Any) -> datetime | None:
 
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
-        raise ValueError("job times must be timezone-aware (use archive.index.db.utcnow())")
+        raise ValueError("job times must be timezone-aware (use JobQueue.clock.now())")
     # One offset for every stored value: SQLite compares them as text.
     return value.astimezone(UTC)
 
@@ -207,11 +101,20 @@ class JobQueue:
     """The ``jobs`` table of one index."""
 
     def __init__(
-        self, db: Database, *, backoff_base: float = 2.0, backoff_max: float = 3600.0
+        self,
+        db: Database,
+        *,
+        backoff_base: float = 2.0,
+        backoff_max: float = 3600.0,
+        clock: Clock | None = None,
     ) -> None:
         self.db = db
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        #: the "now" of due times and leases, passed to SQL as a parameter
+        #: (never CURRENT_TIMESTAMP): by default the index's own clock, so jobs
+        #: compare with the times the catalog and the change feed write
+        self.clock: Clock = clock or getattr(db, "clock", None) or SystemClock()
 
     # -- producing -------------------------------------------------------------------------
 
@@ -234,7 +137,7 @@ class JobQueue:
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        now = utcnow()
+        now = self.clock.now()
         if due_at is None:
             due_at = now + timedelta(seconds=delay or 0)
         elif delay is not None:
@@ -276,7 +179,7 @@ class JobQueue:
         """
         if kinds is not None and not kinds:
             return []
-        now = utcnow()
+        now = self.clock.now()
         kind_sql, kind_params = "", []
         if kinds is not None:
             kind_sql = f" AND kind IN ({', '.join('?' * len(kinds))})"
@@ -358,7 +261,7 @@ class JobQueue:
         row = self.db.query_one(
             f"UPDATE jobs SET state = 'done', lease_until = NULL, updated_at = ? "
             f"WHERE {self._LEASED} RETURNING id",
-            [utcnow(), *self._lease(job)],
+            [self.clock.now(), *self._lease(job)],
         )
         return row is not None
 
@@ -373,7 +276,7 @@ class JobQueue:
         a pending job with its dedupe key was enqueued meanwhile (that one
         carries the newer request).  Returns the new state, None when the lease
         was lost (nothing changes)."""
-        now = utcnow()
+        now = self.clock.now()
         retry_at = now + timedelta(seconds=self.backoff(job.attempts))
         error = error[:4000]
         try:
@@ -397,7 +300,7 @@ class JobQueue:
         """Keep a long job leased for ``seconds`` more; False if it was lost."""
         row = self.db.query_one(
             f"UPDATE jobs SET lease_until = ? WHERE {self._LEASED} RETURNING id",
-            [utcnow() + timedelta(seconds=seconds), *self._lease(job)],
+            [self.clock.now() + timedelta(seconds=seconds), *self._lease(job)],
         )
         return row is not None
 
@@ -414,7 +317,7 @@ class JobQueue:
             raise JobError(f"no job {job_id}")
         if job.state not in ("dead", "cancelled"):
             raise JobError(f"job {job_id} is {job.state}: only dead or cancelled jobs are retried")
-        now = utcnow()
+        now = self.clock.now()
         row = self.db.query_one(
             "UPDATE jobs SET state = 'pending', due_at = ?, attempts = 0, lease_until = NULL, "
             "updated_at = ? WHERE id = ? AND state IN ('dead', 'cancelled') AND NOT EXISTS "
@@ -433,7 +336,7 @@ class JobQueue:
         row = self.db.query_one(
             "UPDATE jobs SET state = 'cancelled', updated_at = ? "
             "WHERE id = ? AND state = 'pending' RETURNING id",
-            (utcnow(), job_id),
+            (self.clock.now(), job_id),
         )
         if row is None:
             job = self.get(job_id)
@@ -456,7 +359,7 @@ class JobQueue:
 
     def oldest_due_seconds(self) -> float:
         """How long the longest-waiting due pending job has waited (0 if none)."""
-        now = utcnow()
+        now = self.clock.now()
         oldest = _dt(
             self.db.scalar(
                 "SELECT MIN(due_at) FROM jobs WHERE state = 'pending' AND due_at <= ?", (now,)
@@ -472,7 +375,7 @@ class JobQueue:
         rows = self.db.query(
             f"DELETE FROM jobs WHERE state IN ({', '.join('?' * len(states))}) "
             "AND updated_at < ? RETURNING id",
-            [*states, utcnow() - older_than],
+            [*states, self.clock.now() - older_than],
         )
         return len(rows)
 
@@ -494,226 +397,3 @@ class JobQueue:
         return [_record(r) for r in rows]
 
 
-# -- running jobs ----------------------------------------------------------------------------
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-class Worker:
-    """Threads that claim due jobs and run their handlers until :meth:`stop`.
-
-    ``concurrency`` threads each claim one job at a time (as ``name/1``,
-    ``name/2``, ...); a heartbeat thread extends the leases of running jobs, so
-    a handler may run longer than ``lease_seconds`` while its process lives,
-    and a job of a dead process is reclaimed ``lease_seconds`` after its last
-    heartbeat.  ``kinds`` limits the kinds claimed (default: every kind with a
-    registered handler, looked up at each claim).
-    """
-
-    def __init__(
-        self,
-        archive: Archive,
-        name: str,
-        *,
-        kinds: Sequence[str] | None = None,
-        poll_interval: float = 0.5,
-        lease_seconds: float = 60,
-        concurrency: int = 1,
-        queue: JobQueue | None = None,
-    ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        self.archive = archive
-        self.name = name
-        self.kinds = list(kinds) if kinds is not None else None
-        self.poll_interval = poll_interval
-        self.lease_seconds = lease_seconds
-        self.concurrency = concurrency
-        self.queue = queue or JobQueue(archive.db)
-        self._stop = threading.Event()
-        self._hb_stop = threading.Event()
-        self._hb: threading.Thread | None = None
-        self._threads: list[threading.Thread] = []
-        self._running: dict[int, Job] = {}
-        self._lock = threading.Lock()
-
-    def start(self) -> Worker:
-        if self._threads:
-            raise RuntimeError("worker already started")
-        self._stop.clear()
-        for i in range(1, self.concurrency + 1):
-            claimant = self.name if self.concurrency == 1 else f"{self.name}/{i}"
-            t = threading.Thread(
-                target=self._loop, args=(claimant,), name=f"imag-job-{claimant}", daemon=True
-            )
-            t.start()
-            self._threads.append(t)
-        self._hb_stop.clear()
-        self._hb = threading.Thread(
-            target=self._heartbeat, name=f"imag-job-lease-{self.name}", daemon=True
-        )
-        self._hb.start()
-        return self
-
-    def stop(self, timeout: float | None = 30) -> None:
-        """Stop claiming; wait up to ``timeout`` for running handlers to finish
-        (a job still running after that is reclaimed once its lease expires)."""
-        self._stop.set()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        self._hb_stop.set()
-        if self._hb is not None:
-            self._hb.join()
-            self._hb = None
-        self._threads = [t for t in self._threads if t.is_alive()]
-
-    def __enter__(self) -> Worker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _loop(self, claimant: str) -> None:
-        while not self._stop.is_set():
-            kinds = self.kinds if self.kinds is not None else sorted(HANDLERS)
-            try:
-                jobs = self.queue.claim(
-                    claimant, kinds=kinds, limit=1, lease_seconds=self.lease_seconds
-                )
-            except Exception as exc:  # noqa: BLE001 - the index may be down for a while
-                log.warning("job claim failed", extra={"worker": claimant, "error": _describe(exc)})
-                self._stop.wait(max(self.poll_interval, 1.0))
-                continue
-            if not jobs:
-                self._stop.wait(self.poll_interval)
-                continue
-            for job in jobs:
-                self.run(job)
-
-    def run(self, job: Job) -> str:
-        """Run one claimed job's handler and record the outcome: 'done',
-        'retry', 'dead' or 'lost' (the lease was lost meanwhile)."""
-        fn = HANDLERS.get(job.kind)
-        with self._lock:
-            self._running[job.id] = job
-        started = time.monotonic()
-        error: str | None = None
-        permanent = False
-        _current.job = job
-        try:
-            if fn is None:
-                raise LookupError(
-                    f"no handler for job kind {job.kind!r} in this process (known: "
-                    f"{', '.join(sorted(HANDLERS)) or 'none'}); register one with "
-                    "@archive.jobs.handler or load its module via IMAG_WORKER_IMPORT"
-                )
-            fn(self.archive, job.payload)
-        except Exception as exc:  # noqa: BLE001 - a handler's failure is the job's failure
-            error = _describe(exc)
-            permanent = isinstance(exc, PermanentJobError)
-        finally:
-            _current.job = None
-            with self._lock:
-                self._running.pop(job.id, None)
-        seconds = time.monotonic() - started
-        metrics.JOB_SECONDS.labels(job.kind).observe(seconds)
-        info = {
-            "job_id": job.id,
-            "kind": job.kind,
-            "attempt": job.attempts,
-            "worker": job.worker,
-            "seconds": round(seconds, 4),
-        }
-        try:
-            if error is None:
-                outcome = "done" if self.queue.complete(job) else "lost"
-            else:
-                state = self.queue.fail(job, error, permanent=permanent)
-                outcome = {"pending": "retry", "dead": "dead", None: "lost"}[state]
-        except Exception as exc:  # noqa: BLE001 - the lease expires; the job is re-run
-            log.error("job outcome not recorded", extra=info | {"error": _describe(exc)})
-            return "lost"
-        metrics.JOB_RUNS.labels(job.kind, outcome).inc()
-        if outcome == "done":
-            log.info("job done", extra=info)
-        elif outcome == "lost":
-            log.warning("job lease lost before the outcome was recorded", extra=info)
-        else:
-            level = logging.ERROR if outcome == "dead" else logging.WARNING
-            log.log(level, f"job failed ({outcome})", extra=info | {"error": error})
-        return outcome
-
-    def _heartbeat(self) -> None:
-        interval = max(0.05, self.lease_seconds / 3)
-        while not self._hb_stop.wait(interval):
-            with self._lock:
-                running = list(self._running.values())
-            for job in running:
-                try:
-                    if not self.queue.extend_lease(job, self.lease_seconds):
-                        log.warning(
-                            "job lease lost while running",
-                            extra={"job_id": job.id, "kind": job.kind, "worker": job.worker},
-                        )
-                except Exception as exc:  # noqa: BLE001
-                    log.warning(
-                        "job lease not extended", extra={"job_id": job.id, "error": _describe(exc)}
-                    )
-
-
-def run_worker_process(
-    config: Config,
-    *,
-    kinds: Sequence[str] | None = None,
-    concurrency: int = 1,
-    poll_interval: float = 0.5,
-    lease_seconds: float = 60,
-    name: str | None = None,
-    stop: threading.Event | None = None,
-) -> int:
-    """``imag worker``: run jobs until SIGTERM or SIGINT (or ``stop`` is set);
-    return the exit status (0)."""
-    from archive.runtime import Archive
-
-    loaded = load_handlers()
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    name = name or f"{socket.gethostname()}:{os.getpid()}"
-    archive = Archive(config, writer=True)
-    queue = JobQueue(archive.db)
-    metrics.watch_job_queue(queue)
-    worker = Worker(
-        archive,
-        name,
-        kinds=kinds,
-        poll_interval=poll_interval,
-        lease_seconds=lease_seconds,
-        concurrency=concurrency,
-        queue=queue,
-    )
-    worker.start()
-    log.info(
-        "imag worker started",
-        extra={
-            "worker": name,
-            "pid": os.getpid(),
-            "kinds": ",".join(kinds) if kinds is not None else "*",
-            "handlers": ",".join(sorted(HANDLERS)),
-            "imported": ",".join(loaded),
-            "concurrency": concurrency,
-        },
-    )
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        log.info("imag worker stopping", extra={"worker": name})
-        worker.stop(timeout=lease_seconds)
-        archive.close()
-    log.info("imag worker stopped", extra={"worker": name})
-    return 0

@@ -1,0 +1,117 @@
+"""``imag serve``: the archive with its HTTP and DICOM servers and job workers.
+
+The lifecycle in order: open the archive (migrations of the core and of every
+plugin), create the first admin account when there is none, start the DICOM
+listener(s), the job workers (every plugin's job kinds and event
+subscribers), then HTTP; on SIGTERM / SIGINT stop them in the reverse order,
+so that nothing acknowledged is left half done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+
+from archive.config import Config
+
+log = logging.getLogger("imag")
+
+
+def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT; return the exit status (0)."""
+    processes = config["dicom.processes"] if config["dicom.enabled"] else 1
+    multiproc_dir = None
+    if processes > 1:
+        # Before prometheus_client is first imported: every process then writes
+        # its metrics to this folder and /metrics adds them up.
+        from archive.dimse.processes import metrics_dir
+
+        multiproc_dir = metrics_dir(config)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    try:
+        asyncio.run(_serve(config, processes))
+    finally:
+        if multiproc_dir:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+    return 0
+
+
+def _first_start(config: Config, archive) -> None:  # noqa: ANN001 - Archive
+    from archive.security.commands import ensure_admin_token
+    from archive.security.principals import Principals
+
+    token_file = ensure_admin_token(config, Principals(archive.db))
+    if token_file is not None:
+        log.warning("first start: admin token written", extra={"path": str(token_file)})
+        print(
+            f"IMAG first start: the admin API token is in {token_file} (readable only by "
+            "you); send it as 'Authorization: Bearer <token>', and create users with "
+            "'imag user add' and 'imag token create'",
+            file=sys.stderr,
+            flush=True,
+        )
+    if not config["auth.enabled"]:
+        log.warning("authentication is OFF (auth.enabled = false): local development only")
+
+
+async def _serve(config: Config, processes: int) -> None:
+    from archive.jobs import JobQueue, Worker, load_handlers
+    from archive.metrics import watch_job_queue
+    from archive.runtime import Archive
+    from archive.server import serve_http
+
+    archive = Archive(config)
+    _first_start(config, archive)
+    dicom = None
+    children: list = []
+    if config["dicom.enabled"]:
+        from archive.dimse.processes import start_listeners
+        from archive.dimse.server import DicomServer
+
+        dicom = DicomServer(archive)
+        dicom.start(config["dicom.host"], config["dicom.port"])
+        if processes > 1:
+            children = start_listeners(config, dicom.port, processes - 1)
+    load_handlers()
+    queue = JobQueue(archive.db)
+    watch_job_queue(queue)
+    worker = (
+        Worker(
+            archive, f"serve-{os.getpid()}", queue=queue, concurrency=config["jobs.workers"]
+        ).start()
+        if config["jobs.workers"]
+        else None
+    )
+    runner = await serve_http(archive, config["http.host"], config["http.port"])
+    scheme = "https" if config["http.tls_cert"] else "http"
+    http = f"{scheme}://{config['http.host']}:{config['http.port']}"
+    where = {"http": http, "index": config.masked()["index.url"], "storage": config.storage_url}
+    if dicom is not None:
+        where["dicom"] = f"{config['dicom.aet']}@{config['dicom.host']}:{dicom.port}" + (
+            f" ({processes} processes)" if processes > 1 else ""
+        )
+    log.info("imag serving", extra=where)
+    print(
+        "IMAG listening: " + ", ".join(f"{k} {v}" for k, v in where.items()),
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if children:
+        from archive.dimse.processes import stop_listeners
+
+        await asyncio.to_thread(stop_listeners, children)
+    if dicom is not None:
+        dicom.stop()
+    await runner.cleanup()
+    if worker is not None:
+        await asyncio.to_thread(worker.stop)
+    archive.close()

@@ -1,0 +1,76 @@
+"""``imag worker``: the process that runs jobs.
+
+It assembles an :class:`~archive.runtime.Archive` and a
+:class:`~archive.jobs.Worker` over it, with every plugin's job kinds; kept out
+of :mod:`archive.jobs` so that the queue (a domain module, imported by
+stability, routing and ingest) does not import the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Sequence
+
+from archive import metrics
+from archive.config import Config
+from archive.jobs import HANDLERS, JobQueue, Worker, load_handlers
+from archive.runtime import Archive
+
+log = logging.getLogger("archive.jobs")  # the name its records had before the move
+
+
+def run_worker_process(
+    config: Config,
+    *,
+    kinds: Sequence[str] | None = None,
+    concurrency: int = 1,
+    poll_interval: float = 0.5,
+    lease_seconds: float = 60,
+    name: str | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """``imag worker``: run jobs until SIGTERM or SIGINT (or ``stop`` is set);
+    return the exit status (0)."""
+    loaded = load_handlers()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    name = name or f"{socket.gethostname()}:{os.getpid()}"
+    archive = Archive(config, writer=True)
+    queue = JobQueue(archive.db)
+    metrics.watch_job_queue(queue)
+    worker = Worker(
+        archive,
+        name,
+        kinds=kinds,
+        poll_interval=poll_interval,
+        lease_seconds=lease_seconds,
+        concurrency=concurrency,
+        queue=queue,
+    )
+    worker.start()
+    log.info(
+        "imag worker started",
+        extra={
+            "worker": name,
+            "pid": os.getpid(),
+            "kinds": ",".join(kinds) if kinds is not None else "*",
+            "handlers": ",".join(sorted(HANDLERS)),
+            "imported": ",".join(loaded),
+            "concurrency": concurrency,
+        },
+    )
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        log.info("imag worker stopping", extra={"worker": name})
+        worker.stop(timeout=lease_seconds)
+        archive.close()
+    log.info("imag worker stopped", extra={"worker": name})
+    return 0

@@ -1,0 +1,56 @@
+"""What every HTTP service of the archive shares: the application key under
+which the running :class:`~archive.runtime.Archive` is found, RFC 9457 problem
+details, and the public base URL for links in answers.
+
+It lives apart from :mod:`archive.server` (which assembles the application and
+mounts the services) so that a service package such as ``dicomweb`` and the
+HTTP security layer can use these helpers without importing the server that
+imports them: imports point inward and no cycle forms.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from archive.runtime import Archive
+
+#: the application key holding the running archive (``request.config_dict[ARCHIVE]``)
+ARCHIVE = web.AppKey("archive", Archive)
+
+
+def problem(status: int, title: str, detail: str) -> web.Response:
+    """An RFC 9457 problem details response."""
+    return web.Response(
+        status=status,
+        content_type="application/problem+json",
+        text=json.dumps(
+            {"type": "about:blank", "title": title, "status": status, "detail": detail}
+        ),
+    )
+
+
+def public_base(request: web.Request) -> str:
+    """The scheme://host[:port] clients use to reach us, for links in answers.
+
+    ``http.public_url`` wins; behind a proxy X-Forwarded-Proto / -Host tell;
+    otherwise the Host header, with our port added when a client (such as
+    dicomweb-client) leaves it out.
+    """
+    configured = (
+        request.config_dict[ARCHIVE].config["http.public_url"]
+        if ARCHIVE in request.config_dict
+        else ""
+    )
+    if configured:
+        return configured.rstrip("/")
+    proto = request.headers.get("X-Forwarded-Proto", request.scheme)
+    host = request.headers.get("X-Forwarded-Host")
+    if not host:
+        host = request.host
+        has_port = host.rsplit("]", 1)[-1].count(":") == 1
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not has_port and sockname and sockname[1] not in (80, 443):
+            host = f"{host}:{sockname[1]}"
+    return f"{proto}://{host}"

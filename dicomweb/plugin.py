@@ -1,0 +1,19 @@
+"""DICOMweb registered as a plugin of the core: its routes under ``/dicom-web``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from archive.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from archive.runtime import Archive
+
+
+@hookimpl
+def imag_routes(app: web.Application, archive: Archive) -> None:
+    from dicomweb.routes import setup
+
+    setup(app, archive)
