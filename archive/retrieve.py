@@ -4,7 +4,7 @@
 level, within the caller's scope) into the list of stored instances, in
 series and instance order; :func:`read` reads one back from the object
 store.  Converting it for a receiver that does not accept the stored
-transfer syntax is :func:`archive.transcode.convert_for`.
+transfer syntax is :func:`archive.codecs.convert_for`.
 
 Parsing needs a seekable file, and not every store gives one: the S3 store's
 stream cannot seek.  :func:`open_seekable` makes any stored object seekable

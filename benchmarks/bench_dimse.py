@@ -59,6 +59,7 @@ from archive.synthetic import (
     write_study,
 )
 from benchmarks import orthanc
+from tests.dcmtk import dcmtk, have_dcmtk
 
 PG_URL = os.environ.get("IMAG_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ class Target:
 
 def echo(host: str, port: int, aet: str) -> bool:
     run = subprocess.run(
-        ["echoscu", "-aec", aet, "-aet", CALLING_AET, "-to", "5", host, str(port)],
+        [dcmtk("echoscu"), "-aec", aet, "-aet", CALLING_AET, "-to", "5", host, str(port)],
         capture_output=True,
         timeout=30,
     )
@@ -257,7 +258,7 @@ def storescu(
         for i, folder in enumerate(folders):
             log_path = logs / f"storescu-{i}.log"
             with open(log_path, "w") as out:
-                cmd = ["storescu", "-aec", target.aet, "-aet", CALLING_AET, "+sd", *options]
+                cmd = [dcmtk("storescu"), "-aec", target.aet, "-aet", CALLING_AET, "+sd", *options]
                 cmd += [target.host, str(target.port), str(folder)]
                 procs.append(
                     (
@@ -463,7 +464,7 @@ def _find(assoc, identifier: Dataset) -> int:
 
 
 def _findscu_args(target: Target, identifier: Dataset) -> list[str]:
-    cmd = ["findscu", "-S", "-aec", target.aet, "-aet", CALLING_AET]
+    cmd = [dcmtk("findscu"), "-S", "-aec", target.aet, "-aet", CALLING_AET]
     for elem in identifier:
         value = str(elem.value) if elem.value not in (None, "") else ""
         cmd += ["-k", f"{elem.keyword}={value}" if value else elem.keyword]
@@ -704,8 +705,8 @@ def main() -> int:
         parser.error("--associations wants positive integers, e.g. 1,4")
     extra_env = _env_pairs(args.imag_env)
     for tool in ("storescu", "findscu", "echoscu"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} not found: apt-get install dcmtk")
+        if not have_dcmtk(tool):
+            raise SystemExit(f"dcmtk's {tool} not found: apt-get install dcmtk")
 
     # Ctrl-C and SIGTERM unwind through every cleanup (also when started in the
     # background, where SIGINT would otherwise be ignored)

@@ -11,7 +11,63 @@ import pytest
 from archive.config import Config, load_config
 from archive.runtime import Archive
 
-pytest_plugins = ["tests.s3server", "tests.pgserver"]
+pytest_plugins = ["tests.s3server", "tests.pgserver", "tests.inprocess"]
+
+#: fixtures of these scopes are built once per worker that runs one of their tests
+_SHARED_SCOPES = frozenset({"package", "module", "class"})
+
+
+def _shared_fixture_group(item: pytest.Item) -> str | None:
+    """The xdist group of a test that uses a module-scoped fixture (a server,
+    a pushed corpus): its module and the parameters of those fixtures (the
+    index backend), so that each such fixture is built on one worker only,
+    while the SQLite and the PostgreSQL halves of a module can still run side
+    by side."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    shared = sorted(
+        name
+        for name, defs in info.name2fixturedefs.items()
+        if defs and defs[-1].scope in _SHARED_SCOPES
+    )
+    if not shared:
+        return None
+    module = Path(item.nodeid.split("::", 1)[0]).stem
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    variant = ",".join(str(params[name])[:24] for name in shared if name in params)
+    # no "[", "]" or "@": xdist takes the text after the last "@" as the group
+    # only when no "]" follows it
+    group = f"{module}:{variant}" if variant else module
+    return "".join(c if c not in "[]@" else "_" for c in group)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (scripts/test runs ``-n auto --dist loadgroup``): tests
+    marked ``serial`` run one after the other on one worker; tests sharing a
+    module-scoped fixture stay together on one worker; every other test goes
+    wherever a worker is free."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            if item.get_closest_marker("serial"):
+                item.add_marker(pytest.mark.xdist_group("serial"))
+            elif group := _shared_fixture_group(item):
+                item.add_marker(pytest.mark.xdist_group(group))
+        if config.getoption("loadgroup", False):
+            _carry_group_in_node_id(item)
+
+
+def _carry_group_in_node_id(item: pytest.Item) -> None:
+    """What pytest-xdist's worker does for ``--dist loadgroup`` (the group after
+    an ``@`` in the node id, which its scheduler splits on), done here because
+    xdist 3.8 writes ``item._nodeid`` while pytest 9 reads the id from
+    ``item._id``: without this every test would be scheduled on its own."""
+    groups = sorted({str(mark.args[0]) for mark in item.iter_markers("xdist_group") if mark.args})
+    node_id = getattr(item, "_id", None)
+    if not groups or node_id is None or "@" in item.nodeid:
+        return
+    item._id = type(node_id).parse(f"{item.nodeid}@{'_'.join(groups)}")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

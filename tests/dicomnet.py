@@ -25,6 +25,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import evt
 
+from tests.dcmtk import dcmtk
 from tests.processes import HOST, ServerProcess, free_port
 
 #: dcmtk's tools without Nagle's algorithm (each round trip would otherwise
@@ -36,9 +37,10 @@ SERVER_AET = "IMAG"
 def run_tool(
     tool: str, *args: str, cwd: Path | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess:
-    """Run a dcmtk tool; its output (stdout + stderr) is in ``.stdout``."""
+    """Run a dcmtk tool (by name, or by path); its output (stdout + stderr) is in
+    ``.stdout``."""
     return subprocess.run(
-        [tool, *args],
+        [tool if os.path.isabs(tool) else dcmtk(tool), *args],
         env=TOOL_ENV,
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -154,7 +156,7 @@ class ImagServer(ServerProcess):
     def storescu(self, aet: str, files: Sequence[Path], profile: Path) -> subprocess.Popen:
         """Start storescu proposing ``profile`` (see :func:`storescu_profile`)."""
         return subprocess.Popen(
-            ["storescu", "-xf", str(profile), "Push", "-aec", SERVER_AET, "-aet", aet, HOST]
+            [dcmtk("storescu"), "-xf", str(profile), "Push", "-aec", SERVER_AET, "-aet", aet, HOST]
             + [str(self.dicom_port), *map(str, files)],
             env=TOOL_ENV,
             stdout=subprocess.PIPE,
@@ -247,7 +249,7 @@ class StoreSCP:
         self.log = outdir.parent / f"{aet.lower()}.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                ["storescp", "-aet", aet, "+xa", "+B", "-od", str(outdir), str(self.port)],
+                [dcmtk("storescp"), "-aet", aet, "+xa", "+B", "-od", str(outdir), str(self.port)],
                 env=TOOL_ENV,
                 stdout=log,
                 stderr=subprocess.STDOUT,

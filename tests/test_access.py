@@ -36,6 +36,7 @@ from archive.index import open_database
 from archive.index.db import Database
 from tests.dicomfiles import make_instance
 from tests.httpserver import HttpImag, running_imag
+from tests.inprocess import serving_in_process
 from tests.processes import HOST, free_port
 
 
@@ -363,6 +364,7 @@ def test_every_route_but_health_needs_credentials(world: World, path: str) -> No
     assert world.last_audit_id() == last + 1  # /health is not audited
 
 
+@pytest.mark.slow
 def test_a_revoked_expired_disabled_or_tampered_token_is_401_and_audited(world: World) -> None:
     server = world.server
     assert imag_cli(server, "user", "add", "leaver", "--role", "radiologist").returncode == 0
@@ -652,7 +654,7 @@ def test_repeated_failed_authentication_is_answered_429_with_retry_after(
     tmp_path: Path,
 ) -> None:
     settings = {"IMAG_AUTH_MAX_FAILURES": "3", "IMAG_AUTH_FAILURE_WINDOW_SECONDS": "30"}
-    with running_imag(tmp_path / "imag", settings=settings) as server:
+    with serving_in_process(tmp_path / "imag", settings=settings) as server:
         bad = {"Authorization": "Bearer imag_not-a-real-token"}
         codes = [
             requests.get(server.url + "/whoami", headers=bad, timeout=10).status_code
@@ -668,9 +670,10 @@ def test_repeated_failed_authentication_is_answered_429_with_retry_after(
         assert requests.get(server.url + "/health", timeout=10).status_code == 200
 
 
+@pytest.mark.serial
 def test_a_stow_body_that_stalls_is_answered_408_and_stores_nothing(tmp_path: Path) -> None:
     """A sender that stops mid-body does not hold a handler forever."""
-    with running_imag(tmp_path / "imag", settings={"IMAG_HTTP_BODY_TIMEOUT": "1"}) as server:
+    with serving_in_process(tmp_path / "imag", settings={"IMAG_HTTP_BODY_TIMEOUT": "1"}) as server:
         body, headers = stow_body(make_instance())
         head = (
             f"POST /dicom-web/studies HTTP/1.1\r\nHost: {HOST}\r\n"
@@ -696,7 +699,7 @@ def test_a_token_failing_from_many_addresses_is_limited_on_its_own(tmp_path: Pat
         "IMAG_AUTH_MAX_FAILURES": "3",
         "IMAG_HTTP_TRUSTED_PROXIES": HOST,
     }
-    with running_imag(tmp_path / "imag", settings=settings) as server:
+    with serving_in_process(tmp_path / "imag", settings=settings) as server:
         bad = "Bearer imag_sprayed-token"
 
         def call(address: str, credential: str) -> requests.Response:

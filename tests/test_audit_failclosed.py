@@ -433,7 +433,7 @@ def test_c_find_refusal_carries_the_reason(sites: Sites, tmp_path: Path) -> None
 
     with audit_unwritable(sites.db):
         run = run_tool(
-            "/usr/bin/findscu",
+            "findscu",
             "-S",
             "-d",
             "-aec",

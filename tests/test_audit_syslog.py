@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from tests.httpserver import running_imag
+from tests.inprocess import serving_in_process
 from tests.processes import HOST
 
 # RFC 5424: <PRI>VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP SD SP MSG
@@ -34,7 +34,7 @@ def test_each_audit_entry_is_forwarded_as_an_rfc5424_message_over_udp(tmp_path: 
     receiver.settimeout(10)
     settings = {"IMAG_AUDIT_SYSLOG": f"udp://{HOST}:{receiver.getsockname()[1]}"}
     try:
-        with running_imag(tmp_path / "imag", settings=settings) as server:
+        with serving_in_process(tmp_path / "imag", settings=settings) as server:
             assert server.http.get(server.url + "/whoami", timeout=10).status_code == 200
             allowed, _ = receiver.recvfrom(65536)
             assert requests.get(server.url + "/changes", timeout=10).status_code == 401
@@ -79,7 +79,7 @@ def test_audit_entries_are_forwarded_over_tcp_with_octet_counting(tmp_path: Path
     thread.start()
     settings = {"IMAG_AUDIT_SYSLOG": f"tcp://{HOST}:{listener.getsockname()[1]}"}
     try:
-        with running_imag(tmp_path / "imag", settings=settings) as server:
+        with serving_in_process(tmp_path / "imag", settings=settings) as server:
             for _ in range(2):
                 server.http.get(server.url + "/whoami", timeout=10)
             thread.join(10)

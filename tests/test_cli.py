@@ -52,6 +52,7 @@ def ct_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_import_killed_with_sigkill_then_rerun_stores_every_file_exactly_once(
     env: dict, ct_folder: Path, index_url: str
 ) -> None:
@@ -95,6 +96,7 @@ def test_import_killed_with_sigkill_then_rerun_stores_every_file_exactly_once(
     assert report["clean"] and report["ok"] == len(files)
 
 
+@pytest.mark.slow
 def test_verify_finds_missing_corrupt_and_orphaned_objects_and_repair_fixes_what_it_can(
     env: dict, ct_folder: Path, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -30,6 +31,8 @@ PER_ASSOCIATION = 120
 KILL_AFTER = 150  # acknowledged instances, of 480
 
 
+@pytest.mark.slow
+@pytest.mark.serial
 def test_every_acknowledged_c_store_survives_kill_9_with_its_row_object_and_audit_entry(
     tmp_path: Path,
 ) -> None:

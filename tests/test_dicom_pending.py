@@ -239,6 +239,7 @@ def test_dicom_associate_settings_appear_in_config_show(quick: ImagServer) -> No
         assert env in shown.stdout
 
 
+@pytest.mark.serial
 def test_a_tls_connection_that_never_starts_its_handshake_is_closed_at_the_timeout(
     tmp_path: Path,
 ) -> None:

@@ -53,6 +53,7 @@ from archive.synthetic import (
 )
 from tests.dicomnet import assert_same_instance
 from tests.httpserver import HttpImag, free_port, running_imag
+from tests.inprocess import serving_in_process
 
 ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DICOM = "application/dicom"
@@ -1033,7 +1034,7 @@ def test_stow_parts_spooled_to_disk_are_stored_and_checked_as_in_memory(
     here every part does: the same answers, the same bytes, the same refusals,
     and no spool file left behind."""
     settings = {"IMAG_INGEST_STREAM_THRESHOLD": "1KiB"}
-    with running_imag(tmp_path / "imag", settings=settings) as server:
+    with serving_in_process(tmp_path / "imag", settings=settings) as server:
         client = server.client()
         files = list(corpus.files.values())
         answer = client.store_instances([pydicom.dcmread(p) for p in files])

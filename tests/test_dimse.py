@@ -49,6 +49,7 @@ from archive.synthetic import (
     write_study,
 )
 from storage import open_store
+from tests.dcmtk import dcmtk
 from tests.dicomnet import (
     CLIENT_HANDLERS,
     HOST,
@@ -717,6 +718,7 @@ def crash_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 )
+@pytest.mark.slow
 def test_kill_9_during_a_four_association_push_loses_no_acknowledged_instance(
     backend: str, crash_series: list[Path], request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -778,7 +780,7 @@ def push_verbosely(
     """storescu -v on one association; each file whose C-STORE is answered
     with success is appended to ``acknowledged`` as the response arrives."""
     proc = subprocess.Popen(
-        ["storescu", "-v", "-aec", SERVER_AET, "-aet", "MODALITY_A", HOST]
+        [dcmtk("storescu"), "-v", "-aec", SERVER_AET, "-aet", "MODALITY_A", HOST]
         + [str(server.dicom_port), *map(str, files)],
         env=TOOL_ENV,
         stdout=subprocess.DEVNULL,

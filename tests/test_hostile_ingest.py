@@ -373,6 +373,7 @@ def _reason_of(case: Case) -> str:
 
 
 @pytest.mark.parametrize("threshold", ["64MiB", "1"], ids=["in-memory", "streamed"])
+@pytest.mark.slow
 def test_imag_import_refuses_each_hostile_file_with_its_reason(
     world: World, threshold: str
 ) -> None:

@@ -75,6 +75,7 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, di
     return f"s3://{bucket}/archive", {"s3.endpoint_url": endpoint, "s3.region": "us-east-1"}
 
 
+@pytest.mark.slow
 def test_import_of_a_mixed_folder_indexes_every_valid_file(
     mixed: tuple[Path, list[StudySpec]],
     make_config: Callable[..., Config],

@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from tests.httpserver import HttpImag, running_imag
+from tests.httpserver import HttpImag
+from tests.inprocess import serving_in_process
 
 ISSUER = "https://idp.example.org/realms/region"
 AUDIENCE = "imag-archive"
@@ -159,7 +160,7 @@ def oidc_settings(**extra: str) -> dict[str, str]:
 def imag(jwks_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpImag]:
     """An imag serve trusting the keys of a JWKS file."""
     settings = oidc_settings(IMAG_AUTH_OIDC_JWKS_FILE=str(jwks_file))
-    with running_imag(tmp_path_factory.mktemp("oidc"), settings=settings) as server:
+    with serving_in_process(tmp_path_factory.mktemp("oidc"), settings=settings) as server:
         yield server
 
 
@@ -328,7 +329,7 @@ def test_a_malformed_token_with_two_dots_is_rejected(imag: HttpImag) -> None:
 def test_a_jwt_is_rejected_by_a_server_without_oidc(
     keys: Keys, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    with running_imag(tmp_path_factory.mktemp("plain"), settings=NO_RATE_LIMIT) as plain:
+    with serving_in_process(tmp_path_factory.mktemp("plain"), settings=NO_RATE_LIMIT) as plain:
         assert_rejected(plain, rs256(keys), "not accepted")
 
 
@@ -379,7 +380,7 @@ def imag_jwks_url(
 ) -> Iterator[HttpImag]:
     """An imag serve fetching the provider's keys from its JWKS URL."""
     settings = oidc_settings(IMAG_AUTH_OIDC_JWKS_URL=jwks_server.url)
-    with running_imag(tmp_path_factory.mktemp("oidc-url"), settings=settings) as server:
+    with serving_in_process(tmp_path_factory.mktemp("oidc-url"), settings=settings) as server:
         yield server
 
 

@@ -52,7 +52,7 @@ from tests.dicomnet import SERVER_AET, run_tool, storescu_profile
 from tests.processes import HOST
 from tests.test_ownership import World, imag_import, open_world, still_serving, stow
 
-STORESCU = "/usr/bin/storescu"
+STORESCU = "storescu"  # dcmtk's, by path (run_tool)
 FOREIGN_IMPLEMENTATION = "1.2.826.0.1.3680043.9.7433.1.1"
 FOREIGN_PREAMBLE = b"FOREIGN-PACS-PREAMBLE".ljust(128, b"\x01")
 

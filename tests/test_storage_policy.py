@@ -18,12 +18,12 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from archive.codecs import convert_for, decoded_pixels, transcode
 from archive.config import Config
 from archive.identity import Source
 from archive.index import StoreOutcome
 from archive.retrieve import locate, read
 from archive.runtime import Archive
-from archive.transcode import convert_for, decoded_pixels, transcode
 from tests.dicomfiles import PYDICOM_TEST_FILES, make_instance
 
 POLICIES = {
@@ -120,6 +120,8 @@ def test_an_htj2k_stored_instance_is_retrieved_uncompressed_with_equal_pixels(
         assert ds.PixelData == original.PixelData
 
 
+@pytest.mark.slow
+@pytest.mark.serial
 def test_imag_transcode_converts_what_is_stored_and_resumes_after_sigkill(
     tmp_path, index_url: str
 ) -> None:

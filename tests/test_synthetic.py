@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -41,6 +40,7 @@ from archive.synthetic import (
     modality_preset,
     write_study,
 )
+from tests.dcmtk import dcmtk, have_dcmtk
 
 SEED = 11
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
@@ -384,7 +384,7 @@ def test_command_line(tmp_path, capsys):
 
 
 def test_dcmtk_reads_one_file_of_each_syntax(tmp_path, mixed):
-    if shutil.which("dcmdump") is None:
+    if not have_dcmtk("dcmdump"):
         pytest.skip("dcmtk not installed")
     files = _one_file_per_syntax(mixed[0])
     for ts in available_transfer_syntaxes():
@@ -393,7 +393,7 @@ def test_dcmtk_reads_one_file_of_each_syntax(tmp_path, mixed):
             files[ts] = path
     for ts, path in files.items():
         result = subprocess.run(
-            ["dcmdump", str(path)],
+            [dcmtk("dcmdump"), str(path)],
             capture_output=True,
             encoding="latin_1",  # dcmdump prints values undecoded
             timeout=30,
@@ -415,12 +415,14 @@ def test_dcmtk_reads_one_file_of_each_syntax(tmp_path, mixed):
 )
 def test_dcmtk_decodes_to_the_same_pixels(tmp_path, mixed, ts, tool):
     """An independent decoder (dcmtk) agrees, e.g. on the big endian byte swapping."""
-    if shutil.which(tool[0]) is None:
+    if not have_dcmtk(tool[0]):
         pytest.skip("dcmtk not installed")
     folder, specs = mixed
     path = _one_file_per_syntax(folder)[ts]
     out = tmp_path / "decoded.dcm"
-    result = subprocess.run([*tool, str(path), str(out)], capture_output=True, timeout=30)
+    result = subprocess.run(
+        [dcmtk(tool[0]), *tool[1:], str(path), str(out)], capture_output=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     ds = pydicom.dcmread(out)
     assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian

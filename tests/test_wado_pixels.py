@@ -18,6 +18,7 @@ from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLossless
 
 from archive.synthetic import StudySpec, modality_preset, write_study
+from tests.dcmtk import dcmtk
 from tests.httpserver import HttpImag, running_imag
 
 
@@ -55,7 +56,10 @@ def originals(study) -> dict[str, pydicom.Dataset]:
 def test_instances_are_stored_as_htj2k(server: HttpImag, study) -> None:
     client = server.client()
     spec = study[0]
-    for inst in client.search_for_instances(str(spec.study_uid)):
+    found = client.search_for_instances(str(spec.study_uid))
+    # every stored instance is found: an empty search must not pass the loop below
+    assert {inst["00080018"]["Value"][0] for inst in found} == set(originals(study))
+    for inst in found:
         st, se, sop = (inst[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
         ds = client.retrieve_instance(st, se, sop, media_types=(("application/dicom", "*"),))
         assert ds.file_meta.TransferSyntaxUID == HTJ2KLossless
@@ -80,7 +84,7 @@ def test_getscu_retrieves_the_htj2k_study_uncompressed_pixel_for_pixel(
     out.mkdir()
     run = subprocess.run(
         [
-            "getscu",
+            dcmtk("getscu"),
             "-aec",
             server.aet,
             "-aet",
