@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from archive.security.roles import ROLES
-from archive.topology import STORE_AS, Peer, Route, Site
+from archive.topology import STORE_AS, Peer, Route, Site, flag
 
 
 class ConfigError(ValueError):
@@ -54,15 +54,7 @@ def _int(lo: int, hi: int) -> Callable[[Any], int]:
     return check
 
 
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise TypeError("true or false")
+_bool = flag  # one reading of true / false for settings and records
 
 
 def _choice(*options: str) -> Callable[[Any], str]:

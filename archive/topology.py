@@ -68,7 +68,8 @@ def _whole(value: Any, lo: int, hi: int) -> int:
     return number
 
 
-def _flag(value: Any) -> bool:
+def flag(value: Any) -> bool:
+    """true / false, also from the environment's strings (1, yes, on / 0, no, off)."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -122,7 +123,7 @@ class Peer:
                 host=_text(table.get("host", "*")),
                 port=_whole(table.get("port", 104), 0, 65535),
                 site=_text(table.get("site", "")),
-                regional=_flag(table.get("regional", False)),
+                regional=flag(table.get("regional", False)),
             )
         except TypeError as exc:
             raise TypeError(f"peer #{number} ({table.get('aet')!r}): {exc}") from None
