@@ -32,7 +32,7 @@ from archive.config import Config
 from archive.hookspecs import hookimpl
 from archive.index.catalog import CommitResult, InstanceRecord, StoreOutcome
 from archive.index.db import Database
-from archive.jobs import JobQueue, PermanentJobError, handler
+from archive.jobs import JobQueue, PermanentJobError
 from archive.retrieve import StoredObject, locate, read
 from archive.topology import Route
 
@@ -239,13 +239,11 @@ def _to_stow(archive, base_url: str, items: list[StoredObject], token: str = "")
             raise RuntimeError(f"STOW-RS to {url} answered {exc.code}: {detail}") from None
 
 
-@handler("route.instance")
 def run_instance(archive, payload: dict) -> None:  # noqa: ANN001 - Archive
     route = _route(archive.config, payload["route"])
     deliver(archive, route, locate(archive.db, "IMAGE", {"SOPInstanceUID": payload["sop"]}))
 
 
-@handler("route.study")
 def run_study(archive, payload: dict) -> None:  # noqa: ANN001 - Archive
     route = _route(archive.config, payload["route"])
     deliver(archive, route, locate(archive.db, "STUDY", {"StudyInstanceUID": payload["study"]}))

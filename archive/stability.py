@@ -25,7 +25,7 @@ from archive.config import Config
 from archive.hookspecs import hookimpl
 from archive.index.catalog import CommitResult, InstanceRecord, StoreOutcome
 from archive.index.db import Database
-from archive.jobs import JobQueue, handler
+from archive.jobs import JobQueue
 
 KIND = "study.stability"
 
@@ -74,7 +74,6 @@ def commit_hook(config: Config):  # noqa: ANN201 - a Catalog.commit hook
     return hook
 
 
-@handler(KIND)
 def run(archive, payload: dict) -> None:  # noqa: ANN001 - Archive; a job handler
     """The ``study.stability`` job: emit ``study.stable`` or look again later."""
     study_uid, site = payload["study_uid"], payload.get("site", "")

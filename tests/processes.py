@@ -7,6 +7,11 @@ import os
 import signal
 import socket
 import subprocess
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 HOST = "127.0.0.1"
 
@@ -17,6 +22,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def eventually(
+    condition: Callable[[], T], *, timeout: float = 30, what: str = "", interval: float = 0.05
+) -> T:
+    """Poll what another *process* did until ``condition()`` is truthy and
+    return it (no event crosses processes; time is not the point, so a test
+    clock cannot help).  Fails naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
+        time.sleep(interval)
 
 
 class ServerProcess:

@@ -21,6 +21,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
 from tests.dicomnet import CLIENT_HANDLERS, HOST, SERVER_AET, ImagServer, capture_associate_rq
+from tests.processes import eventually
 
 MAX_ASSOCIATIONS = 2
 MAX_PENDING = 3
@@ -76,21 +77,14 @@ def metric(server: ImagServer, name: str, labels: str = "") -> float:
     return 0.0
 
 
-def wait_for(condition, what: str, timeout: float = 10) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
-
-
 def silent(server: ImagServer, n: int) -> list[socket.socket]:
     """``n`` TCP connections that never send a byte, once the server holds them
     as pending."""
     before = metric(server, "imag_dicom_pending_connections")
     conns = [socket.create_connection((HOST, server.dicom_port), timeout=30) for _ in range(n)]
-    wait_for(
+    eventually(
         lambda: metric(server, "imag_dicom_pending_connections") >= before + n,
-        f"the server holds {n} more pending connections",
+        what=f"the server holds {n} more pending connections",
     )
     return conns
 
@@ -164,7 +158,9 @@ def test_silent_connections_as_many_as_the_association_slots_do_not_lock_peers_o
         metric(patient, "imag_dicom_connections_refused_total", 'reason="association-limit"') >= 1
     )
     assert "dicom.max_associations (2) associations in progress" in patient.log()
-    wait_for(lambda: patient.echoscu("MODALITY_A").returncode == 0, "the server serves again")
+    eventually(
+        lambda: patient.echoscu("MODALITY_A").returncode == 0, what="the server serves again"
+    )
 
 
 def test_beyond_the_pending_budget_new_connections_are_closed_at_once_and_peers_get_in(
@@ -187,7 +183,9 @@ def test_beyond_the_pending_budget_new_connections_are_closed_at_once_and_peers_
         # waited a second): a peer trying again gets in, long before the
         # one-minute associate timeout.
         started = time.monotonic()
-        wait_for(lambda: echo_status(patient) == 0x0000, "a peer associates again", timeout=15)
+        eventually(
+            lambda: echo_status(patient) == 0x0000, what="a peer associates again", timeout=15
+        )
         assert time.monotonic() - started < 10
         assert closed_by_server(conns[0], within=5) < 5  # the oldest was cut
         assert metric(patient, "imag_dicom_connections_refused_total", 'reason="cut"') >= 1
@@ -203,11 +201,11 @@ def test_a_connection_silent_for_the_associate_timeout_is_closed_by_the_server(
     with conn:
         waited = closed_by_server(conn, within=10)
     assert waited < 5  # dicom.associate_timeout = 1 s, not the 30 s ACSE timeout
-    wait_for(
+    eventually(
         lambda: (
             metric(quick, "imag_dicom_connections_refused_total", 'reason="associate-timeout"') >= 1
         ),
-        "the timeout is counted",
+        what="the timeout is counted",
     )
     assert "no A-ASSOCIATE-RQ within dicom.associate_timeout (1 s)" in quick.log()
     assert quick.echoscu("MODALITY_A").returncode == 0

@@ -65,7 +65,6 @@ STATUS = {
     "malformed": 0xC000,
 }
 #: the status a code not (yet) in the services' tables is answered with
-CANNOT_UNDERSTAND = 0xC000
 PEAK_RSS_LIMIT_MB = 500
 BOMBS = ["deflate-bomb"]
 CASE_NAMES = [case.name for case in CASES]
@@ -137,18 +136,10 @@ def world(index_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     assert "Traceback" not in server.log(), server.log()[-5000:]
 
 
-def status_mismatch(actual: int, code: str, where: str) -> str | None:
-    """None when ``actual`` is the status of ``code``; the reason to xfail when
-    the code is not mapped yet (answered with the fallback 0xC000); else fail.
-    The tables are dicomweb/stow.py FAILURE and the C-STORE status table."""
-    expected = STATUS[code]
-    if actual == expected:
-        return None
-    assert actual == CANNOT_UNDERSTAND, f"{code}: 0x{actual:04X}, expected 0x{expected:04X}"
-    return (
-        f"rejection code {code!r} is not mapped in {where} yet: answered 0x{actual:04X}, "
-        f"it must be 0x{expected:04X} (the status tables belong to another change of issue 11)"
-    )
+def assert_status(actual: int, code: str) -> None:
+    """``actual`` is the status the refusal ``code`` maps to (dicomweb/stow.py
+    FAILURE, archive/ingest.py DIMSE_STATUS), never the 0xC000 fallback."""
+    assert actual == STATUS[code], f"{code}: 0x{actual:04X}, expected 0x{STATUS[code]:04X}"
 
 
 def stow(server: HttpImag, *datas: bytes) -> requests.Response:
@@ -183,17 +174,6 @@ def assert_still_serving(world: World) -> None:
     assert requests.get(world.server.url + "/health", timeout=10).json()["status"] == "ok"
     answer = stow(world.server, make_instance())
     assert answer.status_code == 200, answer.text
-
-
-def wait_for_rows(world: World, last: int, seconds: float = 10) -> list[dict]:
-    """The audit rows after ``last`` once some arrived (the C-STORE row is
-    written when the association closes, after the answer), or none."""
-    deadline = time.monotonic() + seconds
-    while True:
-        rows = world.audit_since(last)
-        if rows or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
 
 
 # -- both parse paths, directly --------------------------------------------------------------
@@ -274,7 +254,7 @@ def test_stow_refuses_each_hostile_object_precisely_and_stores_nothing(
     assert answer.status_code == 409, answer.text
     [failed] = answer.json()["00081198"]["Value"]  # FailedSOPSequence
     [reason] = failed["00081197"]["Value"]
-    pending = status_mismatch(reason, case.code, "dicomweb/stow.py FAILURE")
+    assert_status(reason, case.code)
     [entry] = world.audit_since(last)
     assert (entry["actor"], entry["action"], entry["outcome"], entry["status"]) == (
         "admin",
@@ -284,8 +264,6 @@ def test_stow_refuses_each_hostile_object_precisely_and_stores_nothing(
     )
     assert_nothing_stored(world, case, before)
     assert_still_serving(world)
-    if pending:
-        pytest.xfail(pending)
 
 
 def test_three_deflate_bombs_at_once_over_stow_keep_the_server_under_500_mb(
@@ -297,20 +275,17 @@ def test_three_deflate_bombs_at_once_over_stow_keep_the_server_under_500_mb(
     with ThreadPoolExecutor(3) as pool:
         answers = list(pool.map(lambda _: stow(world.server, bomb.data()), range(3)))
     elapsed = time.monotonic() - started
-    pending = None
     for answer in answers:
         assert answer.status_code == 409, answer.text
         [failed] = answer.json()["00081198"]["Value"]
         [reason] = failed["00081197"]["Value"]
-        pending = status_mismatch(reason, bomb.code, "dicomweb/stow.py FAILURE")
+        assert_status(reason, bomb.code)
     assert len(world.audit_since(last)) == 3
     assert_nothing_stored(world, bomb, before)
     peak = world.peak_rss_mb()
     print(f"\nthree bombs over STOW-RS in {elapsed:.1f} s; server peak RSS {peak:.0f} MB")
     assert peak < PEAK_RSS_LIMIT_MB
     assert_still_serving(world)
-    if pending:
-        pytest.xfail(pending)
 
 
 # -- C-STORE ---------------------------------------------------------------------------------
@@ -340,25 +315,18 @@ def test_c_store_refuses_each_hostile_object_precisely_and_stores_nothing(
     case = BY_NAME[name]
     before, last = world.stored_objects(), world.last_audit_id()
     status = c_store(world, world.corpus[name])
-    pending = status_mismatch(status.Status, case.code, "the C-STORE status table")
+    assert_status(status.Status, case.code)
     assert status.ErrorComment and status.ErrorComment in _reason_of(case)
     if case.reason.startswith("ingest."):  # a limit: the comment names its setting
         assert case.reason in status.ErrorComment
-    rows = wait_for_rows(world, last)  # before the checks below add rows of their own
+    rows = world.audit_since(last)  # written before the answer; taken before the checks add more
     assert_nothing_stored(world, case, before)
     normal = tmp_path / "normal.dcm"
     normal.write_bytes(make_instance())
     assert c_store(world, normal).Status == 0x0000
     assert_still_serving(world)
-    if not rows:
-        pytest.xfail(
-            "no audit row for a refused C-STORE yet: depends on the C-STORE audit moving "
-            "into the ingest path (issue 11, class 7, another change)"
-        )
     [entry] = rows
     assert (entry["actor"], entry["action"], entry["outcome"]) == (AET, "dicom.c-store", "failed")
-    if pending:
-        pytest.xfail(pending)
 
 
 def _reason_of(case: Case) -> str:

@@ -32,6 +32,7 @@ from archive.index.db import Database, utcnow
 from archive.jobs import HANDLERS, JobError, JobQueue, PermanentJobError, Worker, current_job
 from archive.runtime import Archive
 from tests import jobkinds
+from tests.processes import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,15 +53,6 @@ def db(index_url: str, clock: FakeClock) -> Iterator[Database]:
 @pytest.fixture
 def queue(db: Database) -> JobQueue:
     return JobQueue(db, backoff_base=0.05)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 15, what: str = "") -> None:
-    """Poll for what another *process* did (no condition crosses processes)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.02)
 
 
 # -- the queue --------------------------------------------------------------------------------
@@ -505,7 +497,7 @@ def wait_started(proc: subprocess.Popen, log: Path) -> None:
         assert proc.poll() is None, f"worker exited {proc.returncode}:\n{log.read_text()}"
         return "imag worker started" in log.read_text()
 
-    wait_for(started, timeout=30, what=f"worker {proc.pid} to start")
+    eventually(started, timeout=30, what=f"worker {proc.pid} to start")
 
 
 def stop_worker(proc: subprocess.Popen, log: Path) -> None:
@@ -527,7 +519,7 @@ def test_two_worker_processes_on_postgresql_never_run_the_same_job_twice(
             wait_started(proc, log)
         queue = JobQueue(db)
         ids = {queue.enqueue("test.record", {"sleep": 0.005}) for _ in range(300)}
-        wait_for(
+        eventually(
             lambda: db.scalar("SELECT COUNT(*) FROM jobs WHERE state <> 'done'") == 0,
             timeout=60,
             what="all jobs done",
@@ -557,7 +549,7 @@ def test_a_worker_killed_mid_job_loses_it_to_another_after_the_lease(
     try:
         wait_started(first, first_log)
         job_id = JobQueue(db).enqueue("test.sleepy", {"first_sleep": 60})
-        wait_for(
+        eventually(
             lambda: db.scalar("SELECT COUNT(*) FROM test_runs WHERE pid = ?", (first.pid,)),
             what="the first worker to start the job",
         )
@@ -573,7 +565,9 @@ def test_a_worker_killed_mid_job_loses_it_to_another_after_the_lease(
         )
         second, second_log = start_worker(index_url, tmp_path, "second")
         wait_started(second, second_log)
-        wait_for(lambda: JobQueue(db).get(job_id).state == "done", timeout=20, what="job reclaimed")
+        eventually(
+            lambda: JobQueue(db).get(job_id).state == "done", timeout=20, what="job reclaimed"
+        )
     finally:
         if first.poll() is None:
             first.kill()

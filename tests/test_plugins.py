@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pydicom.uid import generate_uid
 from tests.dicomfiles import make_instance
 from tests.httpserver import HttpImag, running_imag
 from tests.plugins import EXAMPLE, install
+from tests.processes import eventually
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +47,6 @@ def imag(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 def with_plugin(env: dict[str, str], site: Path) -> dict[str, str]:
     return env | {"PYTHONPATH": str(site)}
-
-
-def wait_for(condition, seconds: float = 30):  # noqa: ANN001, ANN201
-    """Poll an outside process's state (not a clock: the servers are real)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +141,7 @@ def test_the_plugins_command_enqueues_its_job_kind_which_the_server_runs(
         assert shown.returncode == 0, shown.stderr
         return json.loads(shown.stdout)["touches"] == ["hello from the CLI"]
 
-    wait_for(touched)
+    eventually(touched, what="the example.touch job run by imag serve")
 
 
 def test_the_plugins_subscriber_runs_once_for_each_stable_study(server: HttpImag) -> None:
@@ -166,7 +155,7 @@ def test_the_plugins_subscriber_runs_once_for_each_stable_study(server: HttpImag
         answer = server.http.get(server.url + "/example/hello", timeout=10).json()["deliveries"]
         return answer if len(answer) >= len(studies) else None
 
-    deliveries = wait_for(delivered)
+    deliveries = eventually(delivered, what="a delivery for each study")
     assert sorted(deliveries.values()) == [1, 1, 1]
     jobs = imag(server.env, "jobs", "list", "--kind", "event:example-counter", "--json")
     assert jobs.returncode == 0, jobs.stderr

@@ -23,7 +23,7 @@ from archive.topology import Route, RouteMatch
 from tests.dcmtk import dcmtk
 from tests.dicomfiles import make_instance
 from tests.inprocess import InProcessImag
-from tests.processes import free_port
+from tests.processes import eventually, free_port
 
 
 @pytest.mark.parametrize(
@@ -112,13 +112,6 @@ def routed(make_config: Callable[..., Config], index_url: str, tmp_path: Path):
         archive.close()
 
 
-def wait_for(condition: Callable[[], bool], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def _sr(ds: pydicom.Dataset) -> None:
     ds.Modality = "SR"
 
@@ -134,7 +127,7 @@ def test_matching_instances_reach_storescp_once_each_and_identical(routed, tmp_p
         sent = [make_instance(study=study, series=series) for _ in range(3)]
         for data in [*sent, make_instance(_sr, study=study)]:
             assert archive.pipeline.ingest(data, Source("dicom", site="A", calling_aet="CT1")).ok
-        wait_for(lambda: len(scp.received()) == 3, 20)
+        eventually(lambda: len(scp.received()) == 3, timeout=20)
         time.sleep(0.5)
         got = scp.received()
         assert len(got) == 3 and len(list(scp.folder.iterdir())) == 3  # the SR stayed home
@@ -159,19 +152,21 @@ def test_deliveries_retry_until_the_receiver_comes_back(routed, tmp_path: Path) 
     )
     data = make_instance()
     assert archive.pipeline.ingest(data, Source("dicom", site="A")).ok
-    wait_for(
-        lambda: archive.db.scalar("SELECT COUNT(*) FROM jobs WHERE last_error IS NOT NULL") >= 1, 20
+    eventually(
+        lambda: archive.db.scalar("SELECT COUNT(*) FROM jobs WHERE last_error IS NOT NULL") >= 1,
+        timeout=20,
     )
     error = archive.db.scalar("SELECT last_error FROM jobs WHERE kind = 'route.instance'")
     assert "could not associate" in error
     scp = StoreSCP(tmp_path / "scp", port).start()  # the receiver is back
     try:
-        wait_for(lambda: len(scp.received()) == 1, 30)
+        eventually(lambda: len(scp.received()) == 1, timeout=30)
         # the job is marked done just after the receiver answered
-        wait_for(
-            lambda: archive.db.scalar("SELECT state FROM jobs WHERE kind = 'route.instance'")
-            == "done",
-            10,
+        eventually(
+            lambda: (
+                archive.db.scalar("SELECT state FROM jobs WHERE kind = 'route.instance'") == "done"
+            ),
+            timeout=10,
         )
     finally:
         scp.stop()
@@ -202,7 +197,7 @@ def test_a_stable_study_is_forwarded_to_a_second_imag_over_stow_rs(
         answer = second.http.get(f"{second.dicomweb}/studies/{study}/instances", timeout=10)
         return answer.json() if answer.status_code == 200 else []
 
-    wait_for(lambda: len(there()) == 2, 30)
+    eventually(lambda: len(there()) == 2, timeout=30)
     retrieved = second.http.get(
         f"{second.dicomweb}/studies/{study}",
         timeout=30,

@@ -10,7 +10,6 @@ Only the end-to-end test of a real ``imag serve`` waits its 1 s in real time.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -29,6 +28,7 @@ from archive.jobs import JobQueue, Worker, load_handlers
 from archive.runtime import Archive
 from tests.dicomfiles import make_instance
 from tests.httpserver import running_imag
+from tests.processes import eventually
 
 SOURCE = Source("dicom", site="A")
 
@@ -65,14 +65,6 @@ def stable(make_config: Callable[..., Config], index_url: str) -> Iterator[Stabl
 
 def stable_events(archive: Archive, study: str) -> list[changes.Change]:
     return [c for c in changes.read(archive.db, 0, 1000, ["study.stable"]) if c.study_uid == study]
-
-
-def wait_for(condition: Callable[[], bool], seconds: float) -> None:
-    """Poll a real ``imag serve`` process (no condition crosses processes)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def push(archive: Archive, study: str, count: int) -> None:
@@ -157,7 +149,7 @@ def test_imag_serve_publishes_the_feed_over_http_with_stability(tmp_path, index_
             feed = server.http.get(url, params={"type": "study.stable"}, timeout=10).json()
             return any(c["study"] == study for c in feed["changes"])
 
-        wait_for(stable, 15)
+        eventually(stable, timeout=15)
         first = server.http.get(url, params={"since": 0, "limit": 1}, timeout=10).json()
         assert first["changes"][0]["type"] == "instance.stored"
         assert first["changes"][0]["study"] == study

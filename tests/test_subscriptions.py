@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +24,7 @@ from pydicom.uid import generate_uid
 from tests.dicomfiles import make_instance
 from tests.httpserver import HttpImag
 from tests.plugins import EXAMPLE, install
+from tests.processes import eventually
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.serial]
 
@@ -127,12 +127,13 @@ def test_every_stable_study_reaches_the_subscriber_exactly_once_across_a_kill_9(
             return None
         return runs, {str(k) for k in stable}
 
-    deadline = time.monotonic() + 240
-    while (outcome := settled()) is None:
-        assert time.monotonic() < deadline, "subscriptions did not settle"
+    def settled_while_the_worker_lives() -> tuple[dict[str, int], set[str]] | None:
         assert worker.poll() is None, "imag worker died"
-        time.sleep(0.5)
-    runs, stable_seqs = outcome
+        return settled()
+
+    runs, stable_seqs = eventually(
+        settled_while_the_worker_lives, timeout=240, what="every subscription job done"
+    )
     assert {str(seq) for seq in runs} == stable_seqs  # none missed, none invented
     assert set(runs.values()) == {1}, {k: v for k, v in runs.items() if v != 1}
     with psycopg.connect(url) as db:

@@ -59,7 +59,7 @@ def _first_start(config: Config, archive) -> None:  # noqa: ANN001 - Archive
 
 
 async def _serve(config: Config, processes: int) -> None:
-    from archive.jobs import JobQueue, Worker, load_handlers
+    from archive.jobs import JobQueue, Worker
     from archive.metrics import watch_job_queue
     from archive.runtime import Archive
     from archive.server import serve_http
@@ -76,10 +76,9 @@ async def _serve(config: Config, processes: int) -> None:
         dicom.start(config["dicom.host"], config["dicom.port"])
         if processes > 1:
             children = start_listeners(config, dicom.port, processes - 1)
-    load_handlers()
     queue = JobQueue(archive.db)
     watch_job_queue(queue)
-    worker = (
+    worker = (  # Worker.start loads every plugin's job kinds
         Worker(
             archive, f"serve-{os.getpid()}", queue=queue, concurrency=config["jobs.workers"]
         ).start()

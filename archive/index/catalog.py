@@ -309,6 +309,26 @@ class _Batch:
     series_study: dict[int, int] = field(default_factory=dict)
 
 
+#: the instance columns a commit writes from its record, inserted or replaced alike
+_ROW_COLUMNS = (
+    "sop_class_uid",
+    "instance_number",
+    "number_of_frames",
+    "stored_ts",
+    "original_ts",
+    "object_key",
+    "size",
+    "sha256",
+    "received_at",
+    "original_sha256",
+    "dataset_sha256",
+)
+
+
+def _row_values(r: InstanceRecord) -> tuple:
+    return tuple(getattr(r, column) for column in _ROW_COLUMNS)
+
+
 class Catalog:
     """The archive's view of the index tables."""
 
@@ -589,26 +609,10 @@ class Catalog:
         db = self.db
         if existing is None:
             row = db.query_one(
-                "INSERT INTO instances (series_ref, sop_instance_uid, sop_class_uid, "
-                "instance_number, number_of_frames, stored_ts, original_ts, object_key, size, "
-                "sha256, received_at, original_sha256, dataset_sha256) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO instances (series_ref, sop_instance_uid, {', '.join(_ROW_COLUMNS)}) "
+                f"VALUES (?, ?, {', '.join('?' * len(_ROW_COLUMNS))}) "
                 "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id",
-                (
-                    series_ref,
-                    r.sop_instance_uid,
-                    r.sop_class_uid,
-                    r.instance_number,
-                    r.number_of_frames,
-                    r.stored_ts,
-                    r.original_ts,
-                    r.object_key,
-                    r.size,
-                    r.sha256,
-                    r.received_at,
-                    r.original_sha256,
-                    r.dataset_sha256,
-                ),
+                (series_ref, r.sop_instance_uid, *_row_values(r)),
             )
             if row:
                 return CommitResult(StoreOutcome.STORED, object_key=r.object_key), [
@@ -620,25 +624,9 @@ class Catalog:
             if decided is not None:
                 raise _Undo(decided)
         db.execute(
-            "UPDATE instances SET series_ref = ?, sop_class_uid = ?, instance_number = ?, "
-            "number_of_frames = ?, stored_ts = ?, original_ts = ?, object_key = ?, size = ?, "
-            "sha256 = ?, received_at = ?, original_sha256 = ?, dataset_sha256 = ?, "
+            f"UPDATE instances SET series_ref = ?, {', '.join(c + ' = ?' for c in _ROW_COLUMNS)}, "
             "integrity = 'ok' WHERE id = ?",
-            (
-                series_ref,
-                r.sop_class_uid,
-                r.instance_number,
-                r.number_of_frames,
-                r.stored_ts,
-                r.original_ts,
-                r.object_key,
-                r.size,
-                r.sha256,
-                r.received_at,
-                r.original_sha256,
-                r.dataset_sha256,
-                existing.id,
-            ),
+            (series_ref, *_row_values(r), existing.id),
         )
         log.warning(
             "different object under a stored SOP Instance UID: replaced the stored one"
