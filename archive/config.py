@@ -387,7 +387,24 @@ SETTINGS: list[Setting] = [
         "job worker threads inside imag serve (0: only separate `imag worker` processes)",
     ),
     Setting("import.workers", 0, _int(0, 256), "parallel import workers (0: one per CPU)"),
-    Setting("plugins.identity", "default", _str, "identity plugin (entry point in imag.identity)"),
+    Setting(
+        "plugins.identity",
+        "default",
+        _str,
+        "identity provider (imag_identity_provider); default: the regional patient index",
+    ),
+    Setting(
+        "plugins.orientation",
+        "default",
+        _str,
+        "orientation provider (imag_orientation_provider): sites, reading groups, on-call rota",
+    ),
+    Setting(
+        "plugins.messaging",
+        "outbox",
+        _str,
+        "messaging transport (imag_messaging_provider): outbox (.eml files) or smtp",
+    ),
     Setting(
         "auth.enabled",
         True,

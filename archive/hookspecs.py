@@ -123,15 +123,20 @@ def imag_dicom_services(config: Config) -> Iterable[Any]:
 
 @hookspec(firstresult=True)
 def imag_identity_provider(name: str, config: Config) -> Any:
-    """The identity provider named ``name`` (setting ``identity.plugin``), or
-    None when this plugin does not provide it."""
+    """The identity provider named ``name`` (setting ``plugins.identity``;
+    :class:`archive.identity.IdentityPlugin`), or None when this plugin does
+    not provide it."""
 
 
 @hookspec(firstresult=True)
 def imag_orientation_provider(name: str, config: Config) -> Any:
-    """The orientation provider (who reads what, which group is on call)."""
+    """The orientation provider named ``name`` (setting ``plugins.orientation``;
+    :class:`archive.orientation.OrientationProvider`): the directory of sites,
+    reading groups and which group is on call; None when not provided here."""
 
 
 @hookspec(firstresult=True)
 def imag_messaging_provider(name: str, config: Config) -> Any:
-    """The messaging provider (secure mail, notifications)."""
+    """The messaging transport named ``name`` (setting ``plugins.messaging``;
+    :class:`archive.messaging.Transport`): how a queued message leaves the
+    archive (secure mail, an outbox folder); None when not provided here."""

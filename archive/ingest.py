@@ -244,7 +244,7 @@ class IngestPipeline:
         self.store = store
         self.db = db
         self.catalog = Catalog(db)
-        self.identity = identity or load_identity_plugin(config["plugins.identity"])
+        self.identity = identity or load_identity_plugin(config["plugins.identity"], config)
         self.max_bytes: int = config["ingest.max_object_bytes"]
         self.on_conflict: str = config["ingest.on_conflict"]
         #: writes the C-STORE audit entries inside the index transaction

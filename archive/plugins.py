@@ -35,7 +35,9 @@ DEFAULT_PLUGINS = (
     "archive.events",
     "archive.stability",
     "archive.routing",
-    "archive.identity",
+    "archive.identity.plugin",
+    "archive.orientation.plugin",
+    "archive.messaging.plugin",
     "archive.security.plugin",
     "archive.dimse.services",
     "dicomweb.plugin",
@@ -88,6 +90,20 @@ def hook() -> Any:
 def plugin_names() -> list[str]:
     """Names of the registered plugins, core first (for ``imag plugins``)."""
     return [name for name, plugin in plugin_manager().list_name_plugin() if plugin is not None]
+
+
+def provider(kind: str, name: str, config: Any = None) -> Any:
+    """The ``kind`` provider (identity, orientation, messaging) named ``name``:
+    the first plugin whose ``imag_<kind>_provider`` answers, plugins registered
+    later asked first, so an installed plugin replaces a default."""
+    caller = getattr(hook(), f"imag_{kind}_provider")
+    found = caller(name=name, config=config)
+    if found is None:
+        raise ValueError(
+            f"{kind} plugin {name!r} not found (setting plugins.{kind}); "
+            f"installed plugins: {', '.join(plugin_names())}"
+        )
+    return found
 
 
 def collect(hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+from archive import plugins
 from archive.clock import Clock
 from archive.config import Config
 from archive.index import Catalog, Database, open_database, upgrade
@@ -42,6 +46,21 @@ class Archive:
         self.pipeline = IngestPipeline(config, self.store, self.db, writer=writer)
         #: the append-only audit trail of accesses and security events
         self.audit = AuditLog(self.db, config["audit.syslog"])
+
+    @property
+    def identity(self) -> Any:
+        """The identity provider (setting ``plugins.identity``), as ingest uses it."""
+        return self.pipeline.identity
+
+    @functools.cached_property
+    def orientation(self) -> Any:
+        """The orientation provider (setting ``plugins.orientation``)."""
+        return plugins.provider("orientation", self.config["plugins.orientation"], self.config)
+
+    @functools.cached_property
+    def messaging(self) -> Any:
+        """The messaging transport (setting ``plugins.messaging``)."""
+        return plugins.provider("messaging", self.config["plugins.messaging"], self.config)
 
     def close(self) -> None:
         self.pipeline.close()

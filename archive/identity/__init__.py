@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydicom.dataset import Dataset
 
-from archive.hookspecs import hookimpl
 from archive.index.catalog import Origin
 from archive.security.scope import Scope
 
@@ -96,20 +95,9 @@ class DefaultIdentity:
         return PatientIdentity(issuer or source.site, patient_id)
 
 
-@hookimpl
-def imag_identity_provider(name: str) -> IdentityPlugin | None:
-    return DefaultIdentity() if name == "default" else None
-
-
 def load_identity_plugin(name: str, config: Config | None = None) -> IdentityPlugin:
     """The identity provider named ``name`` (setting ``plugins.identity``), from
     the plugins' ``imag_identity_provider``."""
     from archive import plugins
 
-    found = plugins.hook().imag_identity_provider(name=name, config=config)
-    if found is None:
-        raise ValueError(
-            f"identity plugin {name!r} not found; installed plugins: "
-            f"{', '.join(plugins.plugin_names())}"
-        )
-    return found
+    return plugins.provider("identity", name, config)

@@ -1,0 +1,1 @@
+"""The default messaging transports, registered through the platform's hooks."""

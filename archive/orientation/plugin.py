@@ -1,0 +1,1 @@
+"""The default orientation provider, registered through the platform's hooks."""

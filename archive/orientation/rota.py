@@ -1,0 +1,1 @@
+"""(to be written in this session: see issue 13)"""
