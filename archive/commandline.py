@@ -12,5 +12,5 @@ def load(args: argparse.Namespace) -> Config:
     """The configuration named by ``--config`` (file, ``IMAG_*``, defaults), and
     logging set up as it says."""
     config = load_config(args.config)
-    setup_logging(config["log.level"], config["log.format"])
+    setup_logging(config["log.level"], config["log.format"], config.node)
     return config

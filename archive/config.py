@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -272,6 +273,13 @@ SETTINGS: list[Setting] = [
     Setting("s3.endpoint_url", None, _str, "S3 endpoint for s3:// storage (MinIO, Ceph, cloud)"),
     Setting("s3.region", None, _str, "S3 region"),
     Setting("s3.create_bucket", False, _bool, "create the bucket at start-up if missing"),
+    Setting(
+        "node.name",
+        "",
+        _str,
+        "this node's name in logs, metrics, job worker names and audit rows "
+        "(default: host name:HTTP port)",
+    ),
     Setting("http.host", "127.0.0.1", _str, "HTTP listen address"),
     Setting("http.port", 8080, _int(0, 65535), "HTTP listen port"),
     Setting(
@@ -538,6 +546,13 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return Path(self.values["data_dir"]).resolve()
+
+    @property
+    def node(self) -> str:
+        """This node's name (``node.name``; default ``<host name>:<HTTP port>``):
+        which of several nodes sharing one index wrote a log line, an audit row
+        or ran a job."""
+        return self.values["node.name"] or f"{socket.gethostname()}:{self.values['http.port']}"
 
     @property
     def index_url(self) -> str:

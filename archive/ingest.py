@@ -248,7 +248,7 @@ class IngestPipeline:
         self.max_bytes: int = config["ingest.max_object_bytes"]
         self.on_conflict: str = config["ingest.on_conflict"]
         #: writes the C-STORE audit entries inside the index transaction
-        self.audit = AuditLog(db, config["audit.syslog"])
+        self.audit = AuditLog(db, config["audit.syslog"], node=config.node)
         self.writer = (
             IndexWriter(
                 self.catalog,

@@ -46,10 +46,27 @@ class TextFormatter(logging.Formatter):
         return line + (" " + " ".join(extras) if extras else "")
 
 
-def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Send log records to stderr in the configured format."""
+class NodeFilter(logging.Filter):
+    """Name the node on every record, so that the logs of several nodes
+    gathered in one place still say which one handled what."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "node"):
+            record.node = self.node
+        return True
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json", node: str | None = None) -> None:
+    """Send log records to stderr in the configured format (each naming
+    ``node`` when given)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    if node:
+        handler.addFilter(NodeFilter(node))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -45,7 +45,7 @@ class Archive:
         self.catalog = Catalog(self.db)
         self.pipeline = IngestPipeline(config, self.store, self.db, writer=writer)
         #: the append-only audit trail of accesses and security events
-        self.audit = AuditLog(self.db, config["audit.syslog"])
+        self.audit = AuditLog(self.db, config["audit.syslog"], node=config.node)
 
     @property
     def identity(self) -> Any:

@@ -9,6 +9,7 @@ pointing inward: the archive never imports the services around it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -73,15 +74,45 @@ async def errors_and_metrics(
     return response
 
 
+#: more readiness checks of this node (name -> ``() -> None`` raising when not
+#: ready), e.g. the DICOM listener, set by ``imag serve``
+READY_CHECKS = web.AppKey("ready_checks", dict)
+_HEALTH_KEY = "health/probe"
+
+
+def _store_reachable(archive: Archive) -> None:
+    archive.store.exists(_HEALTH_KEY)  # a missing key is an answer; an outage raises
+
+
 @public
-async def health(request: web.Request) -> web.Response:
-    """Liveness and readiness: the index answers a query."""
+async def live(request: web.Request) -> web.Response:
+    """Liveness: this process answers (a balancer or systemd restarts it if not)."""
+    return web.json_response({"status": "ok", "node": request.config_dict[ARCHIVE].config.node})
+
+
+@public
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: this node can do its work -- the index answers a query, the
+    object store answers a request, and its DICOM listener (when enabled) is
+    accepting -- so a balancer sends it HTTP requests and DICOM associations
+    only while it can serve them (503 naming what fails otherwise)."""
     archive = request.config_dict[ARCHIVE]
-    try:
-        await asyncio.to_thread(archive.db.scalar, "SELECT 1")
-    except Exception as exc:  # noqa: BLE001
-        return web.json_response({"status": "error", "index": str(exc)}, status=503)
-    return web.json_response({"status": "ok"})
+    checks = {
+        "index": lambda: archive.db.scalar("SELECT 1"),
+        "storage": lambda: _store_reachable(archive),
+        **request.config_dict.get(READY_CHECKS, {}),
+    }
+    answer: dict[str, str] = {"node": archive.config.node}
+    failed = False
+    for name, check in checks.items():
+        try:
+            await asyncio.wait_for(asyncio.to_thread(check), timeout=5)
+            answer[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            failed = True
+            answer[name] = f"{type(exc).__name__}: {exc}"
+    answer["status"] = "error" if failed else "ok"
+    return web.json_response(answer, status=503 if failed else 200)
 
 
 @require("changes.read", "changes.read")
@@ -188,7 +219,10 @@ def make_app(archive: Archive) -> web.Application:
     app[ARCHIVE] = archive
     app[SECURITY] = HttpSecurity(archive)
     app.on_response_prepare.append(audit_on_prepare)
-    app.router.add_get("/health", health)
+    app[READY_CHECKS] = {}
+    app.router.add_get("/health", ready)  # what it always meant: ready to serve
+    app.router.add_get("/health/ready", ready)
+    app.router.add_get("/health/live", live)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/changes", changes_feed)
     app.router.add_get("/whoami", whoami)
@@ -211,5 +245,15 @@ async def serve_http(archive: Archive, host: str, port: int) -> web.AppRunner:
         else None
     )
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise OSError(
+            exc.errno,
+            f"port {port} on {host} is already in use by another process: stop it, or "
+            "choose another port (http.port in the config file, or IMAG_HTTP_PORT)",
+        ) from None
     return runner

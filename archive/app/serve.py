@@ -10,6 +10,7 @@ so that nothing acknowledged is left half done.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -34,6 +35,12 @@ def serve(config: Config) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     try:
         asyncio.run(_serve(config, processes))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.error("cannot listen", extra={"error": str(exc)})
+        print(f"imag serve: {exc.strerror}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
@@ -80,12 +87,19 @@ async def _serve(config: Config, processes: int) -> None:
     watch_job_queue(queue)
     worker = (  # Worker.start loads every plugin's job kinds
         Worker(
-            archive, f"serve-{os.getpid()}", queue=queue, concurrency=config["jobs.workers"]
+            archive,
+            f"{config.node}/serve-{os.getpid()}",
+            queue=queue,
+            concurrency=config["jobs.workers"],
         ).start()
         if config["jobs.workers"]
         else None
     )
     runner = await serve_http(archive, config["http.host"], config["http.port"])
+    if dicom is not None:
+        from archive.server import READY_CHECKS
+
+        runner.app[READY_CHECKS]["dicom"] = dicom.ensure_listening
     scheme = "https" if config["http.tls_cert"] else "http"
     http = f"{scheme}://{config['http.host']}:{config['http.port']}"
     where = {"http": http, "index": config.masked()["index.url"], "storage": config.storage_url}

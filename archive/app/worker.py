@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 from collections.abc import Sequence
 
@@ -40,7 +39,7 @@ def run_worker_process(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    name = name or f"{socket.gethostname()}:{os.getpid()}"
+    name = name or f"{config.node}/worker-{os.getpid()}"
     archive = Archive(config, writer=True)
     queue = JobQueue(archive.db)
     metrics.watch_job_queue(queue)

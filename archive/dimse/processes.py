@@ -41,13 +41,13 @@ def _listener(config: Config, port: int) -> None:
     from archive.logs import setup_logging
     from archive.runtime import Archive
 
-    setup_logging(config["log.level"], config["log.format"])
+    setup_logging(config["log.level"], config["log.format"], config.node)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     archive = Archive(config, migrate=False)
     server = DicomServer(archive)
-    server.start(config["dicom.host"], port)
+    server.start(config["dicom.host"], port, share=True)
     stop.wait()
     server.stop()
     archive.close()

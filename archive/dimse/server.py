@@ -9,6 +9,7 @@ handful of silent TCP connections can then not lock modalities out.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -126,6 +127,33 @@ def _peer_of(sock: Any) -> str:
         return str(sock.getpeername()[0])
     except OSError:
         return ""
+
+
+class PortInUse(OSError):
+    """The port is held by another process (not one of this node's listeners)."""
+
+
+def ensure_port_free(host: str, port: int, setting: str) -> None:
+    """Raise :class:`PortInUse` when another socket listens on ``host:port``:
+    a probe bound without SO_REUSEPORT fails against any listener, while
+    SO_REUSEADDR keeps connections in TIME_WAIT from a previous run out of it."""
+    if port == 0:
+        return
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            env = "IMAG_" + setting.replace(".", "_").upper()
+            raise PortInUse(
+                exc.errno,
+                f"port {port} on {host} is already in use by another process: stop it, or "
+                f"choose another port ({setting} in the config file, or {env})",
+            ) from None
+        raise
+    finally:
+        probe.close()
 
 
 class ReusePortServer(ThreadedAssociationServer):
@@ -305,9 +333,17 @@ class DicomServer:
         assert self._server is not None
         return self._server.server_address[1]
 
-    def start(self, host: str, port: int) -> None:
-        """Listen on ``host:port`` in a background thread."""
+    def start(self, host: str, port: int, *, share: bool = False) -> None:
+        """Listen on ``host:port`` in a background thread.
+
+        The socket is bound with SO_REUSEPORT so that this node's own listener
+        processes (``dicom.processes``) can share it (``share=True``); that
+        would also let a second ``imag serve`` start on the same port silently
+        and take half the associations, so unless sharing, the port must be
+        free first (:class:`PortInUse` otherwise)."""
         config = self.archive.config
+        if not share:
+            ensure_port_free(host, port, "dicom.port")
         ssl_context = None
         if config["dicom.tls_cert"]:
             ssl_context = server_context(
@@ -330,6 +366,13 @@ class DicomServer:
             "DICOM listening",
             extra={"host": host, "port": self.port, "aet": self.aet, "tls": bool(ssl_context)},
         )
+
+    def ensure_listening(self) -> None:
+        """Raise unless the listener thread is accepting (a readiness check)."""
+        if self._thread is None or not self._thread.is_alive() or self._server is None:
+            raise RuntimeError("the DICOM listener is not running")
+        if self._server.socket.fileno() < 0:
+            raise RuntimeError("the DICOM listening socket is closed")
 
     def stop(self) -> None:
         """Stop accepting, abort the associations in progress."""

@@ -64,6 +64,8 @@ class AuditEntry:
     detail: dict[str, Any] = field(default_factory=dict)
     at: str | None = None
     id: int | None = None
+    #: the node that wrote it (``node.name``), when several share one index
+    node: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,15 +73,19 @@ class AuditEntry:
 
 _COLUMNS = (
     "id, at, actor, actor_kind, role, action, outcome, status, study_uid, patient_id, "
-    "source, detail"
+    "source, detail, node"
 )
 
 
 class AuditLog:
     """Writes and reads the ``audit`` table; forwards entries to syslog if asked."""
 
-    def __init__(self, db: Database, syslog_url: str = "", app_name: str = "imag") -> None:
+    def __init__(
+        self, db: Database, syslog_url: str = "", app_name: str = "imag", node: str | None = None
+    ) -> None:
         self.db = db
+        #: this node's name, written on every entry it appends
+        self.node = node
         self._syslog = _SyslogSender(syslog_url, app_name) if syslog_url else None
 
     def write(self, entry: AuditEntry) -> None:
@@ -115,9 +121,11 @@ class AuditLog:
             )
         at = utcnow()
         entry.at = at.isoformat()
+        entry.node = entry.node or self.node
         self.db.execute(
             "INSERT INTO audit (at, actor, actor_kind, role, action, outcome, status, "
-            "study_uid, patient_id, source, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "study_uid, patient_id, source, detail, node) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 at,
                 entry.actor,
@@ -130,6 +138,7 @@ class AuditLog:
                 entry.patient_id,
                 entry.source,
                 json.dumps(entry.detail, sort_keys=True) if entry.detail else None,
+                entry.node,
             ),
         )
 
@@ -207,6 +216,7 @@ def _entry(row: tuple) -> AuditEntry:
         patient_id=row[9],
         source=row[10],
         detail=json.loads(row[11]) if row[11] else {},
+        node=row[12],
     )
 
 
@@ -258,7 +268,7 @@ class _SyslogSender:
         self._lock = threading.Lock()
 
     def send(self, entry: AuditEntry) -> None:
-        message = rfc5424(entry, self.app_name)
+        message = rfc5424(entry, self.app_name, entry.node)
         with self._lock:
             self._send(message)
 

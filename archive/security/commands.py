@@ -21,21 +21,50 @@ from archive.security.roles import ROLES
 Loader = Callable[[argparse.Namespace], Config]
 
 
+FIRST_START_TOKEN = "first-start on "
+
+
 def ensure_admin_token(config: Config, principals: Principals) -> Path | None:
     """On the first start (no principal yet) create the ``admin`` user and a
     token for it, written to ``auth.admin_token_file`` readable only by its
-    owner.  Returns the file written, or None when there was nothing to do."""
+    owner.  Returns the file written, or None when there was nothing to do.
+
+    Nodes started at the same moment on a fresh index race here: exactly one
+    creates the account (see :meth:`Principals.create_first_admin`) and writes
+    the file on its own disk; the token's name says which node that was
+    (:func:`first_admin_node`)."""
     if not config["auth.enabled"] or principals.count():
         return None
-    principals.add("admin", "admin", kind="user")
-    _, secret = principals.create_token("admin", "first-start")
     path = Path(config["auth.admin_token_file"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret + "\n")
-    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+    def keep(secret: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+
+    created = principals.create_first_admin(FIRST_START_TOKEN + config.node, keep)
+    if created is None:
+        print(
+            f"IMAG first start: node {first_admin_node(principals) or '(unknown)'} created the "
+            "admin account at the same moment; its token is in auth.admin_token_file on that "
+            "node",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
     return path
+
+
+def first_admin_node(principals: Principals) -> str | None:
+    """The node that created the first admin token, from the token's name."""
+    for token in principals.tokens("admin"):
+        if token.name.startswith(FIRST_START_TOKEN):
+            return token.name[len(FIRST_START_TOKEN) :]
+    return None
 
 
 def _db(load: Loader, args: argparse.Namespace) -> Database:

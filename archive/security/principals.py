@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -145,6 +146,31 @@ class Principals:
         account = self.get(name)
         assert account is not None
         return account
+
+    def create_first_admin(self, token_name: str, keep: Callable[[str], None]) -> str | None:
+        """Create the ``admin`` user and a token for it, atomically: when several
+        nodes start at once on a fresh index exactly one creates it (a unique name
+        and ``ON CONFLICT``, not check-then-insert).  ``keep(secret)`` runs inside
+        the transaction (it writes the token file), so a failure to keep the
+        secret leaves no admin behind whose token nobody has.  Returns the
+        secret, or None when the account existed already."""
+        with self.db.transaction():
+            row = self.db.query_one(
+                "INSERT INTO principals (name, kind, role, sites, groups, created_at) "
+                "VALUES ('admin', 'user', 'admin', '[]', '[]', ?) "
+                "ON CONFLICT (name) DO NOTHING RETURNING id",
+                (utcnow(),),
+            )
+            if row is None:
+                return None
+            secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+            self.db.execute(
+                "INSERT INTO tokens (principal_ref, name, token_hash, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (int(row[0]), token_name, hash_token(secret), utcnow()),
+            )
+            keep(secret)
+        return secret
 
     def get(self, name: str) -> Account | None:
         row = self.db.query_one(_ACCOUNT + " WHERE name = ?", (name,))

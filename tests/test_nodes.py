@@ -1,0 +1,184 @@
+"""Several nodes on one index: who is who, who is ready, who owns a port.
+
+* Nodes started at the same moment on a fresh PostgreSQL index all come up and
+  make exactly one admin account, whose token file is on the node that created it.
+* A second ``imag serve`` on a port another process holds refuses to start,
+  naming the setting to change, instead of silently sharing the DICOM port.
+* ``/health/live`` says the process answers; ``/health/ready`` (and ``/health``)
+  says whether this node can reach its index and store, naming what fails.
+* The node's name is in its audit rows, its log lines and its job worker names.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+from pydicom import dcmread
+
+from archive.config import load_config
+from archive.index import open_database
+from tests.dicomfiles import make_instance
+from tests.httpserver import HttpImag
+from tests.inprocess import serving_in_process
+from tests.processes import HOST, eventually, free_port
+
+ROUNDS = 10
+NODES = 3
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_three_nodes_started_at_once_on_a_fresh_index_make_one_admin(
+    tmp_path: Path, pg_admin_url: str
+) -> None:
+    from tests.pgserver import fresh_database
+
+    for round_ in range(ROUNDS):
+        with fresh_database(pg_admin_url, "imag_nodes") as url:
+            shared = {"IMAG_STORAGE_URL": (tmp_path / f"objects-{round_}").as_uri()}
+            nodes = [
+                HttpImag(tmp_path / f"r{round_}-n{i}", index_url=url, settings=shared)
+                for i in range(NODES)
+            ]
+            try:
+                with ThreadPoolExecutor(NODES) as pool:
+                    list(pool.map(lambda node: node.start(timeout=120), nodes))
+                written = [n for n in nodes if n.token_file.exists()]
+                assert len(written) == 1, f"round {round_}: token files on {len(written)} nodes"
+                token = written[0].token
+                for node in nodes:  # the one admin token works on every node
+                    answer = requests.get(
+                        node.url + "/whoami",
+                        headers={"Authorization": f"Bearer {token}"},
+                        timeout=30,
+                    )
+                    assert answer.status_code == 200, answer.text
+                with psycopg.connect(url) as db:
+                    assert db.execute("SELECT name, role FROM principals").fetchall() == [
+                        ("admin", "admin")
+                    ]
+                    (names,) = zip(*db.execute("SELECT name FROM tokens").fetchall(), strict=True)
+                creator = f"{socket.gethostname()}:{written[0].http_port}"
+                assert names == (f"first-start on {creator}",)
+                for node in nodes:  # a node that lost the race says who won
+                    if node is not written[0] and "at the same moment" in node.log():
+                        assert f"node {creator} created the admin account" in node.log()
+            finally:
+                for node in nodes:
+                    if node.proc is not None and node.proc.poll() is None:
+                        assert node.stop() == 0, node.log()
+
+
+def _serve(env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "archive.cli", "serve"],
+        env=env,
+        stdout=open(log, "wb"),  # noqa: SIM115 - closed with the process
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_a_second_serve_on_a_dicom_port_in_use_refuses_to_start(tmp_path: Path) -> None:
+    first = HttpImag(tmp_path / "first", dicom=True).start()
+    try:
+        second = HttpImag(tmp_path / "second", dicom=True, dicom_port=first.dicom_port)
+        second.workdir.mkdir(parents=True)
+        proc = _serve(second.env, second.log_path)
+        assert proc.wait(timeout=60) == 1
+        assert f"port {first.dicom_port}" in second.log()
+        assert "dicom.port" in second.log() and "IMAG_DICOM_PORT" in second.log()
+        # the first node still has the port to itself and answers
+        assert requests.get(first.url + "/health/ready", timeout=10).json()["dicom"] == "ok"
+    finally:
+        assert first.stop() == 0
+
+
+def test_a_second_serve_on_an_http_port_in_use_refuses_to_start(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind((HOST, 0))
+        holder.listen()
+        node = HttpImag(tmp_path / "node", http_port=holder.getsockname()[1])
+        node.workdir.mkdir(parents=True)
+        proc = _serve(node.env, node.log_path)
+        assert proc.wait(timeout=60) == 1
+    assert "is already in use" in node.log() and "IMAG_HTTP_PORT" in node.log()
+    assert "Traceback" not in node.log()
+
+
+def test_this_nodes_dicom_listener_processes_still_share_its_port(tmp_path: Path) -> None:
+    node = HttpImag(tmp_path / "node", dicom=True, settings={"IMAG_DICOM_PROCESSES": "2"})
+    node.start()
+    try:
+        assert requests.get(node.url + "/health/ready", timeout=10).status_code == 200
+        assert "already in use" not in node.log()
+    finally:
+        assert node.stop() == 0
+
+
+def test_ready_names_a_store_it_cannot_reach_while_live_still_answers(tmp_path: Path) -> None:
+    dead_endpoint = f"http://{HOST}:{free_port()}"  # nothing listens there
+    settings = {
+        "IMAG_STORAGE_URL": "s3://unreachable-bucket/imag",
+        "IMAG_S3_ENDPOINT_URL": dead_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    with serving_in_process(tmp_path / "imag", settings=settings) as server:
+        live = requests.get(server.url + "/health/live", timeout=30)
+        assert live.status_code == 200 and live.json()["status"] == "ok"
+        for path in ("/health/ready", "/health"):
+            ready = requests.get(server.url + path, timeout=30)
+            assert ready.status_code == 503
+            body = ready.json()
+            assert body["status"] == "error" and body["index"] == "ok"
+            assert body["storage"] != "ok"
+            assert body["node"] == server.config.node
+
+
+def test_ready_says_ok_for_index_and_store(tmp_path: Path) -> None:
+    with serving_in_process(tmp_path / "imag") as server:
+        body = requests.get(server.url + "/health/ready", timeout=30).json()
+        assert body["status"] == "ok" and body["index"] == "ok" and body["storage"] == "ok"
+
+
+def test_the_node_name_is_in_audit_rows_logs_and_job_worker_names(tmp_path: Path) -> None:
+    node = HttpImag(
+        tmp_path / "node",
+        settings={
+            "IMAG_NODE_NAME": "node-7",
+            "IMAG_LOG_FORMAT": "json",
+            "IMAG_JOBS_WORKERS": "1",
+            "IMAG_STABLE_AFTER_SECONDS": "1",
+        },
+    ).start()
+    try:
+        node.client().store_instances([dcmread(BytesIO(make_instance()))])
+        config = load_config(env=node.env)
+        db = open_database(config.index_url)
+        try:
+            eventually(
+                lambda: db.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'"),
+                timeout=60,
+                what="a job run by the node's worker",
+            )
+            workers = {r[0] for r in db.query("SELECT worker FROM jobs WHERE state = 'done'")}
+            nodes = {r[0] for r in db.query("SELECT node FROM audit")}
+        finally:
+            db.close()
+        assert workers and all(w.startswith("node-7/serve-") for w in workers), workers
+        assert nodes == {"node-7"}
+        lines = [json.loads(x) for x in node.log().splitlines() if x.startswith("{")]
+        assert lines and all(line.get("node") == "node-7" for line in lines)
+    finally:
+        assert node.stop() == 0
