@@ -322,6 +322,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         poll_interval=args.poll_interval,
         lease_seconds=args.lease_seconds,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -423,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=60,
         help="lease of a claimed job, renewed while it runs; a dead worker's job is "
         "reclaimed after it",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics on this port (default: worker.metrics_port; 0: none)",
     )
     p.set_defaults(func=cmd_worker)
 

@@ -394,6 +394,13 @@ SETTINGS: list[Setting] = [
         _int(0, 64),
         "job worker threads inside imag serve (0: only separate `imag worker` processes)",
     ),
+    Setting(
+        "worker.metrics_port",
+        0,
+        _int(0, 65535),
+        "imag worker serves Prometheus /metrics on this port (0: none)",
+    ),
+    Setting("worker.metrics_host", "127.0.0.1", _str, "imag worker's /metrics listen address"),
     Setting("import.workers", 0, _int(0, 256), "parallel import workers (0: one per CPU)"),
     Setting(
         "plugins.identity",

@@ -475,11 +475,15 @@ class IngestPipeline:
     # -- metrics --------------------------------------------------------------------------
 
     def _count_future(self, prepared: Prepared, future: Future[IngestResult]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            result = future.result()
-            self._count(prepared.source_kind, result, prepared.started)
-            if result.outcome in (StoreOutcome.STORED, StoreOutcome.REPLACED):
-                INGEST_BYTES.labels(prepared.source_kind).inc(result.size)
+        if future.cancelled() or future.exception() is not None:
+            # the index failed under it (an outage): answered with an error by
+            # the caller, and counted here so that failed stores show somewhere
+            INGEST_INSTANCES.labels(prepared.source_kind, "failed").inc()
+            return
+        result = future.result()
+        self._count(prepared.source_kind, result, prepared.started)
+        if result.outcome in (StoreOutcome.STORED, StoreOutcome.REPLACED):
+            INGEST_BYTES.labels(prepared.source_kind).inc(result.size)
 
     @staticmethod
     def _count(kind: str, result: IngestResult, started: float) -> None:

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -64,19 +65,77 @@ JOB_LATENCY = Histogram(
 )
 
 
+class ClusterReporter:
+    """Whether this process reports the cluster-wide gauges.
+
+    The job queue is shared by every node: if each node exported its depth,
+    a dashboard summing over nodes would count it once per node.  So exactly
+    one process of the cluster reports it: the one holding a PostgreSQL
+    session advisory lock, on a connection of its own kept for that purpose.
+    When that process dies its connection closes, the lock is free, and the
+    next process scraped takes it over.  On SQLite there is one node: it
+    reports."""
+
+    #: "IMAG" "METR" as one 63-bit key, distinct from the migrations' lock
+    KEY = 0x494D4147_4D455452
+
+    def __init__(self, url: str, dialect: str) -> None:
+        self.url = url
+        self.dialect = dialect
+        self._conn: Any = None
+
+    def reports(self) -> bool:
+        if self.dialect != "postgresql":
+            return True
+        import psycopg
+
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.execute("SELECT 1")
+                return True  # the lock lives as long as this session
+            except Exception:  # noqa: BLE001 - a lost session lost the lock with it
+                self.close()
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        except Exception:  # noqa: BLE001 - the index is down: report nothing
+            return False
+        try:
+            held = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.KEY,)).fetchone()[0]
+        except Exception:  # noqa: BLE001
+            held = False
+        if held:
+            self._conn = conn
+            return True
+        conn.close()
+        return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
+            self._conn = None
+
+
 class JobQueueCollector:
     """Queue gauges computed at scrape time from the index: ``imag_jobs{state}``
     (done jobs are not counted) and ``imag_jobs_oldest_due_seconds``.
 
-    Two indexed queries per scrape, cached ``ttl`` seconds so frequent scrapes
-    (or several Prometheus servers) cost no more; nothing is reported while the
-    index does not answer.  Registered in the default registry; with
-    PROMETHEUS_MULTIPROC_DIR the /metrics handler must add it to its registry.
+    The queue is the cluster's, not this node's: only one process of the
+    cluster exports these gauges (:class:`ClusterReporter`), so that summing
+    ``/metrics`` over the nodes gives the true depth.  Two indexed queries per
+    scrape, cached ``ttl`` seconds so frequent scrapes (or several Prometheus
+    servers) cost no more; nothing is reported while the index does not answer.
+    Registered in the default registry; with PROMETHEUS_MULTIPROC_DIR the
+    /metrics handler must add it to its registry.
     """
 
     def __init__(self, ttl: float = 5.0) -> None:
         self.ttl = ttl
         self.queue = None  # an archive.jobs.JobQueue, set by watch_job_queue
+        self.reporter: ClusterReporter | None = None
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, int], float] | None = None
 
@@ -90,6 +149,9 @@ class JobQueueCollector:
         with self._lock:
             now = time.monotonic()
             if self._cached is None or now - self._cached[0] > self.ttl:
+                if self.reporter is not None and not self.reporter.reports():
+                    self._cached = None
+                    return
                 try:
                     self._cached = (now, queue.depth(), queue.oldest_due_seconds())
                 except Exception as exc:  # noqa: BLE001 - /metrics must answer anyway
@@ -119,3 +181,6 @@ def watch_job_queue(queue) -> None:  # noqa: ANN001 - archive.jobs.JobQueue (no 
     with JOB_QUEUE._lock:
         JOB_QUEUE.queue = queue
         JOB_QUEUE._cached = None
+        if JOB_QUEUE.reporter is not None:
+            JOB_QUEUE.reporter.close()
+        JOB_QUEUE.reporter = ClusterReporter(queue.db.url, queue.db.dialect)

@@ -182,3 +182,96 @@ def test_the_node_name_is_in_audit_rows_logs_and_job_worker_names(tmp_path: Path
         assert lines and all(line.get("node") == "node-7" for line in lines)
     finally:
         assert node.stop() == 0
+
+
+def _scrape(url: str, headers: dict[str, str] | None = None) -> dict[str, list]:
+    """The samples of a /metrics page: name -> [(labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url, headers=headers or {}, timeout=30).text
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def _total(samples: dict[str, list], name: str, **labels: str) -> float:
+    return sum(
+        value
+        for found, value in samples.get(name, [])
+        if all(found.get(k) == v for k, v in labels.items())
+    )
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_metrics_summed_over_the_nodes_give_the_true_totals(
+    tmp_path: Path, pg_admin_url: str
+) -> None:
+    from tests.pgserver import fresh_database
+
+    stored = 12
+    with fresh_database(pg_admin_url, "imag_metrics") as url:
+        shared = {
+            "IMAG_STORAGE_URL": (tmp_path / "objects").as_uri(),
+            "IMAG_STABLE_AFTER_SECONDS": "1",
+        }
+        one = HttpImag(tmp_path / "one", index_url=url, settings=shared).start()
+        two = HttpImag(tmp_path / "two", index_url=url, settings=shared)
+        worker = None
+        try:
+            two.start()
+            auth = {"Authorization": f"Bearer {one.token}"}
+            metrics_port = free_port()
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "archive.cli", "worker"]
+                + ["--metrics-port", str(metrics_port)],
+                env=one.env,
+                stdout=open(tmp_path / "worker.log", "wb"),  # noqa: SIM115 - closed with it
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(stored):  # one study each, half through each node
+                node = (one, two)[i % 2]
+                node.client(one.token).store_instances([dcmread(BytesIO(make_instance()))])
+            db = open_database(url)
+            try:
+                eventually(
+                    lambda: db.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'") >= stored
+                    and not db.scalar("SELECT COUNT(*) FROM jobs WHERE state <> 'done'"),
+                    timeout=120,
+                    what="every stability job done",
+                )
+                done_jobs = db.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'")
+            finally:
+                db.close()
+            worker_url = f"http://{HOST}:{metrics_port}/metrics"
+            eventually(lambda: _answers(worker_url), timeout=60, what="the worker's /metrics")
+            pages = [
+                _scrape(one.url + "/metrics", auth),
+                _scrape(two.url + "/metrics", auth),
+                _scrape(worker_url),
+            ]
+            ingested = sum(
+                _total(p, "imag_ingest_instances_total", outcome="stored") for p in pages
+            )
+            assert ingested == stored
+            assert sum(_total(p, "imag_job_runs_total", outcome="done") for p in pages) == (
+                done_jobs
+            )
+            # the shared queue: reported by exactly one process of the cluster
+            assert [bool(p.get("imag_jobs_oldest_due_seconds")) for p in pages].count(True) == 1
+        finally:
+            if worker is not None:
+                worker.terminate()
+                assert worker.wait(timeout=60) == 0
+            for node in (one, two):
+                if node.proc is not None and node.proc.poll() is None:
+                    assert node.stop() == 0
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False

@@ -31,6 +31,7 @@ def run_worker_process(
     lease_seconds: float = 60,
     name: str | None = None,
     stop: threading.Event | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """``imag worker``: run jobs until SIGTERM or SIGINT (or ``stop`` is set);
     return the exit status (0)."""
@@ -43,6 +44,14 @@ def run_worker_process(
     archive = Archive(config, writer=True)
     queue = JobQueue(archive.db)
     metrics.watch_job_queue(queue)
+    exporter = None
+    port = config["worker.metrics_port"] if metrics_port is None else metrics_port
+    if port:
+        from prometheus_client import start_http_server
+
+        # a plain exporter, as node exporters are: bind it where only the
+        # Prometheus server reaches (worker.metrics_host, loopback by default)
+        exporter, _ = start_http_server(port, config["worker.metrics_host"])
     worker = Worker(
         archive,
         name,
@@ -70,6 +79,8 @@ def run_worker_process(
     finally:
         log.info("imag worker stopping", extra={"worker": name})
         worker.stop(timeout=lease_seconds)
+        if exporter is not None:
+            exporter.shutdown()
         archive.close()
     log.info("imag worker stopped", extra={"worker": name})
     return 0
