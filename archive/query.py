@@ -16,6 +16,18 @@ SQL for either index backend, following the matching rules of PS3.4 C.2.2.2:
 
 Access scope (the sites and reading groups a caller may see) is a WHERE clause of the same SQL,
 so counts, limits and offsets are right by construction.
+
+**Search by INS or regional identifier.**  When the query carries the identity
+provider (:attr:`Query.identity`) and an exact PatientID with an
+IssuerOfPatientID (or an issuer qualifier OID, :attr:`Query.patient_oid`)
+that the provider knows -- ``ASIP-SANTE-INS-NIR`` and a valid matricule, or
+the regional issuer and a regional identifier -- the patient match becomes
+"one of that person's local identities" (``p.id IN (...)``, see
+:meth:`archive.identity.IdentityPlugin.patient_refs`), or the plain local
+match for a producer that filed the INS as its PatientID.  The scope still
+applies, so each site finds only its own studies of that person.  Answers
+carry each study's *local* PatientID and IssuerOfPatientID (what the site
+that filed it knows the patient as), never another site's.
 """
 
 from __future__ import annotations
@@ -148,6 +160,12 @@ class Query:
     offset: int = 0
     #: the studies the caller may see (sites, reading groups); None = everything
     scope: Scope | None = None
+    #: the identity provider, to search by an INS or a regional identifier
+    #: (:meth:`archive.identity.IdentityPlugin.patient_refs`); None: local IDs only
+    identity: Any = None
+    #: UniversalEntityID of the Issuer of Patient ID Qualifiers Sequence sent
+    #: with PatientID (the INS OID), when the query gives one
+    patient_oid: str = ""
 
     def __post_init__(self) -> None:
         if self.level not in _DEPTH:
@@ -301,7 +319,12 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
     keys (keyword → value; None for an empty value), ordered by insertion."""
     depth = _DEPTH[query.level]
     sql = _Sql()
+    by_person = _person_match(db, query)
+    if by_person is not None:
+        sql.add(*by_person)
     for keyword, value in query.keys.items():
+        if by_person is not None and keyword in ("PatientID", "IssuerOfPatientID"):
+            continue
         attr = ATTRIBUTES.get(keyword)
         if attr is None:
             raise QueryError(f"{keyword} is not an attribute this archive can match on")
@@ -354,6 +377,34 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
         params.append(query.offset)
     rows = db.query(text, params)
     return [dict(zip(wanted, row, strict=True)) for row in rows]
+
+
+def _person_match(db: Database, query: Query) -> tuple[str, ...] | None:
+    """The patient clause (and its parameters) of a search by INS or regional
+    identifier, or None when the query's PatientID is a plain local one."""
+    if query.identity is None:
+        return None
+    patient_id = (query.keys.get("PatientID") or "").strip()
+    issuer = (query.keys.get("IssuerOfPatientID") or "").strip()
+    if not patient_id or _has_wildcard(patient_id) or "\\" in patient_id:
+        return None
+    if not (issuer or query.patient_oid) or _has_wildcard(issuer):
+        return None
+    refs = query.identity.patient_refs(db, patient_id, issuer, query.patient_oid)
+    if refs is None:
+        return None
+    # a producer that sent the INS as its PatientID filed it as such: found
+    # even before the regional index has linked it
+    clauses, params = [], []
+    if refs:
+        clauses.append(f"p.id IN ({', '.join('?' * len(refs))})")
+        params += refs
+    if issuer:
+        clauses.append("(p.patient_id = ? AND p.issuer = ?)")
+        params += [patient_id, issuer]
+    if not clauses:
+        return ("1 = 0",)
+    return ("(" + " OR ".join(clauses) + ")", *params)
 
 
 def _ordered(keywords: Iterable[str], level: str) -> list[str]:

@@ -63,6 +63,10 @@ class Archive:
         return plugins.provider("messaging", self.config["plugins.messaging"], self.config)
 
     def close(self) -> None:
+        for provider in (self.__dict__.get("orientation"), self.__dict__.get("messaging")):
+            close = getattr(provider, "close", None)
+            if close is not None:  # a provider that opened its own resources
+                close()
         self.pipeline.close()
         self.store.close()
         self.db.close()

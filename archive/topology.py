@@ -22,6 +22,7 @@ setting and where its value came from.
 from __future__ import annotations
 
 import re
+import zoneinfo
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -78,6 +79,18 @@ def flag(value: Any) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise TypeError("true or false")
+
+
+def time_zone(value: Any) -> str:
+    """An IANA time zone name that this machine's time zone data knows
+    (``America/Martinique``, ``Europe/Paris``)."""
+    expected = "an IANA time zone name such as Europe/Paris or America/Martinique"
+    text = _text(value)
+    try:
+        zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise TypeError(f"{expected} (unknown: {text!r})") from None
+    return text
 
 
 def _ae_title(value: Any) -> str:
@@ -141,13 +154,18 @@ class Peer:
 @dataclass(frozen=True)
 class Site:
     """A producing site (``[[sites]]``) and its own policies, where they
-    differ from the archive-wide ``store_as`` and ``stable_after_seconds``."""
+    differ from the archive-wide ``store_as`` and ``stable_after_seconds``;
+    for the orientation directory, its local time zone (the on-call rota is
+    read in it), a label for people and the region it belongs to."""
 
     name: str
     store_as: str | None = None  # one of STORE_AS; None: the default store_as
     stable_after_seconds: int | None = None  # None: the default stable_after_seconds
+    time_zone: str | None = None  # IANA name; None: the setting orientation.time_zone
+    label: str = ""
+    region: str = ""  # e.g. "martinique": rota rules and holidays may name it
 
-    KEYS = ("name", "store_as", "stable_after_seconds")
+    KEYS = ("name", "store_as", "stable_after_seconds", "time_zone", "label", "region")
 
     @classmethod
     def from_toml(cls, table: Any, number: int = 1) -> Site:
@@ -160,7 +178,7 @@ class Site:
         unknown = set(table) - set(cls.KEYS)
         if unknown:
             raise TypeError(
-                f"site #{number}: only name, store_as and stable_after_seconds "
+                f"site #{number}: only {', '.join(cls.KEYS)} "
                 f"(unknown: {', '.join(sorted(unknown))})"
             )
         name = table["name"]
@@ -175,11 +193,35 @@ class Site:
                 stable = _whole(stable, 1, MAX_STABLE_AFTER)
             except TypeError as exc:
                 raise TypeError(f"site {name!r}: stable_after_seconds {exc}") from None
-        return cls(name=name, store_as=store_as, stable_after_seconds=stable)
+        zone = table.get("time_zone")
+        if zone is not None:
+            try:
+                zone = time_zone(zone)
+            except TypeError as exc:
+                raise TypeError(f"site {name!r}: time_zone {exc}") from None
+        texts = {}
+        for key in ("label", "region"):
+            try:
+                texts[key] = _text(table.get(key, ""))
+            except TypeError:
+                raise TypeError(f"site {name!r}: {key} a string") from None
+        return cls(
+            name=name,
+            store_as=store_as,
+            stable_after_seconds=stable,
+            time_zone=zone,
+            label=texts["label"],
+            region=texts["region"],
+        )
 
     def as_toml(self) -> dict[str, Any]:
-        """The ``[[sites]]`` table of this site (for ``imag config show``)."""
-        return {key: getattr(self, key) for key in self.KEYS}
+        """The ``[[sites]]`` table of this site (for ``imag config show``); the
+        orientation keys only when they are set."""
+        table = {key: getattr(self, key) for key in self.KEYS}
+        for key in ("time_zone", "label", "region"):
+            if not table[key]:
+                del table[key]
+        return table
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import requests
 from aiohttp import web
 from dicomweb_client.api import DICOMwebClient
 
+from archive.clock import Clock
 from archive.config import Config, load_config
 from archive.runtime import Archive
 from archive.security.commands import ensure_admin_token
@@ -75,6 +76,8 @@ class InProcessImag:
     settings: dict[str, str] = field(default_factory=dict)
     config: Config | None = None
     archive: Archive | None = None
+    #: the archive's clock (a FakeClock where "now" matters); None: the real one
+    clock: Clock | None = None
     http_port: int = 0
     token: str = ""
     http: requests.Session = field(default_factory=requests.Session)
@@ -131,7 +134,7 @@ class InProcessImag:
             overrides["index.url"] = self.index_url
         try:
             self.config = config = load_config(env=env, overrides=overrides)
-            self.archive = Archive(config)
+            self.archive = Archive(config, clock=self.clock)
             token_file = ensure_admin_token(config, Principals(self.archive.db))
             if token_file is not None:
                 self.token = token_file.read_text().strip()

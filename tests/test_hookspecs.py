@@ -48,7 +48,7 @@ def test_the_cores_own_features_are_plugins() -> None:
     assert "studies.read" in permissions()  # the security plugin's
     kinds = set(load_handlers())
     assert {"study.stability", "route.instance", "route.study", "event:routing"} <= kinds
-    assert [s.name for s in subscribers()] == ["routing"]
+    assert [s.name for s in subscribers()] == ["routing", "identity"]
     assert isinstance(load_identity_plugin("default"), DefaultIdentity)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from archive.index import open_database
-from archive.index.migrate import CORE, available, current_version, upgrade
+from archive.index.migrate import CORE, available, components, current_version, upgrade
 
 
 def test_an_index_from_before_components_keeps_its_history_as_the_cores(index_url: str) -> None:
@@ -48,6 +48,9 @@ def test_processes_upgrading_a_fresh_index_at_once_all_succeed(index_url: str) -
         t.join(timeout=120)
     assert not errors, errors
     names = [name for _, name, _ in available()]
+    names += [  # the core's own plugins' components too (identity, orientation...)
+        f"{m.component}/{name}" for m in components()[1:] for _, name, _ in available(m)
+    ]
     assert sorted(n for run_names in applied for n in run_names) == sorted(names)  # each once
     db = open_database(index_url)
     try:

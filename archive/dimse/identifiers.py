@@ -44,12 +44,18 @@ def query_from_identifier(identifier: Dataset, scope: Scope | None) -> tuple[Que
     keys: dict[str, str] = {}
     returns: list[str] = []
     tags = []
+    patient_oid = ""
     for elem in identifier:
         if elem.tag.group in (0x0000, 0x0002) or elem.tag.is_private:
             continue
         tags.append(elem.tag)
         keyword = elem.keyword or keyword_for_tag(elem.tag)
         if keyword in _CONTROL:
+            continue
+        if keyword == "IssuerOfPatientIDQualifiersSequence" and elem.VR == "SQ":
+            # the INS OID sent with PatientID: a search by INS (archive.query)
+            for item in elem.value or ():
+                patient_oid = patient_oid or _text(item.get("UniversalEntityID")).strip()
             continue
         attr = ATTRIBUTES.get(keyword)
         if attr is None or LEVELS.index(attr.level) > depth:
@@ -61,7 +67,7 @@ def query_from_identifier(identifier: Dataset, scope: Scope | None) -> tuple[Que
             keys[keyword] = value
         else:
             returns.append(keyword)
-    return Query(level, keys, returns, scope=scope), tags
+    return Query(level, keys, returns, scope=scope, patient_oid=patient_oid), tags
 
 
 def answer(row: dict[str, Any], tags: list, level: str, aet: str) -> Dataset:

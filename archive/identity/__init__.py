@@ -22,12 +22,22 @@ sender that the ID exists elsewhere.  A study keeps the patient it was
 created with; instances added to it later do not re-file it.  Linking the
 rows of one person across sites (an INS, a regional patient index) is the
 identity plugin's job, through a regional identifier, not the index's.
+
+**The provider contract** (:class:`IdentityPlugin`): ``resolve`` runs on the
+ingest hot path (fast, no I/O, the dataset untouched) and returns the local
+key, plus what the instance says of the patient (INS, status, traits) for the
+provider's own commit hook or subscriber; ``patient_refs`` lets C-FIND and
+QIDO-RS search by an identifier the provider understands (an INS, its
+regional identifier): the local patient rows of that person, which the
+caller's scope then narrows, or None to match PatientID / IssuerOfPatientID
+as plain local values.  The default (``plugins.identity = "default"``) is the
+regional patient index of :mod:`archive.identity.regional`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydicom.dataset import Dataset
 
@@ -36,6 +46,7 @@ from archive.security.scope import Scope
 
 if TYPE_CHECKING:
     from archive.config import Config
+    from archive.index.db import Database
 
 
 @dataclass(frozen=True)
@@ -77,13 +88,27 @@ class PatientIdentity:
 
     issuer: str
     patient_id: str
+    #: what else the instance says of the patient, for the provider's own
+    #: commit hook (the regional index's :class:`archive.identity.ins.Observed`:
+    #: INS, identity status, reference traits); None when the provider keeps none
+    observed: Any = None
 
 
 class IdentityPlugin(Protocol):
     """Resolve the patient key of an incoming instance (called on the ingest hot
-    path: it must be fast, and must not modify the dataset)."""
+    path: it must be fast, and must not modify the dataset), and say which
+    local patients a national or regional identifier designates."""
 
     def resolve(self, ds: Dataset, source: Source) -> PatientIdentity: ...
+
+    def patient_refs(
+        self, db: Database, patient_id: str, issuer: str, oid: str = ""
+    ) -> list[int] | None:
+        """The ``patients`` rows of the person that (``patient_id``, ``issuer``,
+        qualifier ``oid``) designates when it is an identifier this provider
+        knows (an INS, a regional identifier): possibly none.  None: not such
+        an identifier, match it as a plain local PatientID."""
+        ...
 
 
 class DefaultIdentity:
@@ -93,6 +118,12 @@ class DefaultIdentity:
         issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
         patient_id = str(ds.get("PatientID", "") or "").strip()
         return PatientIdentity(issuer or source.site, patient_id)
+
+    def patient_refs(
+        self, db: Database, patient_id: str, issuer: str, oid: str = ""
+    ) -> list[int] | None:
+        """No identifier but local ones: always None."""
+        return None
 
 
 def load_identity_plugin(name: str, config: Config | None = None) -> IdentityPlugin:

@@ -280,6 +280,11 @@ class Database:
                 with conn.cursor() as cur:
                     cur.executemany(self.sql(sql), adapted)
 
+    def in_transaction(self) -> bool:
+        """Whether this thread is inside :meth:`transaction` (whose body a
+        function may then join instead of opening its own: they do not nest)."""
+        return getattr(self._local, "conn", None) is not None
+
     @contextmanager
     def transaction(self) -> Iterator[Database]:
         """A write transaction: everything inside commits together or not at all.

@@ -16,7 +16,7 @@ from archive.index import open_database, upgrade
 from archive.index.db import Database
 from archive.security.audit import AuditLog, parse_time
 from archive.security.principals import PrincipalError, Principals
-from archive.security.roles import ROLES
+from archive.security.roles import role_names
 
 Loader = Callable[[argparse.Namespace], Config]
 
@@ -101,7 +101,7 @@ def add_commands(sub: argparse._SubParsersAction, load: Loader) -> None:
     usub = user.add_subparsers(dest="user_command", required=True, metavar="COMMAND")
     p = usub.add_parser("add", help="add a user or service account")
     p.add_argument("name")
-    p.add_argument("--role", required=True, choices=list(ROLES))
+    p.add_argument("--role", required=True, choices=role_names())
     p.add_argument("--site", action="append", help="a site it belongs to (repeat or a,b)")
     p.add_argument("--group", action="append", help="a reading group (repeat or a,b)")
     p.add_argument("--service", action="store_true", help="a service account (integrations)")

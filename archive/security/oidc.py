@@ -15,7 +15,7 @@ import jwt
 
 from archive.config import Config
 from archive.security.principals import AuthError
-from archive.security.roles import ROLES, Principal
+from archive.security.roles import Principal, role_names
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -107,7 +107,7 @@ class OidcVerifier:
         not a general-purpose groups claim.  With several, the first in ROLES
         order."""
         mapped = {self.role_map.get(v, v) for v in _names(value)}
-        return next((role for role in ROLES if role in mapped), None)
+        return next((role for role in role_names() if role in mapped), None)
 
 
 def _names(value: object) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from archive.index.db import Database, utcnow
-from archive.security.roles import KINDS, ROLES, Principal
+from archive.security.roles import KINDS, Principal, role_names
 
 TOKEN_PREFIX = "imag_"
 
@@ -132,8 +132,8 @@ class Principals:
         name = name.strip()
         if not name or len(name) > 128:
             raise PrincipalError("a name of 1-128 characters is required")
-        if role not in ROLES:
-            raise PrincipalError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+        if role not in role_names():
+            raise PrincipalError(f"unknown role {role!r}: one of {', '.join(role_names())}")
         if kind not in KINDS:
             raise PrincipalError(f"kind must be one of {', '.join(KINDS)}")
         if self.get(name) is not None:

@@ -46,6 +46,15 @@ def permissions() -> dict[str, str]:
     return plugins.merged("imag_permissions", "permission")
 
 
+def role_names() -> list[str]:
+    """Every role: the core's, then those plugins grant permissions to
+    (``imag_role_grants`` naming a role the core does not have, such as the
+    identity plugin's ``identity-vigilance``)."""
+    from archive import plugins
+
+    return list(ROLES) + sorted(set(plugins.grants()) - set(ROLES))
+
+
 def role_permissions(role: str) -> frozenset[str]:
     """What ``role`` may do: the core's grants plus plugins' (``imag_role_grants``);
     ``admin`` may do everything any plugin defines."""
@@ -60,6 +69,8 @@ def role_permissions(role: str) -> frozenset[str]:
             name: (everything if name == "admin" else base | frozenset(extra.get(name, ())))
             for name, base in ROLES.items()
         }
+        for name, granted in extra.items():  # roles that plugins define
+            cached.setdefault(name, frozenset(granted))
         _GRANTED.clear()
         _GRANTED[key] = cached
     return cached.get(role, frozenset())
