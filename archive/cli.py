@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,8 +13,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from archive.commandline import load
-from archive.config import ConfigError, all_settings, load_config
-from archive.index import current_version, open_database, upgrade
+from archive.config import Config, ConfigError, all_settings, load_config
+from archive.index import Database, current_version, open_database, upgrade
 
 log = logging.getLogger("imag")
 
@@ -44,6 +45,82 @@ def cmd_config_show(args: argparse.Namespace) -> int:
             f" {s.env}"
         )
     return 0
+
+
+def cmd_config_cluster(args: argparse.Namespace) -> int:
+    """The cluster's view of the cluster-wide settings beside this file's, and
+    the nodes: what a node refusing to start compared itself with."""
+    from archive import cluster
+
+    config = _load(args)
+    db = _open_index(config)
+    try:
+        theirs = cluster.published(db)
+        known = cluster.nodes(db)
+        now = db.clock.now()
+    finally:
+        db.close()
+    mine = cluster.settings_digests(config)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "settings": {
+                        key: {
+                            "cluster": json.loads(theirs[key][1]) if key in theirs else None,
+                            "this_file": json.loads(mine[key][1]) if key in mine else None,
+                            "same": theirs.get(key, ("",))[0] == mine.get(key, ("",))[0],
+                        }
+                        for key in sorted(set(theirs) | set(mine))
+                    },
+                    "nodes": [
+                        {
+                            "name": n.name,
+                            "live": n.live(now),
+                            "last_seen": n.last_seen.isoformat(),
+                            "config_digest": n.config_digest,
+                        }
+                        for n in known
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    for key in sorted(set(theirs) | set(mine)):
+        same = theirs.get(key, ("",))[0] == mine.get(key, ("",))[0]
+        line = f"{'  ' if same else '!='} {key}"
+        if not same:
+            line += f"\n     cluster:   {theirs[key][1] if key in theirs else '(unset)'}"
+            line += f"\n     this file: {mine[key][1] if key in mine else '(unset)'}"
+        print(line)
+    for n in known:
+        state = "live" if n.live(now) else ("stopped" if n.stopped_at else "not seen lately")
+        print(f"node {n.name:<30} {state:<16} last seen {n.last_seen.isoformat()}")
+    return 0
+
+
+def cmd_config_publish(args: argparse.Namespace) -> int:
+    """Make this file's cluster-wide settings the cluster's (a rolling change)."""
+    from archive import cluster
+
+    config = _load(args)
+    db = _open_index(config)
+    try:
+        changed = cluster.publish(db, config)
+    finally:
+        db.close()
+    if changed:
+        print(f"published: {', '.join(changed)} changed; restart the nodes one by one")
+    else:
+        print("published: the cluster already runs these settings")
+    return 0
+
+
+def _open_index(config: Config) -> Database:
+    db = open_database(config.index_url)
+    upgrade(db)
+    return db
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -340,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         "-c",
         metavar="FILE",
-        help="TOML config file (default: none, built-in defaults + environment)",
+        default=os.environ.get(CONFIG_VARIABLE) or None,
+        help=f"TOML config file, before or after the command (default: ${CONFIG_VARIABLE}, "
+        "else none: built-in defaults + environment)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -452,7 +531,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = cfgsub.add_parser("show", help="print the effective configuration (secrets masked)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_config_show)
+    p = cfgsub.add_parser(
+        "cluster", help="the cluster-wide settings the nodes run beside this file's, and the nodes"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config_cluster)
+    p = cfgsub.add_parser(
+        "publish", help="make this file's cluster-wide settings the cluster's (rolling change)"
+    )
+    p.set_defaults(func=cmd_config_publish)
+    _config_everywhere(sub)
     return parser
+
+
+#: the environment variable naming the config file when --config is not given
+CONFIG_VARIABLE = "IMAG_CONFIG"
+
+
+def _config_everywhere(subparsers: argparse._SubParsersAction) -> None:
+    """Accept ``--config FILE`` after the command too (``imag serve --config
+    imag.toml``, ``imag jobs list -c imag.toml``), on every sub-command the
+    core's and the plugins' alike, at any depth.  Its default is SUPPRESS: a
+    sub-command without it keeps what the main parser read (the option before
+    the command, or $IMAG_CONFIG)."""
+    for parser in set(subparsers.choices.values()):
+        taken = {option for action in parser._actions for option in action.option_strings}
+        if "--config" not in taken:
+            parser.add_argument(
+                *(["--config"] if "-c" in taken else ["--config", "-c"]),
+                metavar="FILE",
+                default=argparse.SUPPRESS,
+                help="TOML config file (as before the command)",
+            )
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _config_everywhere(action)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,12 @@ what ``imag verify`` checks) and of the bytes after its File Meta Information
 group (the data set as encoded in its transfer syntax); an equal data set
 digest makes a re-send a duplicate (C-STORE 0x0000, STOW-RS 200, import
 "already stored") at prepare time and again in the commit transaction.
-The same attributes in another transfer syntax are other bytes: a conflict
-(see :func:`archive.index.catalog.same_object`).
+A relay that re-encodes the data set (dcmtk's storescu drops the trailing
+padding, writes sequence lengths, sends an Implicit VR file as Explicit VR)
+changes its bytes, not its content: a third digest, of the content
+(:mod:`archive.contentdigest`), makes that a duplicate too.  Other values,
+another byte order or other pixel bytes are a conflict (see
+:func:`archive.index.catalog.same_object`).
 
 **C-STORE audit**: an instance whose :class:`Source` names an ``origin`` gets
 its audit entry written by a commit hook, in the transaction of its index
@@ -58,6 +62,7 @@ from typing import BinaryIO
 
 from archive.codecs import LossySource, TranscodeError, transcode
 from archive.config import Config
+from archive.contentdigest import content_digest
 from archive.identity import IdentityPlugin, Source, load_identity_plugin
 from archive.index import Catalog, Database, InstanceRecord, StoreOutcome
 from archive.index.catalog import (
@@ -182,14 +187,18 @@ class Digests:
     #: of the bytes after the File Meta Information group: the same whoever
     #: wrote the file meta (a C-STORE receiver writes its own)
     dataset: bytes
+    #: of the data set's content, whatever its encoding (:mod:`archive.contentdigest`);
+    #: None when not computed or when the data set cannot be walked
+    content: bytes | None = None
 
 
 #: bytes read at a time when hashing a file
 HASH_CHUNK = 1 << 20
 
 
-def digests_of_bytes(data: bytes, start: int) -> Digests:
-    """Both digests of an object in memory whose data set starts at ``start``.
+def digests_of_bytes(data: bytes, start: int, transfer_syntax: str | None = None) -> Digests:
+    """The digests of an object in memory whose data set starts at ``start``
+    (the content digest too when its ``transfer_syntax`` is given).
 
     SHA-256 digests cannot be combined afterwards, so the data set bytes go
     through both hashes; the meta part is hashed once, and nothing is copied
@@ -198,13 +207,17 @@ def digests_of_bytes(data: bytes, start: int) -> Digests:
     whole = hashlib.sha256(view[:start])
     dataset = hashlib.sha256(view[start:])
     whole.update(view[start:])
-    return Digests(whole.digest(), dataset.digest())
+    content = None
+    if transfer_syntax is not None:
+        content = content_digest(BytesIO(data), start, transfer_syntax)
+    return Digests(whole.digest(), dataset.digest(), content)
 
 
-def digests_of_file(fp: BinaryIO, start: int) -> Digests:
-    """Both digests of an object in a file, in one read of it, a bounded
-    chunk at a time (objects of several GB): each chunk goes to the whole
-    object's hash, and its part from byte ``start`` on to the data set's."""
+def digests_of_file(fp: BinaryIO, start: int, transfer_syntax: str | None = None) -> Digests:
+    """The digests of an object in a file, a bounded chunk at a time (objects
+    of several GB): each chunk goes to the whole object's hash, and its part
+    from byte ``start`` on to the data set's; the content digest (when the
+    ``transfer_syntax`` is given) in a second streamed read."""
     fp.seek(0)
     whole, dataset = hashlib.sha256(), hashlib.sha256()
     buffer = bytearray(HASH_CHUNK)
@@ -216,7 +229,10 @@ def digests_of_file(fp: BinaryIO, start: int) -> Digests:
         if pos + n > start:
             dataset.update(chunk[max(0, start - pos) :])
         pos += n
-    return Digests(whole.digest(), dataset.digest())
+    content = None
+    if transfer_syntax is not None:
+        content = content_digest(fp, start, transfer_syntax)
+    return Digests(whole.digest(), dataset.digest(), content)
 
 
 @dataclass
@@ -278,7 +294,7 @@ class IngestPipeline:
             source,
             len(data),
             lambda: parse_header(data, Limits.from_config(self.config)),
-            lambda: digests_of_bytes(data, dataset_offset(BytesIO(data))),
+            lambda ts: digests_of_bytes(data, dataset_offset(BytesIO(data)), ts),
             lambda key, body: self.store.put(key, data if body is None else body),
             data=data,
         )
@@ -294,8 +310,8 @@ class IngestPipeline:
         with fp:
             size = os.fstat(fp.fileno()).st_size
 
-            def digest() -> Digests:
-                return digests_of_file(fp, dataset_offset(fp))
+            def digest(transfer_syntax: str) -> Digests:
+                return digests_of_file(fp, dataset_offset(fp), transfer_syntax)
 
             def put(key: str, body: bytes | None) -> None:
                 fp.seek(0)
@@ -311,7 +327,7 @@ class IngestPipeline:
         source: Source,
         size: int,
         header_of: Callable[[], Header],
-        digest_of: Callable[[], Digests],
+        digest_of: Callable[[str], Digests],
         put: Callable[[str, bytes | None], object],
         data: bytes | None = None,
     ) -> Prepared | IngestResult:
@@ -342,12 +358,12 @@ class IngestPipeline:
                 raise Rejected(refusal.code, refusal.reason)
             ds = header.dataset
             who = self.identity.resolve(ds, source)
-            digests = digest_of()
+            digests = digest_of(header.transfer_syntax)
             digest = digests.whole
             key = object_key(
                 header.study_uid, header.series_uid, header.sop_instance_uid, digest.hex()
             )
-            same = known is not None and known.matches(digest, digests.dataset)
+            same = known is not None and known.matches(digest, digests.dataset, digests.content)
             if (
                 known is not None
                 and known.integrity == "ok"
@@ -406,9 +422,11 @@ class IngestPipeline:
                 received_at=utcnow(),
                 original_sha256=original,
                 dataset_sha256=digests.dataset,  # as received, even when transcoded
+                content_sha256=digests.content,
                 calling_aet=source.calling_aet,
                 may_write=sites,
                 origin=source.origin,
+                identity=who,
                 **fields,
             )
             try:

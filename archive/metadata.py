@@ -15,6 +15,15 @@ DICOM JSON consumer could parse it, and PS3.18 gives sequences no bulk data
 URI); both are reported as warnings, cached with the series, which the
 HTTP layer sends as ``Warning`` headers.
 
+Every binary value larger than :data:`BULK_THRESHOLD` gets its own bulk data
+URI, at any depth: a value inside sequence items is addressed by its path,
+``.../bulk/54000100/0/54001010`` (sequence tag, item index, tag, ...), item
+indexes 0-based as in pydicom and Orthanc's content paths, so that two items
+of one sequence never share a URI (:func:`bulk_path`).  Binary values given
+inline (InlineBinary) are little endian whatever the stored object's byte
+order (PS3.18 F.2.7: the DICOM JSON model's binary values are little endian),
+like the bulk data resource itself.
+
 The cache object is one line of JSON (format, version, warnings) followed
 by the JSON array of the instances, so that it is served without being
 parsed again.  Bulk data URIs are cached with a placeholder for the public
@@ -24,13 +33,15 @@ served.
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pydicom
-from pydicom.dataelem import DataElement
 
 from archive.index.db import Database
+from archive.pixels import to_little_endian
 from archive.retrieve import DEFAULT_MAX_DEPTH, StoredObject, UnreadableObject, locate, open_header
 from archive.security.scope import Scope
 from storage import ObjectNotFound, ObjectStore
@@ -38,8 +49,13 @@ from storage import ObjectNotFound, ObjectStore
 BASE = "{{BASE}}"
 BULK_THRESHOLD = 1024
 PREFIX = "metadata/"
-FORMAT = 2
-_BINARY = {"OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+#: 3: bulk data URIs of nested values carry their sequence path; inline
+#: binary values are little endian (older caches are rebuilt)
+FORMAT = 3
+#: bytes of a value's word, by VR: what is swapped from big endian
+WORD = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+#: the JSON model's binary VRs (PS3.18 F.2.7), ambiguous ones resolved by pydicom
+_BINARY = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"}
 
 
 class SeriesMetadata(NamedTuple):
@@ -61,6 +77,72 @@ def instance_url(item: StoredObject) -> str:
     )
 
 
+def bulk_path(*steps: int) -> str:
+    """The path of a value under ``/bulk/``: tags (8 hex digits) and item
+    indexes (0-based) alternating, ``54000100/0/54001010``."""
+    return "/".join(f"{step:08X}" if i % 2 == 0 else str(step) for i, step in enumerate(steps))
+
+
+def word_size(vr: str) -> int:
+    """Bytes per word of a binary VR (0: bytes, never swapped)."""
+    if vr in WORD:
+        return WORD[vr]
+    return 2 if vr.endswith("OW") else 0
+
+
+def little_endian_bytes(value: bytes, vr: str, little_endian: bool) -> bytes:
+    """A binary value in little endian byte order, whatever the object's."""
+    width = word_size(vr)
+    return value if little_endian or width < 2 else to_little_endian(value, width)
+
+
+def to_json(
+    ds: pydicom.Dataset,
+    bulk_uri: Callable[[str], str],
+    *,
+    little_endian: bool = True,
+    threshold: int = BULK_THRESHOLD,
+    _path: tuple[int, ...] = (),
+) -> dict[str, Any]:
+    """``ds`` in the DICOM JSON model (PS3.18 F.2).  pydicom's own
+    ``to_json_dict`` gives every nested value the same handler without its
+    position, so two items of a sequence would share one bulk data URI, and
+    it copies binary values in the file's byte order; here each binary value
+    over ``threshold`` bytes gets ``bulk_uri(path)`` with its sequence path
+    (:func:`bulk_path`) and smaller ones are inline, little endian."""
+    out: dict[str, Any] = {}
+    for elem in ds:
+        path = (*_path, int(elem.tag))
+        key = f"{elem.tag:08X}"
+        if elem.VR == "SQ":
+            out[key] = {
+                "vr": "SQ",
+                "Value": [
+                    to_json(
+                        item,
+                        bulk_uri,
+                        little_endian=little_endian,
+                        threshold=threshold,
+                        _path=(*path, index),
+                    )
+                    for index, item in enumerate(elem.value)
+                ],
+            }
+        elif elem.VR in _BINARY and isinstance(elem.value, bytes):
+            vr = elem.VR if elem.VR in WORD or elem.VR in ("OB", "UN") else "OW"
+            node: dict[str, Any] = {"vr": vr}
+            if elem.value:
+                if len(elem.value) > threshold:
+                    node["BulkDataURI"] = bulk_uri(bulk_path(*path))
+                else:
+                    value = little_endian_bytes(elem.value, vr, little_endian)
+                    node["InlineBinary"] = base64.b64encode(value).decode("ascii")
+            out[key] = node
+        else:
+            out[key] = elem.to_json_dict(None, threshold)
+    return out
+
+
 def instance_metadata(
     store: ObjectStore,
     item: StoredObject,
@@ -76,12 +158,11 @@ def instance_metadata(
         dropped = header.dropped
         has_pixels = "Rows" in ds
 
-    def bulk(elem: DataElement) -> str:
-        return f"{instance_url(item)}/bulk/{elem.tag:08X}"
-
+    little = getattr(ds, "original_encoding", (None, True))[1] is not False
+    url = f"{instance_url(item)}/bulk/"
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     try:
-        body = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk)
+        body = to_json(ds, lambda path: url + path, little_endian=little)
     except RecursionError:  # cannot happen within max_depth; never a 500 if it does
         raise UnreadableObject("its header nests too deeply to be described") from None
     except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily, here

@@ -41,6 +41,7 @@ DEFAULT_PLUGINS = (
     "archive.security.plugin",
     "archive.dimse.services",
     "dicomweb.plugin",
+    "viewer_api.ohif",
 )
 ENTRY_POINT_GROUP = "imag"
 

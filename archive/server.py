@@ -62,6 +62,8 @@ async def errors_and_metrics(
         if exc.status < 400:
             raise
         response = problem(exc.status, exc.reason, exc.text or exc.reason)
+        if "Allow" in exc.headers:  # RFC 9110 15.5.6: a 405 names the methods allowed
+            response.headers["Allow"] = exc.headers["Allow"]
     except Exception:  # noqa: BLE001 - the client gets a 500, the log the traceback
         log.exception("request failed", extra={"path": request.path, "method": request.method})
         response = problem(

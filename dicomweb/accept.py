@@ -61,7 +61,8 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     return sorted(ranges, key=lambda r: -r.q)
 
 
-def _matches(pattern: str, media_type: str) -> bool:
+def matches(pattern: str, media_type: str) -> bool:
+    """Whether an Accept media range (``*/*``, ``image/*``, ``image/jpeg``) covers a type."""
     if pattern in ("*/*", "*"):
         return True
     if pattern.endswith("/*"):
@@ -69,31 +70,39 @@ def _matches(pattern: str, media_type: str) -> bool:
     return pattern == media_type
 
 
-def dicom_transfer_syntax(header: str | None, can_produce: set[str], stored: set[str]) -> str:
-    """The transfer syntax to send DICOM instances in.
+def dicom_transfer_syntax(
+    header: str | None, can_produce: set[str], stored: set[str], *, single_ok: bool = False
+) -> tuple[str, bool]:
+    """The transfer syntax to send DICOM instances in, and whether the answer
+    is a single-part application/dicom body.
 
     ``transfer-syntax=*`` means as stored; no parameter means Explicit VR
     Little Endian (the PS3.18 default); an explicit UID must be producible
-    for every instance (``can_produce``).  Raises NotAcceptable otherwise.
-    """
+    for every instance (``can_produce``).  A single-part ``application/dicom``
+    range is honoured only where one instance is asked (``single_ok``): it is
+    never answered with a multipart envelope.  Raises NotAcceptable otherwise."""
     for media in parse_accept(header):
         if media.q <= 0:
             continue
         if media.media_type not in ("multipart/related", "*/*", "multipart/*", "application/dicom"):
             continue
-        if not _matches(media.part_type, "application/dicom") and media.part_type != "*/*":
+        single = media.media_type == "application/dicom"
+        if single and not single_ok:
+            continue
+        if not matches(media.part_type, "application/dicom") and media.part_type != "*/*":
             continue
         ts = media.params.get("transfer-syntax")
         if ts == "*":
-            return "*"
+            return "*", single
         if ts is None:
             ts = ExplicitVRLittleEndian
         if UID(ts) in can_produce:
-            return ts
+            return ts, single
     raise NotAcceptable(
         "no acceptable representation: this archive sends multipart/related; "
-        'type="application/dicom" with transfer-syntax=* (as stored: '
-        f"{', '.join(sorted(stored))}) or one of {', '.join(sorted(can_produce))}"
+        'type="application/dicom" (single-part application/dicom for one instance) '
+        f"with transfer-syntax=* (as stored: {', '.join(sorted(stored))}) or one of "
+        f"{', '.join(sorted(can_produce))}"
     )
 
 
@@ -104,7 +113,7 @@ def wants(header: str | None, offered: list[str]) -> str:
         if media.q <= 0:
             continue
         for candidate in offered:
-            if _matches(
+            if matches(
                 media.part_type if media.media_type == "multipart/related" else media.media_type,
                 candidate,
             ):

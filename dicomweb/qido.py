@@ -19,6 +19,7 @@ from pydicom.tag import Tag
 from archive.query import ATTRIBUTES, LEVELS, Query, QueryError, attributes_for, search
 from archive.security.http import audit_of, deny_if_hidden, require, scope_of
 from archive.web import ARCHIVE, problem, public_base
+from dicomweb import PREFIX_KEY
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 1000
@@ -64,6 +65,11 @@ DEFAULT_FIELDS = {
     ],
 }
 CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
+#: the issuer qualifier's OID (an INS OID), as QIDO-RS names a sequence's attribute
+PATIENT_OID = (
+    "IssuerOfPatientIDQualifiersSequence.UniversalEntityID",
+    "00100024.00400032",
+)
 # Values that carry lists: commas in QIDO become DICOM's backslash.
 _LIST_VRS = {"UI", "CS"}
 
@@ -121,31 +127,94 @@ def _check_integer_value(keyword: str, value: str) -> None:
             )
 
 
-def build_query(level: str, params: Any, path_keys: dict[str, str]) -> tuple[Query, list[str]]:
-    """The query a QIDO request asks; also the fields to return."""
+#: the most names one "not supported" warning lists (the rest are counted)
+MAX_IGNORED = 20
+
+
+def _printable(name: str) -> str:
+    """A parameter name as it can appear in a header: printable ASCII, short."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in name)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def not_supported_warnings(ignored: list[str], fuzzy: bool) -> list[str]:
+    """The PS3.18 8.3.4 warnings of what the search ignored, as warn-text
+    (the caller prefixes ``299 <service>:``)."""
+    out = []
+    if fuzzy:
+        out.append(
+            "The fuzzymatching parameter is not supported. "
+            "Only literal matching has been performed."
+        )
+    if ignored:
+        names = list(dict.fromkeys(_printable(n) for n in ignored))
+        shown = ", ".join(names[:MAX_IGNORED])
+        if len(names) > MAX_IGNORED:
+            shown += f" and {len(names) - MAX_IGNORED} more"
+        out.append(f"The following query parameters are not supported and were ignored: {shown}")
+    return out
+
+
+def build_query(
+    level: str, params: Any, path_keys: dict[str, str], ignored: list[str] | None = None
+) -> tuple[Query, list[str]]:
+    """The query a QIDO request asks; also the fields to return.
+
+    What the archive does not support is ignored, as PS3.18 8.3.4 has the
+    origin server do, and named in ``ignored`` (for a ``Warning`` header): a
+    parameter that is neither a control parameter nor a DICOM keyword or
+    tag (``PATIENTID``, ``InvalidParam``), an attribute this archive cannot
+    match on, an unknown includefield.  A key given more than once
+    (``ModalitiesInStudy=CT&ModalitiesInStudy=MR``) is a list, as if its
+    values were comma-separated, for the attributes that take lists (UIDs,
+    code strings); a repeated key of another attribute must repeat one value.
+    Malformed values of supported parameters are still refused (BadRequest)."""
+    ignored = [] if ignored is None else ignored
     keys: dict[str, str] = dict(path_keys)
     includes: list[str] = []
     include_all = False
-    for name, value in params.items():
+    patient_oid = ""
+    for name in dict.fromkeys(params.keys()):
+        values: list[str] = params.getall(name)
+        if name in PATIENT_OID:  # the INS OID sent with PatientID: a search by INS
+            patient_oid = values[0].strip()
+            continue
         if name in CONTROL:
             if name == "includefield":
-                for field in value.split(","):
-                    if field.strip() == "all":
+                for field in (f.strip() for v in values for f in v.split(",")):
+                    if field == "all":
                         include_all = True
-                    elif field.strip():
-                        includes.append(_keyword(field))
-            elif name == "fuzzymatching" and value.lower() not in ("true", "false"):
-                raise BadRequest(f"fuzzymatching must be true or false, not {value!r}")
+                    elif field:
+                        try:
+                            includes.append(_keyword(field))
+                        except BadRequest:
+                            ignored.append(f"includefield={field}")
+            elif name == "fuzzymatching":
+                for value in values:
+                    if value.lower() not in ("true", "false"):
+                        raise BadRequest(f"fuzzymatching must be true or false, not {value!r}")
             continue
-        keyword = _keyword(name)
+        try:
+            keyword = _keyword(name)
+        except BadRequest:
+            ignored.append(name)
+            continue
         attr = ATTRIBUTES.get(keyword)
         if attr is None or not attr.match:
-            raise BadRequest(f"{keyword} is not an attribute this archive can search on")
+            ignored.append(keyword)
+            continue
         if LEVELS.index(attr.level) > LEVELS.index(level):
             raise BadRequest(
                 f"{keyword} is a {attr.level.lower()}-level attribute; it cannot "
                 f"be searched at the {level.lower()} level"
             )
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) > 1 and attr.vr not in _LIST_VRS:
+            raise BadRequest(
+                f"{keyword} is given {len(values)} times with different values; only UID "
+                "and code string attributes take a list of values"
+            )
+        value = ",".join(distinct)
         if attr.vr == "IS":
             _check_integer_value(keyword, value)
         if attr.vr in _LIST_VRS:
@@ -161,7 +230,8 @@ def build_query(level: str, params: Any, path_keys: dict[str, str]) -> tuple[Que
     limit = _int_param(params, "limit", DEFAULT_LIMIT, MAX_LIMIT)
     offset = _int_param(params, "offset", 0)
     # one more than asked, to know whether the answer was cut
-    return Query(level, keys, fields, limit=limit + 1, offset=offset), fields
+    query = Query(level, keys, fields, limit=limit + 1, offset=offset, patient_oid=patient_oid)
+    return query, fields
 
 
 def to_json(rows: list[dict[str, Any]], fields: list[str], base_url: str, level: str) -> list[dict]:
@@ -201,12 +271,14 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
             for p in path_params
         }
         try:
-            query, fields = build_query(level, request.query, path_keys)
+            ignored: list[str] = []
+            query, fields = build_query(level, request.query, path_keys, ignored)
             for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
                 if keyword not in fields and (level != "STUDY" or keyword == "StudyInstanceUID"):
                     fields.append(keyword)
             query.return_keys = fields
             query.scope = scope_of(request)
+            query.identity = archive.identity  # PatientID may be an INS or a regional ID
             rows = await asyncio.to_thread(search, archive.db, query)
         except (BadRequest, QueryError) as exc:
             return problem(400, "Bad Request", str(exc))
@@ -216,16 +288,22 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
         audit_of(request).detail["results"] = len(rows)
         if not rows:  # a look-up by UID of a study outside the scope is audited as denied
             await deny_if_hidden(request, archive.db, None, query.keys)
-        base = public_base(request) + request.app["prefix"]
+        base = public_base(request) + request.app[PREFIX_KEY]
         body = to_json(rows, fields, base, level)
-        headers = {}
-        if cut:
-            headers["Warning"] = (
-                '299 IMAG "The number of results exceeded the limit; request more with offset."'
-            )
-        return web.Response(
-            body=json.dumps(body).encode(), content_type="application/dicom+json", headers=headers
+        response = web.Response(
+            body=json.dumps(body).encode(), content_type="application/dicom+json"
         )
+        if cut:
+            response.headers.add(
+                "Warning",
+                '299 IMAG "The number of results exceeded the limit; request more with offset."',
+            )
+        fuzzy = request.query.get("fuzzymatching", "").lower() == "true"
+        for text in not_supported_warnings(ignored, fuzzy):
+            response.headers.add("Warning", f"299 {base}: {text}")
+        if ignored:
+            audit_of(request).detail["ignored"] = [_printable(n) for n in ignored[:MAX_IGNORED]]
+        return response
 
     return handle
 

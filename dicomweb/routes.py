@@ -6,7 +6,8 @@ from aiohttp import web
 
 from archive.runtime import Archive
 from archive.web import ARCHIVE
-from dicomweb import qido, stow, wado, wado_uri
+from dicomweb import PREFIX_KEY, qido, stow, wado, wado_uri
+from dicomweb.cors import Cors, install
 
 PREFIX = "/dicom-web"
 
@@ -16,9 +17,10 @@ def setup(app: web.Application, archive: Archive) -> None:
     # STOW-RS bodies are streamed part by part with their own limits
     sub = web.Application(client_max_size=archive.config["ingest.max_object_bytes"])
     sub[ARCHIVE] = archive
-    sub["prefix"] = PREFIX  # noqa: RUF - plain key, read by handlers
+    sub[PREFIX_KEY] = PREFIX
     qido.add_routes(sub)
     wado.add_routes(sub)
     stow.add_routes(sub)
     wado_uri.add_routes(sub)
+    install(app, sub, Cors.from_config(archive.config))  # its OPTIONS route comes last
     app.add_subapp(PREFIX, sub)

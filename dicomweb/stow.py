@@ -8,7 +8,10 @@ and every refused part with its reason (FailedSOPSequence):
 * 202 some parts refused, some stored;
 * 409 every part refused;
 * 403 every part refused because it belongs to another site (0x0124);
-* 400 a body that is not a well-formed multipart;
+* 400 a body that is not a well-formed multipart (no part can be read);
+* a body cut off after some parts (a client that stopped writing): the parts
+  before the cut are answered as above, a part cut in its middle fails with
+  0xC000 (so 202 or 409), and a ``Warning`` says where the body ended;
 * 415 a request that is not multipart/related with application/dicom parts.
 
 A different object under a SOP Instance UID already stored, kept by policy
@@ -36,6 +39,7 @@ from archive.identity import Source
 from archive.security.http import audit_of, principal_of, require
 from archive.uids import is_valid_uid
 from archive.web import ARCHIVE, problem, public_base
+from dicomweb import PREFIX_KEY
 
 # PS3.18 Table 10.5.3-2 / PS3.4 B.2.3 failure reasons, by the pipeline's code
 FAILURE = {
@@ -67,6 +71,10 @@ T = TypeVar("T")
 
 class _TooLarge(Exception):
     pass
+
+
+class _Cut(ValueError):
+    """The request body ended inside a part: what was read of it is not an object."""
 
 
 async def _within(awaitable: Awaitable[T], seconds: float) -> T:
@@ -107,6 +115,8 @@ async def _read_part(
                 await asyncio.to_thread(spool.write, chunk)
             else:
                 chunks.append(chunk)
+        if not part.at_eof():  # the body ended before the delimiter closing the part
+            raise _Cut(f"the body ended after {size} bytes of a part, before its delimiter")
     except BaseException:
         if spool is not None:
             spool.close()
@@ -177,18 +187,22 @@ async def store(request: web.Request) -> web.Response:
         scope=who.scope,
     )
     studies: dict[str, None] = {}
-    base = public_base(request) + request.app["prefix"]
+    base = public_base(request) + request.app[PREFIX_KEY]
     referenced: list[Dataset] = []
     failed: list[Dataset] = []
     parts = 0
+    in_part = False  # a part was opened and is not finished
+    cut = ""  # how the body ended early, if it did
     try:
         while True:
+            in_part = False
             part = await _within(reader.next(), timeout)
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
                 return problem(400, "Bad Request", "nested multipart bodies are not supported")
             parts += 1
+            in_part = True
             kind = part.headers.get("Content-Type", part_type or "application/dicom")
             if kind.split(";")[0].strip().lower() != "application/dicom":
                 await part.release()
@@ -229,12 +243,23 @@ async def store(request: web.Request) -> web.Response:
                 )
                 failed.append(_failed(result.sop_class_uid, result.sop_instance_uid, reason))
     except (ValueError, AssertionError, HttpProcessingError) as exc:  # aiohttp on framing
-        return problem(400, "Bad Request", f"malformed multipart body: {exc}")
+        if parts == 0:
+            return problem(400, "Bad Request", f"malformed multipart body: {exc}")
+        # the body was cut off (or broke its framing) after some parts: what
+        # was stored stays stored and is answered; a part cut in the middle is
+        # a failure (nothing of it is stored), an end without the close
+        # delimiter after a complete part is only warned about
+        where = f"inside part {parts}" if in_part else f"after part {parts}"
+        cut = f"the request body ended {where} without its multipart close delimiter ({exc})"
+        if in_part:
+            failed.append(_failed("", "", CANNOT_UNDERSTAND))
     if parts == 0:
         return problem(400, "Bad Request", "the multipart body holds no part")
 
     audit = audit_of(request)
     audit.detail.update(stored=len(referenced), failed=len(failed))
+    if cut:
+        audit.detail["cut"] = cut[:300]
     forbidden = sum(f.FailureReason == FAILURE["forbidden"] for f in failed)
     conflicts = sum(f.FailureReason == CONFLICT for f in failed)
     if forbidden:
@@ -257,11 +282,15 @@ async def store(request: web.Request) -> web.Response:
     status = 200 if not failed else (202 if referenced else 409)
     if status == 409 and all(f.FailureReason == FAILURE["forbidden"] for f in failed):
         status = 403  # nothing stored, and only because of the caller's scope
-    return web.Response(
+    response = web.Response(
         status=status,
         body=json.dumps(answer.to_json_dict()).encode(),
         content_type="application/dicom+json",
     )
+    if cut:
+        text = cut.replace('"', "'").encode("ascii", "replace").decode("ascii")
+        response.headers["Warning"] = f"299 {base}: {' '.join(text.split())}"
+    return response
 
 
 async def _ingest(archive, data: bytes | Path, source: Source, study: str | None):  # noqa: ANN001, ANN202

@@ -22,9 +22,12 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from archive import metadata as meta
@@ -35,7 +38,8 @@ from archive.retrieve import StoredObject, UnreadableObject, locate, open_header
 from archive.runtime import Archive
 from archive.security.http import audit_of, deny_if_hidden, require, scope_of
 from archive.web import ARCHIVE, problem, public_base
-from dicomweb.accept import NotAcceptable, dicom_transfer_syntax, parse_accept, wants
+from dicomweb import PREFIX_KEY
+from dicomweb.accept import NotAcceptable, dicom_transfer_syntax, matches, parse_accept, wants
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -70,7 +74,7 @@ async def _locate(request: web.Request) -> list[StoredObject]:
 
 
 def base_url(request: web.Request) -> str:
-    return public_base(request) + request.app["prefix"]
+    return public_base(request) + request.app[PREFIX_KEY]
 
 
 def _built_limit(request: web.Request) -> int:
@@ -141,13 +145,22 @@ async def open_image(request: web.Request, item: StoredObject) -> AsyncIterator[
 
 
 class _Parts:
-    """A multipart/related answer written part by part as it is produced."""
+    """A multipart/related answer written part by part as it is produced, or,
+    with ``single``, a single-part body of one part's bytes and type (no
+    envelope: PS3.18 8.7.4, a client that asked for a single-part media type
+    reads the body as the value itself)."""
 
-    def __init__(self, request: web.Request, part_type: str) -> None:
+    def __init__(self, request: web.Request, part_type: str, *, single: bool = False) -> None:
         self.request = request
+        self.single = single
         self.boundary = multipart.new_boundary()
+        self.count = 0
         self.response = web.StreamResponse(
-            headers={"Content-Type": multipart.content_type(self.boundary, part_type)}
+            headers={
+                "Content-Type": part_type
+                if single
+                else multipart.content_type(self.boundary, part_type.split(";")[0])
+            }
         )
 
     async def start(self) -> None:
@@ -155,6 +168,16 @@ class _Parts:
             await self.response.prepare(self.request)
 
     async def part(self, content_type: str, data: bytes = b"", location: str = "") -> None:
+        self.count += 1
+        if self.single:
+            if self.count > 1:  # negotiation only chooses single part for one part
+                raise RuntimeError("a second part in a single-part answer")
+            if location:
+                self.response.headers["Content-Location"] = location
+            await self.start()
+            if data:
+                await self.response.write(data)
+            return
         await self.start()
         await self.response.write(multipart.part_head(self.boundary, content_type, location) + data)
 
@@ -162,11 +185,13 @@ class _Parts:
         await self.response.write(data)
 
     async def end_part(self) -> None:
-        await self.response.write(multipart.PART_END)
+        if not self.single:
+            await self.response.write(multipart.PART_END)
 
     async def finish(self) -> web.StreamResponse:
         await self.start()
-        await self.response.write(multipart.closing(self.boundary))
+        if not self.single:
+            await self.response.write(multipart.closing(self.boundary))
         await self.response.write_eof()
         return self.response
 
@@ -260,14 +285,21 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     stored = {i.transfer_syntax for i in items}
     can = set.intersection(*(producible(ts) for ts in stored))
     try:
-        target = dicom_transfer_syntax(request.headers.get("Accept"), can, stored)
+        target, single = dicom_transfer_syntax(
+            request.headers.get("Accept"), can, stored, single_ok=_keys(request)[0] == "IMAGE"
+        )
     except NotAcceptable as exc:
         return problem(406, "Not Acceptable", str(exc))
     refused = await check_conversions(request, items, target)
     if refused is not None:
         return refused
-    parts = _Parts(request, "application/dicom")
     base = base_url(request)
+    first = items[0].transfer_syntax if target == "*" else target
+    parts = _Parts(
+        request,
+        f"application/dicom; transfer-syntax={first}" if single else "application/dicom",
+        single=single,
+    )
     for item in items:
         ts = item.transfer_syntax if target == "*" else target
         try:
@@ -387,61 +419,7 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     return response
 
 
-# --------------------------------------------------------------------------- bulk data
-
-
-@require("studies.read", "wado.bulkdata")
-async def bulkdata(request: web.Request) -> web.StreamResponse:
-    """A top-level bulk data element of an instance (application/octet-stream),
-    streamed from the stored object (little endian, PS3.18 8.7.3.3.2)."""
-    try:
-        tag = int(request.match_info["tag"], 16)
-        if not 0 <= tag <= 0xFFFFFFFF:
-            raise ValueError
-        items = await _locate(request)
-    except QueryError as exc:
-        return problem(400, "Bad Request", str(exc))
-    except ValueError:
-        return problem(400, "Bad Request", "bulk data is addressed by an 8-digit hex tag")
-    item = items[0]
-    try:
-        async with open_image(request, item) as image:
-            chunks = await asyncio.to_thread(_bulk_source, image, tag)
-            if chunks is None:
-                return problem(404, "Not Found", f"instance has no bulk data element {tag:08X}")
-            parts = _Parts(request, "application/octet-stream")
-            await parts.part("application/octet-stream")
-            try:
-                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-                    await parts.write(chunk)
-                await parts.end_part()
-            except (ConnectionError, asyncio.CancelledError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - after the status: cut
-                return parts.abort(f"bulk data {tag:08X}", exc)
-            return await parts.finish()
-    except OBJECT_ERRORS as exc:
-        return _unprocessable(item, exc, "read for its bulk data")
-
-
-_WORD = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
-
-
-def _bulk_source(image: pixels.ImageFile, tag: int) -> Any:
-    """An iterator over the element's value in little endian chunks, or None."""
-    if image.keyword is not None and image.keyword == pixels.PIXEL_KEYWORDS.get(tag):
-        return image.value_chunks(CHUNK)
-    ds = image.header
-    if tag not in ds or not isinstance(ds[tag].value, bytes):
-        return None
-    elem = ds[tag]
-    value = elem.value
-    if not image.syntax.is_little_endian and elem.VR in _WORD:
-        value = pixels.to_little_endian(value, _WORD[elem.VR])
-    return iter([value])
-
-
-# --------------------------------------------------------------------------- frames
+# --------------------------------------------------------------------------- pixel negotiation
 
 # PS3.18 Table 8.7.3-2: media types of compressed frames, by transfer syntax
 FRAME_MEDIA = {
@@ -458,6 +436,234 @@ FRAME_MEDIA = {
     "1.2.840.10008.1.2.4.203": "image/jphc",
     "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
+NATIVE = "application/octet-stream"
+_MULTIPART = ("multipart/related", "multipart/*", "*/*", "*")
+
+
+@dataclass(frozen=True)
+class PixelPlan:
+    """How frames or pixel data are sent: the Content-Type of each part (or
+    of the single-part body), whether compressed frames are decoded to native
+    little endian samples, and whether the body is single part."""
+
+    content_type: str
+    decode: bool
+    single: bool
+
+
+def pixel_plan(
+    accept: str | None, stored: str, *, stored_parts: int, native_parts: int
+) -> PixelPlan:
+    """The answer to an Accept header for frames or for the pixel data bulk
+    resource (PS3.18 8.7.3, 8.7.4), one negotiation for both.
+
+    Compressed data (``stored`` in :data:`FRAME_MEDIA`) is sent as stored
+    when ``transfer-syntax=*`` or its own media type (and syntax) is asked,
+    otherwise decoded to application/octet-stream (Explicit VR Little Endian,
+    the PS3.18 default); native data is always application/octet-stream,
+    little endian.  A single-part media type (not multipart/related, not
+    ``*/*``) gets a single-part body, only when the answer is one part
+    (``stored_parts`` as stored, ``native_parts`` decoded or native): never
+    an envelope that was not asked for.  Media ranges are tried best q
+    first.  Raises NotAcceptable when none can be honoured."""
+    media = FRAME_MEDIA.get(stored)
+    for m in parse_accept(accept):
+        if m.q <= 0:
+            continue
+        multi = m.media_type in _MULTIPART
+        part, ts = m.part_type, m.params.get("transfer-syntax")
+        as_stored = media is not None and (
+            ts == "*" or (ts in (None, stored) and part != "*/*" and matches(part, media))
+        )
+        if as_stored and (multi or stored_parts == 1):
+            return PixelPlan(f"{media}; transfer-syntax={stored}", False, not multi)
+        native = matches(part, NATIVE) and (
+            ts in (None, ExplicitVRLittleEndian) or (media is None and ts in ("*", stored))
+        )
+        if native and (multi or native_parts == 1):
+            return PixelPlan(NATIVE, media is not None, not multi)
+    single = "" if stored_parts == 1 else "; a single-part body holds one frame"
+    raise NotAcceptable(
+        f"pixel data is sent as {NATIVE} (uncompressed, little endian) or, with "
+        f"transfer-syntax=*, as stored ({media or NATIVE}), in multipart/related or, "
+        f"for one part, as a single-part body{single}"
+    )
+
+
+def _frame_reader(plan: PixelPlan, limit: int) -> Callable[[pixels.ImageFile, int], bytes]:
+    """Frame n (1-based) as the plan sends it: as stored, or decoded to
+    little endian samples within ``limit`` bytes."""
+
+    def frame(image: pixels.ImageFile, n: int) -> bytes:
+        if not plan.decode:
+            return pixels.get_frame_bytes(image, n)
+        array = pixels.decoded_frame(image, n, max_bytes=limit)
+        return array.astype(array.dtype.newbyteorder("<")).tobytes()
+
+    return frame
+
+
+async def _send_frames(
+    request: web.Request,
+    image: pixels.ImageFile,
+    numbers: list[int],
+    plan: PixelPlan,
+    *,
+    one_part: bool,
+) -> web.StreamResponse:
+    """Frames ``numbers`` as ``plan`` says, one part each, or all in one part
+    (``one_part``: the pixel data value, frames concatenated).  The first
+    frame is built before the status is sent, so that its refusal is a proper
+    problem answer; a later failure cuts the connection."""
+    read = _frame_reader(plan, _built_limit(request))
+    data = await asyncio.to_thread(read, image, numbers[0])
+    parts = _Parts(request, plan.content_type, single=plan.single)
+    last = numbers[0]
+    n = last
+    try:
+        if one_part:
+            await parts.part(plan.content_type, data)
+        for n in numbers:
+            if n != last:
+                data = await asyncio.to_thread(read, image, n)
+                last = n
+            if one_part:
+                if n != numbers[0]:
+                    await parts.write(data)
+                continue
+            await parts.part(plan.content_type, data)
+            await parts.end_part()
+        if one_part:
+            await parts.end_part()
+    except (ConnectionError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - after the status: cut
+        return parts.abort(f"frame {n}", exc)
+    return await parts.finish()
+
+
+# --------------------------------------------------------------------------- bulk data
+
+
+def bulk_steps(text: str, max_depth: int) -> list[int]:
+    """The steps of a bulk data path (``54000100/0/54001010``): tags of 8
+    hex digits and 0-based item indexes alternating, a tag first and last, at
+    most ``max_depth`` sequences deep.  Raises ValueError otherwise."""
+    fields = text.split("/")
+    if len(fields) % 2 == 0 or len(fields) > 2 * max_depth + 1:
+        raise ValueError(text)
+    steps = []
+    for i, field in enumerate(fields):
+        if i % 2 == 0:
+            if len(field) != 8 or not all(c in "0123456789abcdefABCDEF" for c in field):
+                raise ValueError(field)
+            steps.append(int(field, 16))
+        else:
+            if not (field.isascii() and field.isdigit()) or len(field) > 9:
+                raise ValueError(field)
+            steps.append(int(field))
+    return steps
+
+
+def nested_element(ds: Dataset, steps: list[int]) -> tuple[DataElement | None, str]:
+    """The binary element at ``steps`` in ``ds``, or None and what is missing."""
+    current = ds
+    for i in range(0, len(steps) - 1, 2):
+        tag, index = steps[i], steps[i + 1]
+        elem = current.get(tag)
+        if elem is None or elem.VR != "SQ":
+            return None, f"no sequence {tag:08X} at {meta.bulk_path(*steps[:i]) or 'top level'}"
+        if index >= len(elem.value):
+            return None, (
+                f"sequence {meta.bulk_path(*steps[: i + 1])} has {len(elem.value)} item(s), "
+                f"numbered from 0: no item {index}"
+            )
+        current = elem.value[index]
+    elem = current.get(steps[-1])
+    if elem is None or elem.VR == "SQ" or not isinstance(elem.value, bytes) or not elem.value:
+        return None, f"no binary value {meta.bulk_path(*steps)}"
+    return elem, ""
+
+
+@require("studies.read", "wado.bulkdata")
+async def bulkdata(request: web.Request) -> web.StreamResponse:
+    """A bulk data value of an instance, at any depth in its sequences
+    (``/bulk/54000100/0/54001010``, item indexes 0-based, as metadata gives
+    them), little endian (PS3.18 8.7.3.3.2), streamed; multipart/related or,
+    when a single-part media type is asked, the bare value.  The pixel data
+    goes through the negotiation of frames (:func:`pixel_plan`): compressed
+    pixel data is sent decoded unless it is asked as stored."""
+    archive = request.app[ARCHIVE]
+    path = request.match_info["path"]
+    try:
+        steps = bulk_steps(path, archive.config["dicomweb.max_metadata_depth"])
+        items = await _locate(request)
+    except QueryError as exc:
+        return problem(400, "Bad Request", str(exc))
+    except ValueError:
+        return problem(
+            400,
+            "Bad Request",
+            "bulk data is addressed by an 8-digit hex tag, or a path of sequence tags and "
+            f"0-based item indexes (54000100/0/54001010), not {path[:200]!r}",
+        )
+    item = items[0]
+    accept = request.headers.get("Accept")
+    try:
+        async with open_image(request, item) as image:
+            pixel = image.keyword is not None and len(steps) == 1
+            if pixel and image.keyword == pixels.PIXEL_KEYWORDS.get(steps[0]):
+                return await _pixel_bulk(request, image, accept)
+            elem, missing = nested_element(image.header, steps)
+            if elem is None:
+                return problem(404, "Not Found", f"instance {item.sop_instance_uid} has {missing}")
+            try:
+                plan = pixel_plan(accept, ExplicitVRLittleEndian, stored_parts=1, native_parts=1)
+            except NotAcceptable as exc:
+                return problem(406, "Not Acceptable", str(exc))
+            value = meta.little_endian_bytes(elem.value, elem.VR, image.syntax.is_little_endian)
+            parts = _Parts(request, NATIVE, single=plan.single)
+            await parts.part(NATIVE, value)
+            await parts.end_part()
+            return await parts.finish()
+    except (pixels.FrameError, pixels.TooLarge, *OBJECT_ERRORS) as exc:
+        return refusal(item, exc, "read for its bulk data")
+
+
+async def _pixel_bulk(
+    request: web.Request, image: pixels.ImageFile, accept: str | None
+) -> web.StreamResponse:
+    """The pixel data bulk resource: native data (or compressed data of a
+    syntax without a frame media type, e.g. video) streamed as stored, little
+    endian; compressed images as frames parts when asked as stored, else
+    decoded frame by frame into one application/octet-stream value."""
+    stored = str(image.syntax)
+    compressed = stored in FRAME_MEDIA
+    count = await asyncio.to_thread(pixels.frame_count, image) if compressed else 1
+    try:
+        plan = pixel_plan(accept, stored, stored_parts=count, native_parts=1)
+    except NotAcceptable as exc:
+        return problem(406, "Not Acceptable", str(exc))
+    if compressed:
+        return await _send_frames(
+            request, image, list(range(1, count + 1)), plan, one_part=plan.decode
+        )
+    chunks = image.value_chunks(CHUNK)
+    first = await asyncio.to_thread(next, chunks, b"")
+    parts = _Parts(request, NATIVE, single=plan.single)
+    try:
+        await parts.part(NATIVE, first)
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            await parts.write(chunk)
+        await parts.end_part()
+    except (ConnectionError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - after the status: cut
+        return parts.abort("bulk data 7FE00010", exc)
+    return await parts.finish()
+
+
+# --------------------------------------------------------------------------- frames
 
 
 def _frame_numbers(text: str, limit: int | None = None) -> list[int]:
@@ -485,7 +691,7 @@ def _frame_numbers(text: str, limit: int | None = None) -> list[int]:
 @require("studies.read", "wado.frames")
 async def frames(request: web.Request) -> web.StreamResponse:
     """Frames of an instance: as stored (transfer-syntax=*) or uncompressed,
-    streamed one frame at a time."""
+    streamed one frame at a time; one frame may be asked single part."""
     archive = request.app[ARCHIVE]
     try:
         numbers = _frame_numbers(
@@ -495,39 +701,15 @@ async def frames(request: web.Request) -> web.StreamResponse:
     except QueryError as exc:
         return problem(400, "Bad Request", str(exc))
     item = items[0]
-    compressed = item.transfer_syntax in FRAME_MEDIA
-    accept = parse_accept(request.headers.get("Accept"))
-    as_stored = any(
-        m.params.get("transfer-syntax") == "*"
-        or (compressed and m.part_type == FRAME_MEDIA[item.transfer_syntax])
-        for m in accept
-    )
-    wants_native = any(
-        m.part_type in ("application/octet-stream", "*/*")
-        and m.params.get("transfer-syntax") in (None, ExplicitVRLittleEndian)
-        for m in accept
-    )
-    if not as_stored and not wants_native:
-        return problem(
-            406,
-            "Not Acceptable",
-            "frames are sent as application/octet-stream "
-            "(uncompressed) or, with transfer-syntax=*, as stored ("
-            f"{FRAME_MEDIA.get(item.transfer_syntax, 'application/octet-stream')})",
+    try:
+        plan = pixel_plan(
+            request.headers.get("Accept"),
+            item.transfer_syntax,
+            stored_parts=len(numbers),
+            native_parts=len(numbers),
         )
-    if compressed and as_stored:
-        kind = f"{FRAME_MEDIA[item.transfer_syntax]}; transfer-syntax={item.transfer_syntax}"
-    else:
-        kind = "application/octet-stream"
-    decode = compressed and not as_stored
-    limit = _built_limit(request)
-
-    def frame(image: pixels.ImageFile, n: int) -> bytes:
-        if not decode:
-            return pixels.get_frame_bytes(image, n)
-        array = pixels.decoded_frame(image, n, max_bytes=limit)
-        return array.astype(array.dtype.newbyteorder("<")).tobytes()
-
+    except NotAcceptable as exc:
+        return problem(406, "Not Acceptable", str(exc))
     try:
         async with open_image(request, item) as image:
             count = await asyncio.to_thread(pixels.frame_count, image)
@@ -539,23 +721,7 @@ async def frames(request: web.Request) -> web.StreamResponse:
                     "Bad Request",
                     f"frame {beyond[0]} requested, the instance has {count} {unit}",
                 )
-            # the first part is built before the status is sent, so that a
-            # refusal of a single-frame request is a proper problem answer
-            data = await asyncio.to_thread(frame, image, numbers[0])
-            parts = _Parts(request, kind.split(";")[0])
-            last = numbers[0]
-            try:
-                for n in numbers:
-                    if n != last:
-                        data = await asyncio.to_thread(frame, image, n)
-                        last = n
-                    await parts.part(kind, data)
-                    await parts.end_part()
-            except (ConnectionError, asyncio.CancelledError):
-                raise
-            except Exception as exc:  # noqa: BLE001 - after the status: cut
-                return parts.abort(f"frame {n}", exc)
-            return await parts.finish()
+            return await _send_frames(request, image, numbers, plan, one_part=False)
     except (pixels.FrameError, pixels.TooLarge, *OBJECT_ERRORS) as exc:
         return refusal(item, exc, "cut into frames")
 
@@ -692,7 +858,7 @@ def add_routes(app: web.Application) -> None:
     for path in (study, series, instance):
         app.router.add_get(path, retrieve)
         app.router.add_get(path + "/metadata", metadata)
-    app.router.add_get(instance + "/bulk/{tag}", bulkdata)
+    app.router.add_get(instance + "/bulk/{path:.+}", bulkdata)
     app.router.add_get(instance + "/frames/{frames}", frames)
     for path in (study, series, instance, instance + "/frames/{frame}"):
         app.router.add_get(path + "/rendered", rendered)

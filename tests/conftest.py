@@ -11,7 +11,7 @@ import pytest
 from archive.config import Config, load_config
 from archive.runtime import Archive
 
-pytest_plugins = ["tests.s3server", "tests.pgserver", "tests.inprocess"]
+pytest_plugins = ["tests.s3server", "tests.pgserver", "tests.inprocess", "tests.interop"]
 
 #: fixtures of these scopes are built once per worker that runs one of their tests
 _SHARED_SCOPES = frozenset({"package", "module", "class"})

@@ -705,10 +705,9 @@ def test_qido_finds_latin1_and_utf8_producers_names_by_accented_and_case_folded_
 
 # -- 4. bad requests -------------------------------------------------------------------------
 
+# unknown parameters and attributes are ignored with a Warning (PS3.18 8.3.4),
+# not refused: see tests/test_dicomweb_http.py
 BAD_QUERIES = [
-    ("/studies?NotAnAttribute=1", "NotAnAttribute"),
-    ("/studies?00101999=1", "00101999"),  # no such tag in the dictionary
-    ("/studies?includefield=NoSuchField", "NoSuchField"),
     ("/studies?StudyDate=2026-13-45", "StudyDate"),
     ("/studies?StudyDate=2026-01-01", "StudyDate"),
     ("/studies?StudyTime=9am", "StudyTime"),
@@ -1200,6 +1199,7 @@ def orthanc(imag: Imag, tmp_path: Path) -> Iterator[str]:
             proc.wait()
 
 
+@pytest.mark.interop  # a skip (Orthanc's DICOMweb plugin absent) fails under CI=true
 def test_orthanc_lists_and_retrieves_imag_studies_bit_for_bit(
     imag: Imag, corpus: Corpus, orthanc: str
 ) -> None:

@@ -13,7 +13,7 @@ import socket
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -66,6 +66,37 @@ STORE_COMMENT = {
 }
 
 
+@dataclass
+class AssociationLog:
+    """What one association did, for its one log line when it ends: an
+    administrator reading the log sees who connected, from where, what they
+    stored, found and retrieved, for how long, and how it ended."""
+
+    calling_aet: str
+    address: str
+    started: float
+    stored: int = 0  #: C-STOREs answered with success (duplicates included)
+    store_failures: int = 0  #: C-STOREs answered with a failure or warning status
+    found: int = 0  #: C-FIND matches sent
+    retrieved: int = 0  #: instances sent by C-GET / C-MOVE sub-operations
+    retrieve_failures: int = 0  #: instances that could not be read to send
+    #: "released" or "aborted" once one of them happened (else the connection just closed)
+    ended: str = "closed"
+
+    def fields(self, outcome: str) -> dict[str, Any]:
+        return {
+            "calling_aet": self.calling_aet,
+            "address": self.address,
+            "outcome": outcome,
+            "stored": self.stored,
+            "store_failures": self.store_failures,
+            "found": self.found,
+            "retrieved": self.retrieved,
+            "retrieve_failures": self.retrieve_failures,
+            "seconds": round(time.monotonic() - self.started, 3),
+        }
+
+
 def set_nodelay(event: evt.Event) -> None:
     """No Nagle delay: each C-STORE round trip would otherwise wait ~40 ms for
     a delayed ACK."""
@@ -85,6 +116,7 @@ class DicomServices:
         self.peers = peers
         self.aet = aet
         self._peer_of: weakref.WeakKeyDictionary[Any, Peer | None] = weakref.WeakKeyDictionary()
+        self._log_of: weakref.WeakKeyDictionary[Any, AssociationLog] = weakref.WeakKeyDictionary()
 
     def handlers(self) -> list[tuple]:
         return [
@@ -150,14 +182,34 @@ class DicomServices:
         assoc = event.assoc
         if not assoc.is_established and assoc.requestor.primitive is None:
             assoc.dul.to_user_queue.put(None)
+        record = self._log_of.pop(assoc, None)
+        if record is not None:
+            # an A-ABORT closes the connection before the association's own
+            # thread reads it (EVT_ABORTED comes after): it is queued already
+            if record.ended == "closed" and (assoc.is_aborted or assoc.acse.is_aborted()):
+                record.ended = "aborted"
+            log.info("association ended", extra=record.fields(record.ended))
 
     def on_established(self, event: evt.Event) -> None:
         ASSOCIATIONS.labels("accepted").inc()
         ACTIVE.inc()
+        requestor = event.assoc.requestor
+        self._log_of[event.assoc] = AssociationLog(
+            requestor.ae_title.strip(), requestor.address, time.monotonic()
+        )
+
+    def _count(self, event: evt.Event, what: str, n: int = 1) -> None:
+        """Add ``n`` to the ``what`` counter of the association's log line."""
+        record = self._log_of.get(event.assoc)
+        if record is not None:
+            setattr(record, what, getattr(record, what) + n)
 
     def on_closed(self, event: evt.Event) -> None:
         # C-STOREs are audited one by one as they are answered (on_store), so
         # nothing is left to write at release (or lost when the process dies).
+        record = self._log_of.get(event.assoc)
+        if record is not None:
+            record.ended = "released" if event.event is evt.EVT_RELEASED else "aborted"
         if event.assoc in self._peer_of:
             ACTIVE.dec()
             self._peer_of.pop(event.assoc, None)
@@ -281,6 +333,7 @@ class DicomServices:
                 if status == 0x0000 or 0xB000 <= status <= 0xBFFF:
                     status, code = DIMSE_STATUS["audit-error"], "audit-error"
                     reason = "the audit trail could not be written; retry later"
+        self._count(event, "stored" if status == 0x0000 else "store_failures")
         if status == 0x0000:
             OPERATIONS.labels("C-STORE", "0x0000").inc()
             OPERATION_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
@@ -314,6 +367,7 @@ class DicomServices:
         scope = self._scope(event)
         try:
             query, tags = query_from_identifier(event.identifier, scope)
+            query.identity = self.archive.identity  # PatientID may be an INS or a regional ID
             rows = search(self.archive.db, query)
         except QueryError as exc:
             try:
@@ -351,6 +405,7 @@ class DicomServices:
                 OPERATIONS.labels("C-FIND", "0xFE00").inc()
                 yield 0xFE00, None
                 return
+            self._count(event, "found")
             yield 0xFF00, answer(row, tags, query.level, self.aet)
         OPERATIONS.labels("C-FIND", "0x0000").inc()
         OPERATION_SECONDS.labels("C-FIND").observe(time.perf_counter() - started)
@@ -475,6 +530,9 @@ class DicomServices:
                 )
                 ds = Dataset()  # pynetdicom counts it as failed with an empty UID
                 ds.SOPInstanceUID = item.sop_instance_uid
+                self._count(event, "retrieve_failures")
+            else:
+                self._count(event, "retrieved")
             yield 0xFF00, ds
         OPERATIONS.labels(service, "done").inc()
         OPERATION_SECONDS.labels(service).observe(time.perf_counter() - started)

@@ -25,10 +25,13 @@ implementation UID and version, no source AE title), so the same instance
 imported from a file and then sent by C-STORE (or routed again by a peer) is
 two files with one data set.  :func:`same_object` compares the digest of the
 data set bytes (``instances.dataset_sha256``, the bytes after the File Meta
-Information group) and, for rows stored before that column, the whole-object
-digests.  The comparison is of bytes: the same attributes encoded in another
-transfer syntax (or re-encoded by the sender, e.g. without trailing padding)
-are another data set, so still a conflict.
+Information group), then the digest of its content
+(``instances.content_sha256``, :mod:`archive.contentdigest`: the same values
+re-encoded by a relay -- trailing padding dropped, sequence lengths made
+explicit, Implicit VR sent as Explicit VR -- are the same content) and, for
+rows stored before those columns, the whole-object digests.  Other values,
+another byte order or other pixel bytes are another data set, so still a
+conflict.
 """
 
 from __future__ import annotations
@@ -116,12 +119,18 @@ class InstanceRecord:
     #: digest of the data set bytes as received (after the file meta, see
     #: :func:`same_object`); None only for records made without one
     dataset_sha256: bytes | None = None
+    #: digest of the data set's content as received, whatever its encoding
+    #: (:mod:`archive.contentdigest`); None when it could not be computed
+    content_sha256: bytes | None = None
     #: the sender's AE title (routing rules match on it; not stored)
     calling_aet: str = ""
     #: the sites whose studies the sender may add to; None: any (regional, admin)
     may_write: frozenset[str] | None = None
     #: who sent it, when its audit entry commits with its row (C-STORE)
     origin: Origin | None = None
+    #: what the identity provider resolved (:class:`archive.identity.PatientIdentity`,
+    #: with the INS, status and traits it read), for its commit hook; not stored
+    identity: Any = None
 
 
 @dataclass(frozen=True)
@@ -198,20 +207,25 @@ def same_object(
     stored: bytes,
     stored_original: bytes | None,
     stored_dataset: bytes | None,
+    received_content: bytes | None = None,
+    stored_content: bytes | None = None,
 ) -> bool:
     """Whether an object received under a stored SOP Instance UID is the one
     stored, so a duplicate: the same bytes (the stored object, or what it was
     transcoded from), or the same data set under another file meta (equal
     digests of the bytes after the File Meta Information group).
 
-    Bytes, not attributes: the same data set in another transfer syntax is a
-    different encoding, and so a conflict; so is one re-encoded by its sender
-    (trailing padding dropped, sequence lengths made explicit).  A row stored
-    before data set digests were recorded (``stored_dataset`` None) is
-    compared by its whole-object digests only."""
+    Or the same content (equal content digests, :mod:`archive.contentdigest`):
+    the values a relay re-encoded without changing them (trailing padding
+    dropped, sequence lengths made explicit, Implicit VR sent as Explicit VR).
+    Other values, another byte order or other pixel bytes (a lossless
+    re-compression included) are a conflict.  A row stored before these
+    digests were recorded (None) is compared by the digests it has."""
     if received in (stored, stored_original):
         return True
-    return stored_dataset is not None and received_dataset == stored_dataset
+    if stored_dataset is not None and received_dataset == stored_dataset:
+        return True
+    return stored_content is not None and received_content == stored_content
 
 
 def conflict_reason(sop_instance_uid: str) -> str:
@@ -238,16 +252,25 @@ class StoredInstance:
     site: str = ""
     #: digest of the data set as received (None: stored before it was recorded)
     dataset_sha256: bytes | None = None
+    #: digest of the content as received (None: not recorded)
+    content_sha256: bytes | None = None
 
-    def matches(self, received_sha256: bytes, dataset_sha256: bytes | None = None) -> bool:
+    def matches(
+        self,
+        received_sha256: bytes,
+        dataset_sha256: bytes | None = None,
+        content_sha256: bytes | None = None,
+    ) -> bool:
         """Whether an object with these digests (whole object, data set after
-        its file meta) is the one stored: see :func:`same_object`."""
+        its file meta, content) is the one stored: see :func:`same_object`."""
         return same_object(
             received_sha256,
             dataset_sha256,
             self.sha256,
             self.original_sha256,
             self.dataset_sha256,
+            content_sha256,
+            self.content_sha256,
         )
 
 
@@ -286,6 +309,7 @@ class _Existing:
     integrity: str
     site: str
     dataset_sha256: bytes | None = None
+    content_sha256: bytes | None = None
 
 
 class _Undo(Exception):
@@ -322,6 +346,7 @@ _ROW_COLUMNS = (
     "received_at",
     "original_sha256",
     "dataset_sha256",
+    "content_sha256",
 )
 
 
@@ -465,7 +490,7 @@ class Catalog:
     def _find_existing(self, sop_instance_uid: str) -> _Existing | None:
         row = self.db.query_one(
             "SELECT i.id, i.series_ref, i.object_key, i.size, i.sha256, i.original_sha256, "
-            "i.integrity, st.site, i.dataset_sha256 FROM instances i "
+            "i.integrity, st.site, i.dataset_sha256, i.content_sha256 FROM instances i "
             "JOIN series se ON se.id = i.series_ref "
             "JOIN studies st ON st.id = se.study_ref WHERE i.sop_instance_uid = ?",
             (sop_instance_uid,),
@@ -482,6 +507,7 @@ class Catalog:
             row[6],
             row[7],
             bytes(row[8]) if row[8] is not None else None,
+            bytes(row[9]) if row[9] is not None else None,
         )
 
     def _patient(self, r: InstanceRecord, now: datetime) -> tuple[int, bool]:
@@ -801,6 +827,8 @@ def _decide(r: InstanceRecord, existing: _Existing, on_conflict: str) -> CommitR
         existing.sha256,
         existing.original_sha256,
         existing.dataset_sha256,
+        r.content_sha256,
+        existing.content_sha256,
     ):
         return CommitResult(StoreOutcome.DUPLICATE, obsolete, existing.object_key)
     if healthy and on_conflict == "keep":
@@ -820,8 +848,8 @@ def _decide(r: InstanceRecord, existing: _Existing, on_conflict: str) -> CommitR
 
 _STORED_SELECT = (
     "SELECT i.id, i.sop_instance_uid, st.study_uid, se.series_uid, i.object_key, i.size, "
-    "i.sha256, i.integrity, i.original_sha256, i.stored_ts, st.site, i.dataset_sha256 "
-    "FROM instances i "
+    "i.sha256, i.integrity, i.original_sha256, i.stored_ts, st.site, i.dataset_sha256, "
+    "i.content_sha256 FROM instances i "
     "JOIN series se ON se.id = i.series_ref "
     "JOIN studies st ON st.id = se.study_ref"
 )
@@ -841,4 +869,5 @@ def _stored(row: tuple) -> StoredInstance:
         row[9],
         row[10],
         bytes(row[11]) if row[11] is not None else None,
+        bytes(row[12]) if row[12] is not None else None,
     )

@@ -1,0 +1,11 @@
+-- The digest of what a data set says, whatever its encoding (see
+-- archive/contentdigest.py): element tags and values, sequences by their
+-- items' content rather than their length encoding, group lengths and
+-- trailing padding left out, Implicit / Explicit / Deflated VR Little Endian
+-- alike.  A relay (dcmtk's storescu) that re-encodes an instance without
+-- changing a value makes other bytes with this same digest: equal content
+-- digests make the re-send a duplicate, not a conflict.  As received (before
+-- any transcoding), like dataset_sha256.  NULL for rows stored before this
+-- column, and where the data set could not be walked: those are compared by
+-- their other digests as before.
+ALTER TABLE instances ADD COLUMN content_sha256 {blob};
