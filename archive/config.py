@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from archive.security.roles import ROLES
+from archive.security.roles import role_names
 from archive.topology import STORE_AS, Peer, Route, Site, flag
 
 
@@ -159,6 +159,18 @@ def _names_list(value: Any) -> list[str]:
     return [v.strip() for v in value if v.strip()]
 
 
+def _networks(value: Any) -> list[str]:
+    names = _names_list(value)
+    for name in names:
+        try:
+            ipaddress.ip_network(name, strict=False)
+        except ValueError:
+            raise TypeError(
+                f"IP addresses or networks (e.g. 10.0.0.5 or 10.0.0.0/24), not {name!r}"
+            ) from None
+    return names
+
+
 def _role_map(value: Any) -> dict[str, str]:
     """[auth.oidc.roles]: identity-provider role name = our role (env: JSON object)."""
     if isinstance(value, str):
@@ -169,8 +181,10 @@ def _role_map(value: Any) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise TypeError('a table of provider role = our role, e.g. "PACS-Admins" = "admin"')
     for theirs, ours in value.items():
-        if ours not in ROLES:
-            raise TypeError(f"roles: {theirs!r} maps to {ours!r}, not one of {', '.join(ROLES)}")
+        if ours not in role_names():
+            raise TypeError(
+                f"roles: {theirs!r} maps to {ours!r}, not one of {', '.join(role_names())}"
+            )
     return {str(k): str(v) for k, v in value.items()}
 
 
@@ -229,10 +243,40 @@ class Setting:
     check: Callable[[Any], Any]
     help: str
     secret: bool = False
+    #: must be the same on every node of a cluster (checked at start-up, see
+    #: :mod:`archive.cluster`); the core's such settings are in CLUSTER_WIDE
+    cluster: bool = False
 
     @property
     def env(self) -> str:
         return "IMAG_" + self.path.replace(".", "_").upper()
+
+
+#: the core settings every node of a cluster must agree on: who may send, what
+#: is accepted, how it is stored, routed and secured.  Ports, paths, the node's
+#: name, TLS files, log and worker settings are the node's own.
+CLUSTER_WIDE = (
+    "store_as",
+    "sites",
+    "stable_after_seconds",
+    "routes",
+    "storage.url",
+    "transcode.",
+    "dicom.aet",
+    "dicom.peers",
+    "dicom.accept_unknown",
+    "dicom.check_called_aet",
+    "ingest.on_conflict",
+    "ingest.default_site",
+    "ingest.max_",
+    "auth.enabled",
+    "auth.oidc.",
+    "plugins.",
+)
+
+
+def _core_cluster_wide(path: str) -> bool:
+    return any(path == k or (k.endswith(".") and path.startswith(k)) for k in CLUSTER_WIDE)
 
 
 SETTINGS: list[Setting] = [
@@ -243,7 +287,12 @@ SETTINGS: list[Setting] = [
         _choice(*STORE_AS),
         "stored transfer syntax policy, for sites without their own store_as",
     ),
-    Setting("sites", [], _sites, "producing sites: [[sites]] name, store_as, stable_after_seconds"),
+    Setting(
+        "sites",
+        [],
+        _sites,
+        "producing sites: [[sites]] name, store_as, stable_after_seconds, time_zone, label, region",
+    ),
     Setting(
         "stable_after_seconds",
         60,
@@ -280,6 +329,13 @@ SETTINGS: list[Setting] = [
         "this node's name in logs, metrics, job worker names and audit rows "
         "(default: host name:HTTP port)",
     ),
+    Setting(
+        "cluster.check",
+        "refuse",
+        _choice("refuse", "warn"),
+        "a node whose cluster-wide settings differ from the running nodes' refuses to start "
+        "(refuse), or starts with a warning (warn: a node deliberately run differently)",
+    ),
     Setting("http.host", "127.0.0.1", _str, "HTTP listen address"),
     Setting("http.port", 8080, _int(0, 65535), "HTTP listen port"),
     Setting(
@@ -306,6 +362,13 @@ SETTINGS: list[Setting] = [
         "accept associations from AE titles / addresses not in dicom.peers",
     ),
     Setting("dicom.check_called_aet", True, _bool, "refuse associations not addressed to our AE"),
+    Setting(
+        "dicom.proxy_protocol",
+        [],
+        _networks,
+        "TCP load balancers (addresses or networks) whose DICOM connections start with a "
+        "PROXY protocol v1/v2 header naming the modality (HAProxy send-proxy[-v2])",
+    ),
     Setting(
         "dicom.processes",
         1,
@@ -611,6 +674,15 @@ class Config:
         if found is not None and found.stable_after_seconds:
             return found.stable_after_seconds
         return int(self.values["stable_after_seconds"])
+
+    def cluster_values(self) -> dict[str, Any]:
+        """The settings every node of a cluster must agree on (``CLUSTER_WIDE``
+        and plugins' settings marked ``cluster``), as plain data."""
+        return {
+            s.path: _shown(self.values[s.path])
+            for s in all_settings()
+            if s.path in self.values and (s.cluster or _core_cluster_wide(s.path))
+        }
 
     def masked(self) -> dict[str, Any]:
         """Values for display: secrets (passwords in URLs, keys) replaced by ***."""

@@ -183,4 +183,6 @@ def watch_job_queue(queue) -> None:  # noqa: ANN001 - archive.jobs.JobQueue (no 
         JOB_QUEUE._cached = None
         if JOB_QUEUE.reporter is not None:
             JOB_QUEUE.reporter.close()
-        JOB_QUEUE.reporter = ClusterReporter(queue.db.url, queue.db.dialect)
+        JOB_QUEUE.reporter = (
+            None if queue is None else ClusterReporter(queue.db.url, queue.db.dialect)
+        )

@@ -576,7 +576,7 @@ def test_a_worker_killed_mid_job_loses_it_to_another_after_the_lease(
             stop_worker(second, second_log)
     record = JobQueue(db).get(job_id)
     assert record.attempts == 2
-    assert record.worker.endswith(f":{second.pid}")
+    assert record.worker.endswith(f"/worker-{second.pid}")  # <node>/worker-<pid>
     assert "lease expired" in record.last_error
     runs = db.query("SELECT pid, attempt, started, ended FROM test_runs ORDER BY attempt")
     assert [(r[0], r[1], r[3] is not None) for r in runs] == [

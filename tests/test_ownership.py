@@ -140,7 +140,8 @@ def open_world(index_url: str, workdir: Path) -> Iterator[World]:
         workdir / "replace",
         index_url=index_url,
         dicom=True,
-        settings=settings | {"IMAG_INGEST_ON_CONFLICT": "replace"},
+        # two conflict policies on one index, on purpose (archive/cluster.py)
+        settings=settings | {"IMAG_INGEST_ON_CONFLICT": "replace", "IMAG_CLUSTER_CHECK": "warn"},
     )
     db = open_database(index_url)
     store = open_store((workdir / "objects").as_uri())

@@ -16,7 +16,9 @@ import os
 import shutil
 import signal
 import sys
+import time
 
+from archive import cluster
 from archive.config import Config
 
 log = logging.getLogger("imag")
@@ -40,6 +42,10 @@ def serve(config: Config) -> int:
             raise
         log.error("cannot listen", extra={"error": str(exc)})
         print(f"imag serve: {exc.strerror}", file=sys.stderr, flush=True)
+        return 1
+    except cluster.ClusterConfigError as exc:
+        log.error("configuration differs from the cluster's", extra={"error": str(exc)})
+        print(f"imag serve: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
         if multiproc_dir:
@@ -65,14 +71,37 @@ def _first_start(config: Config, archive) -> None:  # noqa: ANN001 - Archive
         log.warning("authentication is OFF (auth.enabled = false): local development only")
 
 
+async def _heartbeat(archive, node: str, stop: asyncio.Event) -> None:  # noqa: ANN001
+    """Tell the other nodes this one is live (:mod:`archive.cluster`)."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=cluster.HEARTBEAT_SECONDS)
+        except TimeoutError:
+            try:
+                await asyncio.to_thread(cluster.heartbeat, archive.db, node)
+            except Exception as exc:  # noqa: BLE001 - an index outage: retried next beat
+                log.warning("heartbeat not recorded", extra={"error": str(exc)})
+
+
 async def _serve(config: Config, processes: int) -> None:
     from archive.jobs import JobQueue, Worker
     from archive.metrics import watch_job_queue
     from archive.runtime import Archive
     from archive.server import serve_http
 
+    started = time.monotonic()
     archive = Archive(config)
     _first_start(config, archive)
+    try:
+        changed = await asyncio.to_thread(cluster.join, archive.db, config)
+    except BaseException:
+        archive.close()
+        raise
+    if changed:
+        log.warning(
+            "cluster-wide settings changed by this node (no other node was running)",
+            extra={"settings": ", ".join(changed), "node": config.node},
+        )
     dicom = None
     children: list = []
     if config["dicom.enabled"]:
@@ -114,10 +143,18 @@ async def _serve(config: Config, processes: int) -> None:
         flush=True,
     )
     stop = asyncio.Event()
+    received: list[str] = []
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    beating = asyncio.create_task(_heartbeat(archive, config.node, stop))
     await stop.wait()
+    await beating
     if children:
         from archive.dimse.processes import stop_listeners
 
@@ -127,4 +164,16 @@ async def _serve(config: Config, processes: int) -> None:
     await runner.cleanup()
     if worker is not None:
         await asyncio.to_thread(worker.stop)
+    try:
+        cluster.leave(archive.db, config.node)
+    except Exception as exc:  # noqa: BLE001 - the index is down: the heartbeat just ages
+        log.warning("could not record this node's stop", extra={"error": str(exc)})
     archive.close()
+    # the last line: an administrator reading the log knows the stop was clean
+    log.info(
+        "imag stopped",
+        extra={
+            "signal": received[0] if received else "",
+            "uptime_seconds": round(time.monotonic() - started, 1),
+        },
+    )

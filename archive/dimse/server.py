@@ -10,6 +10,7 @@ handful of silent TCP connections can then not lock modalities out.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 import ssl
@@ -23,6 +24,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from archive import plugins
+from archive.dimse import proxyprotocol
 from archive.dimse.peers import PeerTable
 from archive.dimse.services import bindings
 from archive.runtime import Archive
@@ -113,6 +115,11 @@ class PendingConnections:
             since = self._since.get(sock, time.monotonic())
         return max(0.1, since + self.timeout - time.monotonic())
 
+    def replace(self, old: Any, new: Any) -> None:
+        """``old`` is now ``new`` (wrapped for TLS), keeping its time."""
+        with self._lock:
+            self._since = {(new if s is old else s): t for s, t in self._since.items()}
+
     def done(self, sock: Any) -> float | None:
         """``sock`` associated or closed: forget it; how long it waited (None
         if it was not pending)."""
@@ -167,6 +174,9 @@ class ReusePortServer(ThreadedAssociationServer):
     sends a ClientHello would stop the listener accepting anyone."""
 
     pending: PendingConnections | None = None
+    #: the load balancers whose connections start with a PROXY protocol
+    #: header naming the client (``dicom.proxy_protocol``); empty: none
+    balancers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT"):
@@ -175,7 +185,9 @@ class ReusePortServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = self.socket.accept()
-        if self.ssl_context:
+        if self.ssl_context and not self._from_balancer(address):
+            # a balancer's PROXY header comes before the TLS handshake: its
+            # connections are wrapped in their own thread, once it is read
             client_socket = self.ssl_context.wrap_socket(
                 client_socket, server_side=True, do_handshake_on_connect=False
             )
@@ -204,6 +216,30 @@ class ReusePortServer(ThreadedAssociationServer):
             # (pynetdicom's reader would wait for the rest for ever).
             wait = self.pending.remaining(request) if self.pending else self.ae.acse_timeout
             request.settimeout(wait)
+        if isinstance(request, socket.socket) and self._from_balancer(client_address):
+            try:
+                client = proxyprotocol.read_header(request)
+            except (proxyprotocol.ProxyHeaderError, OSError) as exc:
+                CONNECTIONS_REFUSED.labels("proxy-header").inc()
+                log.warning(
+                    "DICOM connection from a load balancer (dicom.proxy_protocol) closed: "
+                    "no valid PROXY protocol header; configure it with send-proxy or "
+                    "send-proxy-v2",
+                    extra={"peer": client_address[0], "error": str(exc)},
+                )
+                if self.pending is not None:
+                    self.pending.done(request)
+                self.shutdown_request(request)
+                return
+            if client is not None:
+                client_address = client  # the modality, as the balancer saw it
+            if self.ssl_context:
+                wrapped = self.ssl_context.wrap_socket(
+                    request, server_side=True, do_handshake_on_connect=False
+                )
+                if self.pending is not None:
+                    self.pending.replace(request, wrapped)
+                request = wrapped
         if isinstance(request, ssl.SSLSocket):
             try:
                 request.do_handshake()
@@ -221,6 +257,17 @@ class ReusePortServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
+
+
+    def _from_balancer(self, client_address: tuple[str, int] | str) -> bool:
+        if not self.balancers:
+            return False
+        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.balancers)
 
 
 class AssociationSlots:
@@ -358,6 +405,9 @@ class DicomServer:
             ssl_context=ssl_context,
         )
         self._server.pending = self.pending  # before it accepts anyone
+        self._server.balancers = tuple(
+            ipaddress.ip_network(a, strict=False) for a in config["dicom.proxy_protocol"]
+        )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="imag-dicom-server", daemon=True
         )
