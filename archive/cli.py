@@ -147,6 +147,45 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_reindex_attributes(args: argparse.Namespace) -> int:
+    """Fill the extra attribute side tables (``index.extra_attributes``) from
+    the stored objects: for instances stored before an attribute was
+    configured.  Idempotent, one transaction per batch of series."""
+    from archive.index.extra import reindex
+    from archive.query import extra_attributes
+    from archive.retrieve import StoredObject, UnreadableObject, open_header
+    from archive.runtime import Archive
+    from storage import StorageError
+
+    config = _load(args)
+    with Archive(config, writer=False) as archive:
+        extras = extra_attributes(config)
+        if not extras:
+            print("index.extra_attributes lists no attribute: nothing to index")
+            return 0
+        per_instance = bool(extras.at("IMAGE"))
+        total = archive.catalog.counts()["instances" if per_instance else "series"]
+        bar = tqdm(total=total, unit="object", desc="reindex", disable=args.quiet)
+
+        def read(key: str, size: int):  # noqa: ANN202 - a pydicom Dataset or None
+            item = StoredObject("", "", "", "", "", key, size)
+            try:
+                with open_header(archive.store, item) as header:
+                    return header.dataset
+            except (UnreadableObject, StorageError, OSError) as exc:
+                log.warning("stored object unreadable", extra={"key": key, "error": str(exc)})
+                return None
+
+        done = reindex(archive.db, extras, read, progress=bar.update)
+        bar.close()
+    print(
+        f"indexed {', '.join(e.keyword for e in extras)}: {done.series} series, "
+        f"{done.instances} objects read, {done.values} values"
+        + (f", {done.unreadable} unreadable (see the log)" if done.unreadable else "")
+    )
+    return 1 if done.unreadable else 0
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from archive.importer import iter_files, run_import
     from archive.runtime import Archive
@@ -515,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     p = dbsub.add_parser("upgrade", help="apply pending schema migrations")
     p.set_defaults(func=cmd_db_upgrade)
+    p = dbsub.add_parser(
+        "reindex-attributes",
+        help="index the extra attributes (index.extra_attributes) of the stored objects",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_db_reindex_attributes)
 
     from archive import plugins
 

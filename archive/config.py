@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from archive.index import extra as extra_attributes
 from archive.security.roles import role_names
 from archive.topology import STORE_AS, Peer, Route, Site, flag
 
@@ -269,6 +270,7 @@ CLUSTER_WIDE = (
     "ingest.on_conflict",
     "ingest.default_site",
     "ingest.max_",
+    "index.extra_attributes",
     "auth.enabled",
     "auth.oidc.",
     "plugins.",
@@ -317,6 +319,13 @@ SETTINGS: list[Setting] = [
         _index_url,
         "index database (default: SQLite in the data folder)",
         secret=True,
+    ),
+    Setting(
+        "index.extra_attributes",
+        extra_attributes.DEFAULT,
+        extra_attributes.check_setting,
+        "series and instance attributes indexed beyond the core's, matched by QIDO-RS and "
+        "C-FIND (a table: series = [keywords], instance = [keywords]; see docs/conformance.md)",
     ),
     Setting("storage.url", None, _storage_url, "object store (default: a folder in the data dir)"),
     Setting("s3.endpoint_url", None, _str, "S3 endpoint for s3:// storage (MinIO, Ceph, cloud)"),

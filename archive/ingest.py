@@ -92,6 +92,7 @@ from archive.parse import (
     parse_header,
     parse_header_file,
 )
+from archive.query import extra_attributes
 from archive.security.audit import AuditEntry, AuditLog, AuditUnavailable
 from archive.uids import object_key
 from storage import ObjectStore, StorageError
@@ -263,6 +264,8 @@ class IngestPipeline:
         self.identity = identity or load_identity_plugin(config["plugins.identity"], config)
         self.max_bytes: int = config["ingest.max_object_bytes"]
         self.on_conflict: str = config["ingest.on_conflict"]
+        #: the attributes indexed beyond the core's (``index.extra_attributes``)
+        self.extra = extra_attributes(config)
         #: writes the C-STORE audit entries inside the index transaction
         self.audit = AuditLog(db, config["audit.syslog"], node=config.node)
         self.writer = (
@@ -395,7 +398,7 @@ class IngestPipeline:
                     )
                 self._count(source.kind, result, started)
                 return result
-            fields = index_fields(ds)
+            fields = index_fields(ds, self.extra)
             stored_ts, body, original = header.transfer_syntax, None, None
             target = self.target_for(source.site)
             if target and data is not None and target != header.transfer_syntax:

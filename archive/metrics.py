@@ -8,8 +8,21 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
+NODE = Gauge(
+    "imag_node_info",
+    "1, labelled with this process's node name (node.name), to join its series by node",
+    ["node", "process"],
+    multiprocess_mode="max",
+)
+
+
+def name_node(node: str, process: str) -> None:
+    """Label this process's metrics page with its node (``serve`` or ``worker``)."""
+    NODE.labels(node, process).set(1)
+
 
 INGEST_INSTANCES = Counter(
     "imag_ingest_instances_total",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -49,6 +49,9 @@ from archive.validate import (
     memory_chunks,
     pixel_element_at,
 )
+
+if TYPE_CHECKING:
+    from archive.index.extra import ExtraAttributes
 
 __all__ = [
     "Header",
@@ -450,9 +453,15 @@ _PIPELINE_READS = (
 )
 
 
-def index_fields(ds: Dataset) -> dict:
-    """The patient, study, series and instance attributes the index keeps."""
+def index_fields(ds: Dataset, extra: ExtraAttributes | None = None) -> dict:
+    """The patient, study, series and instance attributes the index keeps,
+    and under ``extra`` the values of the configured extra attributes
+    (setting ``index.extra_attributes``, :mod:`archive.index.extra`): read
+    here, with the rest, so the commit writes them in the instance's
+    transaction.  An unreadable or invalid extra value is not indexed; the
+    object is not refused for it."""
     return {
+        "extra": extra.extract(ds) if extra else (),
         "patient_name": _text(ds, "PatientName"),
         "birth_date": _text(ds, "PatientBirthDate"),
         "sex": _text(ds, "PatientSex"),

@@ -14,6 +14,16 @@ SQL for either index backend, following the matching rules of PS3.4 C.2.2.2:
 * ModalitiesInStudy matches when any of the study's modalities matches any
   value of the key.
 
+**Extra attributes.**  The series- and instance-level keys configured in
+``index.extra_attributes`` (:mod:`archive.index.extra`: ImageLaterality,
+ViewPosition, Laterality, ProtocolName... by default) are matched like the
+columns, by VR -- single value, wildcard, a list of values (any matches),
+DA/TM ranges, UID lists -- as an ``EXISTS`` on their side table; a
+multi-valued attribute matches when any of its values does.  They are
+returned as the columns are (one query per answer page fetches them).  Pass
+them with :attr:`Query.extra` (:func:`extra_attributes` of the configuration);
+a keyword neither a column nor configured stays unknown to the search.
+
 Access scope (the sites and reading groups a caller may see) is a WHERE clause of the same SQL,
 so counts, limits and offsets are right by construction.
 
@@ -36,10 +46,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from archive.index.catalog import normalise_pn
 from archive.index.db import Database
+from archive.index.extra import ExtraAttribute, ExtraAttributes, read_values
 from archive.security.scope import Scope, study_clause
 from archive.uids import is_valid_uid
 
@@ -58,6 +69,8 @@ class Attr:
     column: str  # SQL expression
     vr: str
     match: bool = True  # may be used as a matching key
+    #: an extra attribute (index.extra_attributes): held in a side table, not a column
+    extra: ExtraAttribute | None = None
 
 
 # The attributes the index holds, by keyword.  Counts come from the counters
@@ -148,6 +161,34 @@ _DATE = _Check("DA")
 _TIME = _Check("TM")
 
 
+if TYPE_CHECKING:
+    from archive.config import Config
+
+_EXTRA_CACHE: dict[str, ExtraAttributes] = {}
+
+
+def extra_attributes(config: Config) -> ExtraAttributes:
+    """The extra attributes ``config`` indexes (``index.extra_attributes``),
+    without those the index holds as columns already (BodyPartExamined,
+    PerformedProcedureStepStartDate...: matched and returned from their
+    column).  Built once per distinct setting value."""
+    value = config["index.extra_attributes"]
+    key = repr(sorted((k, tuple(v)) for k, v in value.items()))
+    found = _EXTRA_CACHE.get(key)
+    if found is None:
+        found = _EXTRA_CACHE[key] = ExtraAttributes.from_setting(value, skip=ATTRIBUTES)
+    return found
+
+
+def attribute(keyword: str, extra: ExtraAttributes | None = None) -> Attr | None:
+    """The attribute a keyword names: an index column, or a configured extra one."""
+    found = ATTRIBUTES.get(keyword)
+    if found is not None or extra is None:
+        return found
+    e = extra.get(keyword)
+    return None if e is None else Attr(keyword, e.level, "", e.vr, extra=e)
+
+
 @dataclass
 class Query:
     """A search at one level: matching keys (keyword → DICOM value string,
@@ -166,6 +207,8 @@ class Query:
     #: UniversalEntityID of the Issuer of Patient ID Qualifiers Sequence sent
     #: with PatientID (the INS OID), when the query gives one
     patient_oid: str = ""
+    #: the configured extra attributes (:func:`extra_attributes`); None: columns only
+    extra: ExtraAttributes | None = None
 
     def __post_init__(self) -> None:
         if self.level not in _DEPTH:
@@ -287,6 +330,42 @@ def _match(sql: _Sql, attr: Attr, value: str) -> None:
         sql.add(f"{column} = ?", value)
 
 
+_OWNER = {"SERIES": "se.id", "IMAGE": "i.id"}
+
+
+def _match_extra(sql: _Sql, attr: Attr, value: str) -> None:
+    """An extra attribute's matching key as an EXISTS on its side table: any
+    of its stored values matches any value of the key (a backslash list;
+    QIDO's comma list), each by the rules of its VR."""
+    e = attr.extra
+    assert e is not None
+    inner = _Sql()
+    alternatives = []
+    for v in value.split("\\"):
+        v = v.strip()
+        if not v:
+            continue
+        one = _Sql()
+        if attr.vr == "IS" and not _has_wildcard(v):
+            try:
+                number = int(v)
+            except ValueError:
+                raise QueryError(f"{attr.keyword}: {v!r} is not an integer") from None
+            one.add("x.value = ?", str(number))  # stored in canonical form
+        else:
+            _match(one, Attr(attr.keyword, attr.level, "x.value", attr.vr), v)
+        alternatives.append("(" + " AND ".join(one.where) + ")")
+        inner.params.extend(one.params)
+    if not alternatives:
+        return
+    sql.add(
+        f"EXISTS (SELECT 1 FROM {e.table} x WHERE x.{e.ref} = {_OWNER[e.level]} "
+        f"AND x.tag = ? AND ({' OR '.join(alternatives)}))",
+        e.tag,
+        *inner.params,
+    )
+
+
 def _bad(attr: Attr, value: str) -> str:
     form = "YYYYMMDD" if attr.vr == "DA" else "HHMMSS"
     return (
@@ -303,15 +382,16 @@ def _patient_counts(scope_sql: str) -> dict[str, str]:
     }
 
 
-def attributes_for(level: str) -> list[str]:
-    """Keywords an answer at ``level`` can carry (its level and those above)."""
+def attributes_for(level: str, extra: ExtraAttributes | None = None) -> list[str]:
+    """Keywords an answer at ``level`` can carry (its level and those above),
+    the configured extra attributes included."""
     depth = _DEPTH[level]
     return [
         k
         for k, a in ATTRIBUTES.items()
         if _DEPTH[a.level] <= depth
         and not (a.level == "PATIENT" and a.column == "" and level != "PATIENT")
-    ]
+    ] + [e.keyword for e in (extra or ()) if _DEPTH[e.level] <= depth]
 
 
 def search(db: Database, query: Query) -> list[dict[str, Any]]:
@@ -325,7 +405,7 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
     for keyword, value in query.keys.items():
         if by_person is not None and keyword in ("PatientID", "IssuerOfPatientID"):
             continue
-        attr = ATTRIBUTES.get(keyword)
+        attr = attribute(keyword, query.extra)
         if attr is None:
             raise QueryError(f"{keyword} is not an attribute this archive can match on")
         if _DEPTH[attr.level] > depth:
@@ -337,7 +417,10 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
             raise QueryError(f"{keyword} can be returned but not matched on")
         value = (value or "").strip()
         if value and value != "*":
-            _match(sql, attr, value)
+            if attr.extra is not None:
+                _match_extra(sql, attr, value)
+            else:
+                _match(sql, attr, value)
 
     count_scope, count_params = "", []
     if query.scope is not None:
@@ -353,17 +436,23 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
         clause, count_params = study_clause(query.scope, "s2")
         count_scope = f" AND {clause}"
 
-    wanted = _ordered([*UNIQUE_KEYS[query.level], *query.keys, *query.return_keys], query.level)
+    wanted = _ordered(
+        [*UNIQUE_KEYS[query.level], *query.keys, *query.return_keys], query.level, query.extra
+    )
+    extras = [e for k in wanted if (e := _extra(k, query.extra)) is not None]
+    columns = [k for k in wanted if _extra(k, query.extra) is None]
     counts = _patient_counts(count_scope)
     select: list[str] = []
     select_params: list[Any] = []
-    for keyword in wanted:
+    for keyword in columns:
         attr = ATTRIBUTES[keyword]
         if keyword in counts:
             select.append(counts[keyword])
             select_params.extend(count_params)
         else:
             select.append(attr.column)
+    owners = [level for level in _OWNER if any(e.level == level for e in extras)]
+    select += [_OWNER[level] for level in owners]  # to fetch the extra values by
     text = f"SELECT {', '.join(select)} FROM {_FROM[query.level]}"
     if sql.where:
         text += " WHERE " + " AND ".join(sql.where)
@@ -376,7 +465,22 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
         text += " LIMIT -1 OFFSET ?" if db.dialect == "sqlite" else " OFFSET ?"
         params.append(query.offset)
     rows = db.query(text, params)
-    return [dict(zip(wanted, row, strict=True)) for row in rows]
+    found = [dict(zip(columns, row, strict=False)) for row in rows]
+    for i, level in enumerate(owners):
+        refs = [int(row[len(columns) + i]) for row in rows]
+        at_level = [e for e in extras if e.level == level]
+        values = read_values(db, level, refs, [e.tag for e in at_level])
+        for answer, ref in zip(found, refs, strict=True):
+            for e in at_level:
+                answer[e.keyword] = values.get((ref, e.tag))
+    return [{k: answer.get(k) for k in wanted} for answer in found]
+
+
+def _extra(keyword: str, extra: ExtraAttributes | None) -> ExtraAttribute | None:
+    """The configured extra attribute a returned keyword is (None: a column)."""
+    if extra is None or keyword in ATTRIBUTES:
+        return None
+    return extra.get(keyword)
 
 
 def _person_match(db: Database, query: Query) -> tuple[str, ...] | None:
@@ -407,13 +511,13 @@ def _person_match(db: Database, query: Query) -> tuple[str, ...] | None:
     return ("(" + " OR ".join(clauses) + ")", *params)
 
 
-def _ordered(keywords: Iterable[str], level: str) -> list[str]:
+def _ordered(keywords: Iterable[str], level: str, extra: ExtraAttributes | None) -> list[str]:
     """Known keywords, deduplicated, valid at ``level`` (others are dropped:
     a return key the index does not hold is answered empty by the caller)."""
     depth = _DEPTH[level]
     seen: dict[str, None] = {}
     for keyword in keywords:
-        attr = ATTRIBUTES.get(keyword)
+        attr = attribute(keyword, extra)
         if attr is None or _DEPTH[attr.level] > depth:
             continue
         if attr.level == "PATIENT" and attr.column == "" and level != "PATIENT":

@@ -16,7 +16,17 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from archive.query import ATTRIBUTES, LEVELS, Query, QueryError, attributes_for, search
+from archive.index.extra import ExtraAttributes
+from archive.query import (
+    ATTRIBUTES,
+    LEVELS,
+    Query,
+    QueryError,
+    attribute,
+    attributes_for,
+    extra_attributes,
+    search,
+)
 from archive.security.http import audit_of, deny_if_hidden, require, scope_of
 from archive.web import ARCHIVE, problem, public_base
 from dicomweb import PREFIX_KEY
@@ -156,7 +166,11 @@ def not_supported_warnings(ignored: list[str], fuzzy: bool) -> list[str]:
 
 
 def build_query(
-    level: str, params: Any, path_keys: dict[str, str], ignored: list[str] | None = None
+    level: str,
+    params: Any,
+    path_keys: dict[str, str],
+    ignored: list[str] | None = None,
+    extra: ExtraAttributes | None = None,
 ) -> tuple[Query, list[str]]:
     """The query a QIDO request asks; also the fields to return.
 
@@ -168,7 +182,12 @@ def build_query(
     (``ModalitiesInStudy=CT&ModalitiesInStudy=MR``) is a list, as if its
     values were comma-separated, for the attributes that take lists (UIDs,
     code strings); a repeated key of another attribute must repeat one value.
-    Malformed values of supported parameters are still refused (BadRequest)."""
+    Malformed values of supported parameters are still refused (BadRequest).
+
+    ``extra``: the attributes indexed beyond the columns (setting
+    ``index.extra_attributes``): matched, listed (any value may be a comma
+    list) and returned like the others; an attribute neither a column nor
+    configured is ignored with the warning above."""
     ignored = [] if ignored is None else ignored
     keys: dict[str, str] = dict(path_keys)
     includes: list[str] = []
@@ -199,7 +218,7 @@ def build_query(
         except BadRequest:
             ignored.append(name)
             continue
-        attr = ATTRIBUTES.get(keyword)
+        attr = attribute(keyword, extra)
         if attr is None or not attr.match:
             ignored.append(keyword)
             continue
@@ -209,7 +228,8 @@ def build_query(
                 f"be searched at the {level.lower()} level"
             )
         distinct = list(dict.fromkeys(values))
-        if len(distinct) > 1 and attr.vr not in _LIST_VRS:
+        lists = attr.vr in _LIST_VRS or attr.extra is not None
+        if len(distinct) > 1 and not lists:
             raise BadRequest(
                 f"{keyword} is given {len(values)} times with different values; only UID "
                 "and code string attributes take a list of values"
@@ -217,20 +237,22 @@ def build_query(
         value = ",".join(distinct)
         if attr.vr == "IS":
             _check_integer_value(keyword, value)
-        if attr.vr in _LIST_VRS:
+        if lists:
             value = value.replace(",", "\\")
         if keyword in keys and keys[keyword] != value:
             raise BadRequest(f"{keyword} is given twice with different values")
         keys[keyword] = value
     fields = list(DEFAULT_FIELDS[level])
     if include_all:
-        fields += attributes_for(level)
+        fields += attributes_for(level, extra)
     fields += includes
     fields += keys  # matching keys are returned too (PS3.18 10.6.3.3), as C-FIND does
     limit = _int_param(params, "limit", DEFAULT_LIMIT, MAX_LIMIT)
     offset = _int_param(params, "offset", 0)
     # one more than asked, to know whether the answer was cut
-    query = Query(level, keys, fields, limit=limit + 1, offset=offset, patient_oid=patient_oid)
+    query = Query(
+        level, keys, fields, limit=limit + 1, offset=offset, patient_oid=patient_oid, extra=extra
+    )
     return query, fields
 
 
@@ -272,7 +294,9 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
         }
         try:
             ignored: list[str] = []
-            query, fields = build_query(level, request.query, path_keys, ignored)
+            query, fields = build_query(
+                level, request.query, path_keys, ignored, extra_attributes(archive.config)
+            )
             for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
                 if keyword not in fields and (level != "STUDY" or keyword == "StudyInstanceUID"):
                     fields.append(keyword)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +32,14 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from archive import metadata as meta
 from archive import multipart, pixels
-from archive.codecs import encode_as, producible
+from archive.codecs import (
+    HTJ2K_CONFORMS_TO,
+    TranscodeError,
+    encode_as,
+    encode_frame,
+    frame_syntaxes,
+    producible,
+)
 from archive.query import QueryError
 from archive.retrieve import StoredObject, UnreadableObject, locate, open_header
 from archive.runtime import Archive
@@ -437,22 +444,33 @@ FRAME_MEDIA = {
     "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
 NATIVE = "application/octet-stream"
+#: HTJ2K frames (PS3.18 Table 8.7.3-2); without a transfer-syntax parameter
+#: it means HTJ2K Lossless (.201)
+HTJ2K_MEDIA = "image/jphc"
+HTJ2K_DEFAULT = "1.2.840.10008.1.2.4.201"
 _MULTIPART = ("multipart/related", "multipart/*", "*/*", "*")
 
 
 @dataclass(frozen=True)
 class PixelPlan:
     """How frames or pixel data are sent: the Content-Type of each part (or
-    of the single-part body), whether compressed frames are decoded to native
-    little endian samples, and whether the body is single part."""
+    of the single-part body), whether frames are decoded (to native little
+    endian samples, or to be re-encoded), whether the body is single part,
+    and the syntax frames are re-encoded in (``encode``, HTJ2K) if any."""
 
     content_type: str
     decode: bool
     single: bool
+    encode: str = ""
 
 
 def pixel_plan(
-    accept: str | None, stored: str, *, stored_parts: int, native_parts: int
+    accept: str | None,
+    stored: str,
+    *,
+    stored_parts: int,
+    native_parts: int,
+    encodable: Collection[str] = frozenset(),
 ) -> PixelPlan:
     """The answer to an Accept header for frames or for the pixel data bulk
     resource (PS3.18 8.7.3, 8.7.4), one negotiation for both.
@@ -460,10 +478,15 @@ def pixel_plan(
     Compressed data (``stored`` in :data:`FRAME_MEDIA`) is sent as stored
     when ``transfer-syntax=*`` or its own media type (and syntax) is asked,
     otherwise decoded to application/octet-stream (Explicit VR Little Endian,
-    the PS3.18 default); native data is always application/octet-stream,
-    little endian.  A single-part media type (not multipart/related, not
-    ``*/*``) gets a single-part body, only when the answer is one part
-    (``stored_parts`` as stored, ``native_parts`` decoded or native): never
+    the PS3.18 default); native data is application/octet-stream, little
+    endian.  ``image/jphc`` (named, not through a wildcard) gets HTJ2K: the
+    stored codestreams when they are of the syntax asked (a .202 codestream
+    is also a .201 one, a lossless one also a .203 one), else frames
+    re-encoded one by one when the syntax asked (.201 by default) is in
+    ``encodable`` (:func:`archive.codecs.frame_syntaxes`).  A single-part
+    media type (not multipart/related, not ``*/*``) gets a single-part body,
+    only when the answer is one part (``stored_parts`` as stored or
+    re-encoded, ``native_parts`` decoded or native): never
     an envelope that was not asked for.  Media ranges are tried best q
     first.  Raises NotAcceptable when none can be honoured."""
     media = FRAME_MEDIA.get(stored)
@@ -472,32 +495,61 @@ def pixel_plan(
             continue
         multi = m.media_type in _MULTIPART
         part, ts = m.part_type, m.params.get("transfer-syntax")
+        # transfer-syntax=* leaves the syntax to us, not the media type: a
+        # named image type that is not the stored one is not "as stored"
         as_stored = media is not None and (
-            ts == "*" or (ts in (None, stored) and part != "*/*" and matches(part, media))
+            (ts == "*" and (part in ("*/*", NATIVE) or matches(part, media)))
+            or (ts in (None, stored) and part != "*/*" and matches(part, media))
         )
         if as_stored and (multi or stored_parts == 1):
             return PixelPlan(f"{media}; transfer-syntax={stored}", False, not multi)
+        if part == HTJ2K_MEDIA and (multi or stored_parts == 1):
+            wanted = HTJ2K_DEFAULT if ts in (None, "*") else ts
+            answer = f"{HTJ2K_MEDIA}; transfer-syntax={wanted}"
+            if wanted in HTJ2K_CONFORMS_TO.get(stored, ()):
+                return PixelPlan(answer, False, not multi)
+            if wanted in encodable:
+                return PixelPlan(answer, True, not multi, encode=wanted)
         native = matches(part, NATIVE) and (
             ts in (None, ExplicitVRLittleEndian) or (media is None and ts in ("*", stored))
         )
         if native and (multi or native_parts == 1):
             return PixelPlan(NATIVE, media is not None, not multi)
     single = "" if stored_parts == 1 else "; a single-part body holds one frame"
+    htj2k = ""
+    if encodable:
+        htj2k = f", or as {HTJ2K_MEDIA} ({', '.join(sorted(encodable))}) re-encoded losslessly"
     raise NotAcceptable(
         f"pixel data is sent as {NATIVE} (uncompressed, little endian) or, with "
-        f"transfer-syntax=*, as stored ({media or NATIVE}), in multipart/related or, "
+        f"transfer-syntax=*, as stored ({media or NATIVE}){htj2k}, in multipart/related or, "
         f"for one part, as a single-part body{single}"
     )
 
 
+def reencodable(image: pixels.ImageFile) -> frozenset[str]:
+    """The HTJ2K syntaxes the frames of ``image`` can be re-encoded in (none
+    for float pixel data or an image without pixels)."""
+    if image.keyword != "PixelData":
+        return frozenset()
+    return frozenset(frame_syntaxes(image.header))
+
+
 def _frame_reader(plan: PixelPlan, limit: int) -> Callable[[pixels.ImageFile, int], bytes]:
-    """Frame n (1-based) as the plan sends it: as stored, or decoded to
-    little endian samples within ``limit`` bytes."""
+    """Frame n (1-based) as the plan sends it: as stored, decoded to little
+    endian samples within ``limit`` bytes, or decoded and re-encoded as HTJ2K
+    with *Bits Stored* as its precision."""
 
     def frame(image: pixels.ImageFile, n: int) -> bytes:
         if not plan.decode:
             return pixels.get_frame_bytes(image, n)
         array = pixels.decoded_frame(image, n, max_bytes=limit)
+        if plan.encode:
+            header = image.header
+            bits = int(header.get("BitsStored") or header.get("BitsAllocated") or 8)
+            try:
+                return encode_frame(array, plan.encode, bits)
+            except TranscodeError as exc:
+                raise pixels.DecodeError(f"frame {n} cannot be re-encoded: {exc}") from exc
         return array.astype(array.dtype.newbyteorder("<")).tobytes()
 
     return frame
@@ -639,14 +691,19 @@ async def _pixel_bulk(
     decoded frame by frame into one application/octet-stream value."""
     stored = str(image.syntax)
     compressed = stored in FRAME_MEDIA
-    count = await asyncio.to_thread(pixels.frame_count, image) if compressed else 1
+    encodable = await asyncio.to_thread(reencodable, image)
+    count = await asyncio.to_thread(pixels.frame_count, image) if compressed or encodable else 1
     try:
-        plan = pixel_plan(accept, stored, stored_parts=count, native_parts=1)
+        plan = pixel_plan(accept, stored, stored_parts=count, native_parts=1, encodable=encodable)
     except NotAcceptable as exc:
         return problem(406, "Not Acceptable", str(exc))
-    if compressed:
+    if compressed or plan.encode:
         return await _send_frames(
-            request, image, list(range(1, count + 1)), plan, one_part=plan.decode
+            request,
+            image,
+            list(range(1, count + 1)),
+            plan,
+            one_part=plan.decode and not plan.encode,
         )
     chunks = image.value_chunks(CHUNK)
     first = await asyncio.to_thread(next, chunks, b"")
@@ -690,8 +747,9 @@ def _frame_numbers(text: str, limit: int | None = None) -> list[int]:
 
 @require("studies.read", "wado.frames")
 async def frames(request: web.Request) -> web.StreamResponse:
-    """Frames of an instance: as stored (transfer-syntax=*) or uncompressed,
-    streamed one frame at a time; one frame may be asked single part."""
+    """Frames of an instance: as stored (transfer-syntax=*), uncompressed, or
+    HTJ2K (image/jphc, re-encoded when not stored so), streamed one frame at
+    a time; one frame may be asked single part."""
     archive = request.app[ARCHIVE]
     try:
         numbers = _frame_numbers(
@@ -702,16 +760,17 @@ async def frames(request: web.Request) -> web.StreamResponse:
         return problem(400, "Bad Request", str(exc))
     item = items[0]
     try:
-        plan = pixel_plan(
-            request.headers.get("Accept"),
-            item.transfer_syntax,
-            stored_parts=len(numbers),
-            native_parts=len(numbers),
-        )
-    except NotAcceptable as exc:
-        return problem(406, "Not Acceptable", str(exc))
-    try:
         async with open_image(request, item) as image:
+            try:
+                plan = pixel_plan(
+                    request.headers.get("Accept"),
+                    item.transfer_syntax,
+                    stored_parts=len(numbers),
+                    native_parts=len(numbers),
+                    encodable=await asyncio.to_thread(reencodable, image),
+                )
+            except NotAcceptable as exc:
+                return problem(406, "Not Acceptable", str(exc))
             count = await asyncio.to_thread(pixels.frame_count, image)
             beyond = sorted({n for n in numbers if n > count})
             if beyond:

@@ -259,6 +259,11 @@ def test_metrics_summed_over_the_nodes_give_the_true_totals(
             assert sum(_total(p, "imag_job_runs_total", outcome="done") for p in pages) == (
                 done_jobs
             )
+            # each page names its node and process
+            named = [[labels for labels, _ in p.get("imag_node_info", [])] for p in pages]
+            assert [len(n) for n in named] == [1, 1, 1]
+            assert [n[0]["process"] for n in named] == ["serve", "serve", "worker"]
+            assert named[0][0]["node"] != named[1][0]["node"]
             # the shared queue: reported by exactly one process of the cluster
             assert [bool(p.get("imag_jobs_oldest_due_seconds")) for p in pages].count(True) == 1
         finally:

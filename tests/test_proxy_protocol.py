@@ -15,7 +15,6 @@ configured balancer (not read as one: the association fails, its address stands)
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -32,11 +31,11 @@ from archive.config import load_config
 from archive.dimse.proxyprotocol import ProxyHeaderError, header_v1, header_v2, read_header
 from archive.index import open_database
 from tests.dicomfiles import make_instance
+from tests.haproxy import HAPROXY, Haproxy
 from tests.httpserver import HttpImag
 from tests.processes import HOST, eventually, free_port
 
 MODALITY, STRANGER, BALANCER = "127.0.0.2", "127.0.0.4", "127.0.0.3"
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
 # -- the header parser, over real sockets ----------------------------------------------------
@@ -98,10 +97,9 @@ def test_a_connection_closed_inside_the_header_is_refused() -> None:
 # -- through a real HAProxy ------------------------------------------------------------------
 
 
-def _haproxy(workdir: Path, backend_port: int, send: str) -> tuple[subprocess.Popen, int]:
+def _haproxy(workdir: Path, backend_port: int, send: str) -> tuple[Haproxy, int]:
     front = free_port()
-    config = workdir / "haproxy.cfg"
-    config.write_text(
+    config = (
         "defaults\n"
         "  mode tcp\n"
         "  timeout connect 5s\n"
@@ -113,19 +111,7 @@ def _haproxy(workdir: Path, backend_port: int, send: str) -> tuple[subprocess.Po
         "backend imag\n"
         f"  server node1 {HOST}:{backend_port} {send} source {BALANCER}\n"
     )
-    proc = subprocess.Popen(
-        [HAPROXY, "-db", "-f", str(config)],
-        stdout=open(workdir / "haproxy.log", "wb"),  # noqa: SIM115 - closed with the process
-        stderr=subprocess.STDOUT,
-    )
-
-    def listening() -> bool:
-        assert proc.poll() is None, (workdir / "haproxy.log").read_text()
-        with socket.socket() as probe:
-            return probe.connect_ex((HOST, front)) == 0
-
-    eventually(listening, timeout=30, what="haproxy listening")
-    return proc, front
+    return Haproxy(workdir, config, [front]).start(), front
 
 
 @pytest.fixture(params=["send-proxy", "send-proxy-v2"])
@@ -144,8 +130,7 @@ def balanced(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[H
     try:
         yield node, front
     finally:
-        proxy.terminate()
-        proxy.wait(timeout=30)
+        proxy.stop()
         assert node.stop() == 0
 
 

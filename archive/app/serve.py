@@ -85,7 +85,7 @@ async def _heartbeat(archive, node: str, stop: asyncio.Event) -> None:  # noqa: 
 
 async def _serve(config: Config, processes: int) -> None:
     from archive.jobs import JobQueue, Worker
-    from archive.metrics import watch_job_queue
+    from archive.metrics import name_node, watch_job_queue
     from archive.runtime import Archive
     from archive.server import serve_http
 
@@ -114,6 +114,7 @@ async def _serve(config: Config, processes: int) -> None:
             children = start_listeners(config, dicom.port, processes - 1)
     queue = JobQueue(archive.db)
     watch_job_queue(queue)
+    name_node(config.node, "serve")
     worker = (  # Worker.start loads every plugin's job kinds
         Worker(
             archive,

@@ -44,6 +44,7 @@ def run_worker_process(
     archive = Archive(config, writer=True)
     queue = JobQueue(archive.db)
     metrics.watch_job_queue(queue)
+    metrics.name_node(config.node, "worker")
     exporter = None
     port = config["worker.metrics_port"] if metrics_port is None else metrics_port
     if port:

@@ -29,7 +29,9 @@ One module per job, in the manner of pydicom's ``pixels`` package:
 ``encode``         :func:`encode_dataset`
 ``verify``         :func:`verify_lossless`
 ``convert``        :func:`transcode` (whole Part 10 objects, for storage)
-``negotiate``      :func:`producible`, :func:`encode_as`, :func:`convert_for`
+``negotiate``      :func:`producible`, :func:`encode_as`, :func:`convert_for`;
+                   :func:`frame_syntaxes`, :func:`encode_frame` (WADO-RS
+                   frames re-encoded as HTJ2K one at a time)
 =================  ==========================================================
 
 Nothing here imports the rest of the archive: the package is pure codec work.
@@ -43,7 +45,14 @@ from archive.codecs.convert import transcode
 from archive.codecs.decode import decode_dataset, decoded_pixels
 from archive.codecs.encode import encode_dataset
 from archive.codecs.errors import LossySource, TranscodeError
-from archive.codecs.negotiate import convert_for, encode_as, producible
+from archive.codecs.negotiate import (
+    HTJ2K_CONFORMS_TO,
+    convert_for,
+    encode_as,
+    encode_frame,
+    frame_syntaxes,
+    producible,
+)
 from archive.codecs.syntaxes import (
     LOSSLESS_SOURCE_SYNTAXES,
     LOSSLESS_TARGETS,
@@ -55,6 +64,7 @@ from archive.codecs.syntaxes import (
 from archive.codecs.verify import verify_lossless
 
 __all__ = [
+    "HTJ2K_CONFORMS_TO",
     "LOSSLESS_SOURCE_SYNTAXES",
     "LOSSLESS_TARGETS",
     "LOSSY_SYNTAXES",
@@ -68,6 +78,8 @@ __all__ = [
     "encodable_targets",
     "encode_as",
     "encode_dataset",
+    "encode_frame",
+    "frame_syntaxes",
     "is_lossy",
     "j2k_coding_style",
     "producible",

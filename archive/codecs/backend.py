@@ -6,9 +6,12 @@ import, here only).
   RPCL progression order (OpenJPH's default, checked after encoding) with
   enough decompositions for a base resolution <= 64 pixels; .202
   additionally carries TLM markers and one tile-part per resolution, as
-  PS3.5 10.18 asks for.  OpenJPH writes the container size (8 or 16 bits) as
-  the component precision, not *Bits Stored*: lossless, and decoders return
-  the same values, but a 12-bit image has a 16-bit codestream.
+  PS3.5 10.18 asks for.  The component precision is *Bits Stored* (a
+  12-bit image has a 12-bit codestream): imagecodecs' OpenJPH wrapper only
+  writes the container size (8 or 16 bits), so unsigned samples are offset
+  before encoding so that OpenJPH's DC level shift (2**(container - 1)) is
+  the one of *Bits Stored* (2**(bits - 1)), and the SIZ marker then says
+  *Bits Stored* (see :func:`encode_htj2k`).
 * HTJ2K decoding with OpenJPH, used only when pydicom has no HTJ2K decoder:
   imagecodecs 2026.3.6's ``htj2k_decode`` swallows OpenJPH's errors (they
   are printed as "Exception ignored" and a partly decoded image is
@@ -28,7 +31,7 @@ from contextlib import contextmanager
 import numpy as np
 from pydicom.uid import UID, HTJ2KLosslessRPCL
 
-from archive.codecs.codestream import j2k_coding_style
+from archive.codecs.codestream import j2k_coding_style, with_j2k_precision
 from archive.codecs.errors import TranscodeError
 
 try:  # OpenJPH: the only HTJ2K encoder available to Python here
@@ -65,16 +68,55 @@ def _htj2k_options(rows: int, columns: int, target: UID) -> dict:
     return options
 
 
-def encode_htj2k(frames: list[np.ndarray], target: UID) -> list[bytes]:
-    """One HTJ2K codestream per frame, checked to be what ``target`` requires."""
+def htj2k_precision(frames: list[np.ndarray], bits_stored: int | None) -> int:
+    """The component precision to write: ``bits_stored`` when every sample
+    fits in it (unsigned 0..2**bits - 1, signed two's complement), else the
+    container size, so that values above *Bits Stored* are kept rather than
+    clipped (a lossless encoder never changes a value)."""
+    container = frames[0].dtype.itemsize * 8
+    if not bits_stored or not 1 <= bits_stored < container:
+        return container
+    if frames[0].dtype.kind == "i":
+        low, high = -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+    else:
+        low, high = 0, (1 << bits_stored) - 1
+    for frame in frames:
+        if frame.size and (int(frame.min()) < low or int(frame.max()) > high):
+            return container
+    return bits_stored
+
+
+def _dc_offset(frame: np.ndarray, precision: int) -> np.ndarray:
+    """Unsigned samples moved so that OpenJPH's level shift for the container
+    size leaves the values the level shift of ``precision`` gives: x -
+    2**(precision - 1) = (x + offset) - 2**(container - 1).  Signed samples
+    are not level shifted, so they go as they are."""
+    container = frame.dtype.itemsize * 8
+    if frame.dtype.kind == "i" or precision >= container:
+        return frame
+    offset = (1 << (container - 1)) - (1 << (precision - 1))
+    return frame + frame.dtype.type(offset)  # at most 2**(c-1) + 2**(p-1) - 1: no overflow
+
+
+def encode_htj2k(
+    frames: list[np.ndarray], target: UID, bits_stored: int | None = None
+) -> list[bytes]:
+    """One HTJ2K codestream per frame, checked to be what ``target`` requires,
+    declaring ``bits_stored`` as the component precision (the container size
+    when not given, or when a sample does not fit: :func:`htj2k_precision`)."""
     rows, columns = frames[0].shape[:2]
     options = _htj2k_options(rows, columns, target)
+    precision = htj2k_precision(frames, bits_stored)
+    signed = frames[0].dtype.kind == "i"
     out = []
     for index, frame in enumerate(frames, start=1):
         try:
-            out.append(bytes(imagecodecs.htj2k_encode(np.ascontiguousarray(frame), **options)))
+            coded = imagecodecs.htj2k_encode(
+                np.ascontiguousarray(_dc_offset(frame, precision)), **options
+            )
         except Exception as exc:
             raise TranscodeError(f"OpenJPH could not encode frame {index}: {exc}") from exc
+        out.append(with_j2k_precision(bytes(coded), precision, signed))
     info = j2k_coding_style(out[0])
     if info.get("mct") != 0 or not info.get("reversible"):
         raise TranscodeError(f"OpenJPH did not write a reversible codestream without MCT: {info}")

@@ -152,3 +152,51 @@ def j2k_coding_style(cs: bytes) -> dict:
             info["ht"] = True
         pos += 2 + length
     return info
+
+
+#: SIZ marker segment (ISO/IEC 15444-1 A.5.1): after SOC, Lsiz, Rsiz, eight
+#: 32-bit sizes and offsets, Csiz, then Ssiz XRsiz YRsiz per component
+_SIZ_CSIZ = 40
+_SIZ_COMPONENTS = 42
+
+
+def j2k_siz(cs: bytes) -> dict:
+    """The image of a JPEG 2000 / HTJ2K codestream as its SIZ marker declares
+    it: ``columns``, ``rows`` and, per component, ``precision`` (bits, 1-38)
+    and ``signed`` (lists, one entry per component).  Raises
+    :class:`TranscodeError` when the codestream does not start with SOC, SIZ.
+
+    Why: *Bits Stored* and *Pixel Representation* should agree with what the
+    codestream declares (the JPEG 2000 rules of PS3.5 section 8.2), which
+    decoders use for the DC level shift and the range of what they return."""
+    if cs[:4] != b"\xff\x4f\xff\x51" or len(cs) < _SIZ_COMPONENTS:
+        raise TranscodeError("not a JPEG 2000 codestream: no SOC and SIZ markers")
+    field = int.from_bytes
+    count = field(cs[_SIZ_CSIZ : _SIZ_CSIZ + 2], "big")
+    end = _SIZ_COMPONENTS + 3 * count
+    if count == 0 or len(cs) < end or 4 + field(cs[4:6], "big") < end:
+        raise TranscodeError("the SIZ marker segment is truncated")
+    ssiz = [cs[_SIZ_COMPONENTS + 3 * k] for k in range(count)]
+    return {
+        "columns": field(cs[8:12], "big") - field(cs[16:20], "big"),
+        "rows": field(cs[12:16], "big") - field(cs[20:24], "big"),
+        "precision": [(s & 0x7F) + 1 for s in ssiz],
+        "signed": [bool(s & 0x80) for s in ssiz],
+    }
+
+
+def with_j2k_precision(cs: bytes, precision: int, signed: bool) -> bytes:
+    """``cs`` with every component's precision and signedness in SIZ (Ssiz)
+    set to ``precision`` / ``signed``; nothing else is changed.
+
+    Only meaningful when the coded values already are those of that
+    precision (see :func:`archive.codecs.backend.encode_htj2k`): a decoder
+    adds 2**(precision - 1) to unsigned components after the inverse
+    transform, so the encoder must have been given values shifted to match."""
+    if not 1 <= precision <= 38:
+        raise TranscodeError(f"a JPEG 2000 component precision is 1-38 bits, not {precision}")
+    count = len(j2k_siz(cs)["precision"])
+    out = bytearray(cs)
+    for k in range(count):
+        out[_SIZ_COMPONENTS + 3 * k] = (0x80 if signed else 0) | (precision - 1)
+    return bytes(out)

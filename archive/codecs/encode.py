@@ -37,6 +37,14 @@ from archive.codecs.syntaxes import (
 def _check_encodable(ds: Dataset, target: UID, photometric: str) -> None:
     if "PixelData" not in ds:
         raise TranscodeError(f"no Pixel Data (7FE0,0010) to encode as {target.name}")
+    check_image_pixel(ds, target, photometric)
+
+
+def check_image_pixel(ds: Dataset, target: UID, photometric: str) -> None:
+    """Raise :class:`TranscodeError` unless this environment encodes
+    ``target`` and the Image Pixel module of ``ds`` (with ``photometric``,
+    the values' interpretation) is one ``target`` can hold.  Needs the header
+    only, so a frame-by-frame answer can be refused before it starts."""
     if target not in encodable():
         raise TranscodeError(f"no encoder available here for {target.name} ({target})")
     rows, columns, samples, bits, stored, signed = image_pixel(ds)
@@ -85,7 +93,7 @@ def _encoded_scratch(ds: Dataset, target: UID, decoded: Decoded) -> Dataset:
         scratch.NumberOfFrames = len(decoded.frames)
     rows, columns = decoded.frames[0].shape[:2]
     if target in HTJ2K_LOSSLESS:
-        _set_encapsulated(scratch, backend.encode_htj2k(decoded.frames, target))
+        _set_encapsulated(scratch, backend.encode_htj2k(decoded.frames, target, int(ds.BitsStored)))
     elif target == JPEG2000Lossless and min(rows, columns) < backend.OPENJPEG_MIN_SIZE:
         _set_encapsulated(scratch, backend.encode_small_j2k(decoded.frames, int(ds.BitsStored)))
     else:

@@ -28,7 +28,7 @@ from archive.dimse.peers import Peer, PeerTable
 from archive.identity import Source
 from archive.index.catalog import Origin
 from archive.ingest import DIMSE_STATUS, IngestResult, store_audit_entry
-from archive.query import QueryError, search
+from archive.query import QueryError, extra_attributes, search
 from archive.retrieve import StoredObject, hidden_studies, locate, read
 from archive.runtime import Archive
 from archive.security.audit import AuditEntry, AuditUnavailable
@@ -366,7 +366,9 @@ class DicomServices:
         started = time.perf_counter()
         scope = self._scope(event)
         try:
-            query, tags = query_from_identifier(event.identifier, scope)
+            query, tags = query_from_identifier(
+                event.identifier, scope, extra_attributes(self.archive.config)
+            )
             query.identity = self.archive.identity  # PatientID may be an INS or a regional ID
             rows = search(self.archive.db, query)
         except QueryError as exc:

@@ -8,7 +8,8 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from archive.query import ATTRIBUTES, LEVELS, Query, QueryError
+from archive.index.extra import ExtraAttributes
+from archive.query import LEVELS, Query, QueryError, attribute
 from archive.security.scope import Scope
 
 # Keys a C-FIND identifier may carry that are not matched in the index.
@@ -36,9 +37,16 @@ def level_of(identifier: Dataset) -> str:
     return level
 
 
-def query_from_identifier(identifier: Dataset, scope: Scope | None) -> tuple[Query, list]:
+def query_from_identifier(
+    identifier: Dataset, scope: Scope | None, extra: ExtraAttributes | None = None
+) -> tuple[Query, list]:
     """The query an identifier asks, and the identifier's element tags in
-    order (every one of them is answered, empty when the index lacks it)."""
+    order (every one of them is answered, empty when the index lacks it).
+
+    ``extra``: the attributes indexed beyond the columns (setting
+    ``index.extra_attributes``), matched and returned like the others; a key
+    the archive neither holds nor has configured is answered empty, never
+    matched (PS3.4 C.4.1.1.3.1: an SCP need not support every optional key)."""
     level = level_of(identifier)
     depth = LEVELS.index(level)
     keys: dict[str, str] = {}
@@ -57,7 +65,7 @@ def query_from_identifier(identifier: Dataset, scope: Scope | None) -> tuple[Que
             for item in elem.value or ():
                 patient_oid = patient_oid or _text(item.get("UniversalEntityID")).strip()
             continue
-        attr = ATTRIBUTES.get(keyword)
+        attr = attribute(keyword, extra)
         if attr is None or LEVELS.index(attr.level) > depth:
             continue  # answered empty
         if elem.VR == "SQ":
@@ -67,7 +75,8 @@ def query_from_identifier(identifier: Dataset, scope: Scope | None) -> tuple[Que
             keys[keyword] = value
         else:
             returns.append(keyword)
-    return Query(level, keys, returns, scope=scope, patient_oid=patient_oid), tags
+    query = Query(level, keys, returns, scope=scope, patient_oid=patient_oid, extra=extra)
+    return query, tags
 
 
 def answer(row: dict[str, Any], tags: list, level: str, aet: str) -> Dataset:

@@ -5,6 +5,9 @@ of instance records whose objects are already durable in the object store and
 commits their rows in one transaction, keeping study and series counts,
 sizes and ModalitiesInStudy current.  Everything that reads the index for
 administration (stats, verify) lives here too; searches get their own module.
+The values of the extra indexed attributes (:mod:`archive.index.extra`)
+go into their side tables in the same transaction, one multi-row insert per
+batch; a replaced instance's values are the new object's.
 
 **Ownership.**  A study, its series and its instances belong to the site that
 created the study (``studies.site``); a local patient identity belongs to the
@@ -44,7 +47,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from archive.index import extra as extra_attributes
 from archive.index.db import Database, utcnow
+from archive.index.extra import ExtraValue
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +136,10 @@ class InstanceRecord:
     #: what the identity provider resolved (:class:`archive.identity.PatientIdentity`,
     #: with the INS, status and traits it read), for its commit hook; not stored
     identity: Any = None
+    #: values of the configured extra attributes (:mod:`archive.index.extra`):
+    #: the series-level ones are written with a new series, the instance-level
+    #: ones with the instance row
+    extra: tuple[ExtraValue, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -331,6 +340,10 @@ class _Batch:
     d_series: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     d_study: dict[int, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     series_study: dict[int, int] = field(default_factory=dict)
+    #: extra attribute rows (ref, tag, n, value) to insert at the end, per level
+    extra_rows: dict[str, list[tuple[int, int, int, str]]] = field(
+        default_factory=lambda: {"SERIES": [], "IMAGE": []}
+    )
 
 
 #: the instance columns a commit writes from its record, inserted or replaced alike
@@ -402,6 +415,8 @@ class Catalog:
                 db.execute(
                     "UPDATE studies SET num_series = num_series + ? WHERE id = ?", (count, ref)
                 )
+            for level, rows in batch.extra_rows.items():  # one multi-row insert per batch
+                extra_attributes.insert(db, level, rows)
             done = list(zip(records, results, strict=True))
             for hook in hooks:
                 hook(db, done)
@@ -437,7 +452,7 @@ class Catalog:
             new_series = False
             if series is None:
                 series, new_series = self._create_series(r, study, now)
-            result, moved = self._instance(r, series.id, on_conflict, existing)
+            result, moved, instance_id = self._instance(r, series.id, on_conflict, existing)
         except _Undo as undo:
             if creating:
                 self.db.execute("ROLLBACK TO SAVEPOINT imag_record")
@@ -453,6 +468,13 @@ class Catalog:
         batch.series_study[series.id] = study.id
         if new_series:
             batch.new_series_by_study[study.id] += 1
+        if result.outcome == StoreOutcome.REPLACED:  # its values are the new object's
+            extra_attributes.delete(self.db, "IMAGE", [instance_id])
+        for v in r.extra:
+            if v.level == "IMAGE":
+                batch.extra_rows["IMAGE"].append((instance_id, v.tag, v.n, v.value))
+            elif new_series:  # a series' values are its first instance's, as its columns
+                batch.extra_rows["SERIES"].append((series.id, v.tag, v.n, v.value))
         for ref, count, size in moved:
             if ref not in batch.series_study:
                 batch.series_study[ref] = self.db.scalar(
@@ -627,9 +649,10 @@ class Catalog:
 
     def _instance(
         self, r: InstanceRecord, series_ref: int, on_conflict: str, existing: _Existing | None
-    ) -> tuple[CommitResult, list[tuple[int, int, int]]]:
-        """Insert or reconcile one instance; return the result and the
-        (series_ref, count delta, bytes delta) moves it causes.  Raise
+    ) -> tuple[CommitResult, list[tuple[int, int, int]], int]:
+        """Insert or reconcile one instance; return the result, the
+        (series_ref, count delta, bytes delta) moves it causes and the
+        instance row's id.  Raise
         :class:`_Undo` when it is not stored after all (a concurrent
         transaction stored that SOP Instance UID first)."""
         db = self.db
@@ -641,9 +664,8 @@ class Catalog:
                 (series_ref, r.sop_instance_uid, *_row_values(r)),
             )
             if row:
-                return CommitResult(StoreOutcome.STORED, object_key=r.object_key), [
-                    (series_ref, 1, r.size)
-                ]
+                stored = CommitResult(StoreOutcome.STORED, object_key=r.object_key)
+                return stored, [(series_ref, 1, r.size)], row[0]
             existing = self._find_existing(r.sop_instance_uid)
             assert existing is not None
             decided = _decide(r, existing, on_conflict)
@@ -664,6 +686,7 @@ class Catalog:
         return (
             CommitResult(StoreOutcome.REPLACED, obsolete, r.object_key),
             [(existing.series_ref, -1, -existing.size), (series_ref, 1, r.size)],
+            existing.id,
         )
 
     def switch_object(
