@@ -74,6 +74,7 @@ class ImagServer(ServerProcess):
     peers: list[dict]
     settings: dict[str, dict] = field(default_factory=dict)
     probe_aet: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. S3 credentials
     http_port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -101,6 +102,7 @@ class ImagServer(ServerProcess):
             "IMAG_HTTP_PORT": str(self.http_port),
             "IMAG_DICOM_PORT": str(self.dicom_port),
             "IMAG_LOG_FORMAT": "text",
+            **self.extra_env,
         }
 
     @property

@@ -15,11 +15,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from storage.base import ObjectStore
 from tests.processes import free_port
 
 _START_TIMEOUT = 20.0
@@ -136,3 +139,128 @@ def s3_bucket(s3_env: str) -> Iterator[str]:
         except Exception:  # noqa: BLE001 - cleanup of a throwaway server, never fail a test
             pass
         client.close()
+
+
+# -- one object store per kind, for modules that share one server across their tests ----------
+
+#: boto3's default chain reads these; moto accepts any value.
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass(frozen=True)
+class StoreUnderTest:
+    """The object store a module's server writes to: the default folder in its
+    data directory (``filesystem``) or a fresh moto bucket (``s3``).
+
+    A server is pointed at it with :meth:`toml` (``[storage]`` / ``[s3]`` tables)
+    or :meth:`settings` (``IMAG_*`` variables) plus :attr:`env` (the credentials,
+    which boto3 only takes from its default chain); a test reads back what was
+    stored with :meth:`open`, whatever the kind."""
+
+    kind: str
+    url: str | None = None  # None: the filesystem store in the server's data dir
+    endpoint_url: str | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return self.kind == "s3"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables the server processes need (the S3 credentials)."""
+        return dict(S3_CREDENTIALS) if self.is_s3 else {}
+
+    def toml(self) -> dict[str, dict]:
+        """``ImagServer(settings=...)`` tables naming this store."""
+        if not self.is_s3:
+            return {}
+        return {
+            "storage": {"url": self.url},
+            "s3": {
+                "endpoint_url": self.endpoint_url,
+                "region": S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+            },
+        }
+
+    def settings(self) -> dict[str, str]:
+        """``IMAG_*`` variables (and credentials) naming this store."""
+        if not self.is_s3:
+            return {}
+        assert self.url and self.endpoint_url
+        return {
+            "IMAG_STORAGE_URL": self.url,
+            "IMAG_S3_ENDPOINT_URL": self.endpoint_url,
+            "IMAG_S3_REGION": S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+            **S3_CREDENTIALS,
+        }
+
+    def open(self, data_dir: Path) -> ObjectStore:
+        """The store itself, as the server of ``data_dir`` sees it (close it after use)."""
+        from storage import open_store
+
+        if not self.is_s3:
+            return open_store((data_dir / "objects").as_uri())
+        from storage.s3 import S3Store
+
+        assert self.url
+        bucket, _, prefix = self.url.removeprefix("s3://").partition("/")
+        store = S3Store(bucket, prefix, endpoint_url=self.endpoint_url, region="us-east-1")
+        # S3Store reads credentials from the environment: give it moto's explicitly
+        store._client = _client(self.endpoint_url)  # noqa: SLF001 - a test's own reader
+        return store
+
+    def keys(self, data_dir: Path) -> list[str]:
+        """Every object key stored, below the store's prefix."""
+        store = self.open(data_dir)
+        try:
+            return sorted(store.iter_keys())
+        finally:
+            store.close()
+
+
+def _client(endpoint_url: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+@contextmanager
+def s3_store_under_test(server: S3Server) -> Iterator[StoreUnderTest]:
+    """A fresh bucket on ``server`` as a :class:`StoreUnderTest`; emptied and removed after."""
+    name = f"imag-store-{uuid.uuid4().hex[:16]}"
+    client = _client(server.endpoint_url)
+    client.create_bucket(Bucket=name)
+    try:
+        yield StoreUnderTest("s3", f"s3://{name}/archive", server.endpoint_url)
+    finally:
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+                for obj in page.get("Contents", []):
+                    client.delete_object(Bucket=name, Key=obj["Key"])
+            client.delete_bucket(Bucket=name)
+        except Exception:  # noqa: BLE001 - cleanup of a throwaway server, never fail a test
+            pass
+        client.close()
+
+
+@pytest.fixture(scope="module", params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
+def module_store(request: pytest.FixtureRequest) -> Iterator[StoreUnderTest]:
+    """Each object store once per module: the module's shared server is built
+    once per store, so every test of it runs on the filesystem and on S3."""
+    if request.param == "filesystem":
+        yield StoreUnderTest("filesystem")
+        return
+    with s3_store_under_test(request.getfixturevalue("s3_server")) as store:
+        yield store

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -20,23 +21,34 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from archive.index import open_database
-from storage import open_store
 from tests.dicomfiles import make_instance
 from tests.dicomnet import CLIENT_HANDLERS
 from tests.httpserver import HttpImag
 from tests.processes import HOST
+from tests.s3server import StoreUnderTest, s3_store_under_test
 
 ASSOCIATIONS = 4
 PER_ASSOCIATION = 120
 KILL_AFTER = 150  # acknowledged instances, of 480
 
 
+@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request: pytest.FixtureRequest) -> Iterator[StoreUnderTest]:
+    """The server's data dir folder, or a fresh S3 bucket: an object must be
+    whole in either before its row commits."""
+    if request.param == "filesystem":
+        yield StoreUnderTest("filesystem")
+        return
+    with s3_store_under_test(request.getfixturevalue("s3_server")) as bucket:
+        yield bucket
+
+
 @pytest.mark.slow
 @pytest.mark.serial
 def test_every_acknowledged_c_store_survives_kill_9_with_its_row_object_and_audit_entry(
-    tmp_path: Path,
+    tmp_path: Path, store: StoreUnderTest
 ) -> None:
-    server = HttpImag(tmp_path / "imag", dicom=True).start()
+    server = HttpImag(tmp_path / "imag", dicom=True, settings=store.settings()).start()
     acknowledged: list[str] = []
     lock = threading.Lock()
     enough = threading.Event()
@@ -88,12 +100,12 @@ def test_every_acknowledged_c_store_survives_kill_9_with_its_row_object_and_audi
     assert len(acked) < ASSOCIATIONS * PER_ASSOCIATION, "the kill came after the push ended"
 
     db = open_database(f"sqlite:///{tmp_path / 'imag' / 'data' / 'index.db'}")
-    store = open_store((tmp_path / "imag" / "data" / "objects").as_uri())
+    objects = store.open(tmp_path / "imag" / "data")
     try:
         rows = dict(db.query("SELECT sop_instance_uid, object_key FROM instances"))
         assert acked <= set(rows), f"{len(acked - set(rows))} acknowledged instances not indexed"
         for key in rows.values():  # and no index row without its object
-            assert store.exists(key), key
+            assert objects.exists(key), key
         audited: set[str] = set()
         for detail, outcome, status in db.query(
             "SELECT detail, outcome, status FROM audit WHERE action = 'dicom.c-store'"
@@ -104,5 +116,5 @@ def test_every_acknowledged_c_store_survives_kill_9_with_its_row_object_and_audi
         assert not missing, f"{len(missing)} acknowledged instances have no audit entry"
         assert audited <= set(rows)  # nothing audited as stored that is not
     finally:
-        store.close()
+        objects.close()
         db.close()

@@ -54,9 +54,9 @@ from archive.index.catalog import InstanceRecord
 from archive.parse import index_fields
 from archive.retrieve import StoredObject, open_header
 from archive.uids import object_key
-from storage import open_store
 from tests.dicomfiles import pydicom_test_folders
 from tests.httpserver import HttpImag, running_imag
+from tests.s3server import StoreUnderTest
 from tests.test_dicomweb import DICOM, assert_problem, multipart, parts_of
 
 MB = 1 << 20
@@ -214,7 +214,9 @@ class World:
             db.close()
 
 
-def _plant(server: HttpImag, index_url: str, ds: Dataset, data: bytes) -> str:
+def _plant(
+    server: HttpImag, index_url: str, ds: Dataset, data: bytes, store: StoreUnderTest
+) -> str:
     """Store ``data`` (the object made from ``ds``) straight into the object
     store and the index, past every ingest check, as objects stored by an
     older version were; return its SOP Instance UID."""
@@ -223,10 +225,10 @@ def _plant(server: HttpImag, index_url: str, ds: Dataset, data: bytes) -> str:
     study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
     key = object_key(study, series, sop, digest.hexdigest())
     syntax = str(ds.file_meta.TransferSyntaxUID)
-    store = open_store(config.storage_url)
+    objects = store.open(config.data_dir)
     db = open_database(index_url)
     try:
-        store.put(key, data)
+        objects.put(key, data)
         record = InstanceRecord(
             issuer="LIMITS",
             patient_id=str(ds.PatientID),
@@ -245,13 +247,22 @@ def _plant(server: HttpImag, index_url: str, ds: Dataset, data: bytes) -> str:
         Catalog(db).commit([record])
     finally:
         db.close()
-        store.close()
+        objects.close()
     return sop
 
 
 @pytest.fixture(scope="module")
-def world(index_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with running_imag(tmp_path_factory.mktemp("imag"), index_url=index_url) as server:
+def world(
+    index_url: str, module_store: StoreUnderTest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    """One server per index and per object store: the limits (and the memory
+    bounds) hold when objects come from an S3 body that cannot seek."""
+    if module_store.is_s3 and not index_url.startswith("sqlite"):
+        # the read paths meet the store the same way whatever the index
+        pytest.skip("S3 runs on the SQLite index here (PostgreSQL + S3: test_dicomweb_s3)")
+    with running_imag(
+        tmp_path_factory.mktemp("imag"), index_url=index_url, settings=module_store.settings()
+    ) as server:
         study, series, bad_series = generate_uid(), generate_uid(), generate_uid()
         rng = np.random.default_rng(11)
         rgb = _image(
@@ -314,15 +325,15 @@ def world(index_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             number=2,
         )
         for ds in (sound, corrupt):
-            _plant(server, index_url, ds, _bytes(ds))
+            _plant(server, index_url, ds, _bytes(ds), module_store)
         stored = Stored(
             study=study,
             rgb=rgb,
             normal=normal,
-            short=_plant(server, index_url, short, _bytes(short)),
-            huge=_plant(server, index_url, huge, _bytes(huge)),
-            deep=_plant(server, index_url, deep, _with_deep_sequence(deep)),
-            unreadable=_plant(server, index_url, broken, _unreadable(broken)),
+            short=_plant(server, index_url, short, _bytes(short), module_store),
+            huge=_plant(server, index_url, huge, _bytes(huge), module_store),
+            deep=_plant(server, index_url, deep, _with_deep_sequence(deep), module_store),
+            unreadable=_plant(server, index_url, broken, _unreadable(broken), module_store),
             bad_series=bad_series,
             broken_study=broken_study,
         )

@@ -91,13 +91,41 @@ class StoreSCP:
 
 
 @pytest.fixture
-def routed(make_config: Callable[..., Config], index_url: str, tmp_path: Path):
+def store_settings(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The object store routing reads deliveries from: the data dir's folder
+    by default; tests that ask for ``store`` run on the filesystem and on S3."""
+    if getattr(request, "param", "filesystem") == "filesystem":
+        return {}
+    endpoint = request.getfixturevalue("s3_env")  # credentials for this process
+    bucket = request.getfixturevalue("s3_bucket")
+    return {"storage.url": f"s3://{bucket}/archive", "s3.endpoint_url": endpoint}
+
+
+#: routing deliveries read the stored object back: on the filesystem and on S3
+on_each_store = pytest.mark.parametrize(
+    "store_settings", ["filesystem", pytest.param("s3", marks=pytest.mark.s3)], indirect=True
+)
+
+
+@pytest.fixture
+def routed(
+    make_config: Callable[..., Config],
+    index_url: str,
+    store_settings: dict[str, str],
+    tmp_path: Path,
+):
     """An archive with the given routes and peers, a job worker running."""
     opened: list[tuple[Archive, Worker]] = []
 
     def open_with(routes: list[dict], peers: list[dict] | None = None, **settings) -> Archive:
         config = make_config(
-            index_url=index_url, settings={"routes": routes, "dicom.peers": peers or [], **settings}
+            index_url=index_url,
+            settings={
+                "routes": routes,
+                "dicom.peers": peers or [],
+                **store_settings,
+                **settings,
+            },
         )
         archive = Archive(config)
         worker = Worker(
@@ -116,6 +144,7 @@ def _sr(ds: pydicom.Dataset) -> None:
     ds.Modality = "SR"
 
 
+@on_each_store
 def test_matching_instances_reach_storescp_once_each_and_identical(routed, tmp_path: Path) -> None:
     scp = StoreSCP(tmp_path / "scp", free_port()).start()
     try:
@@ -172,6 +201,7 @@ def test_deliveries_retry_until_the_receiver_comes_back(routed, tmp_path: Path) 
         scp.stop()
 
 
+@on_each_store
 def test_a_stable_study_is_forwarded_to_a_second_imag_over_stow_rs(
     routed, imag_in_process: InProcessImag
 ) -> None:

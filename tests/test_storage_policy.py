@@ -122,12 +122,14 @@ def test_an_htj2k_stored_instance_is_retrieved_uncompressed_with_equal_pixels(
 
 @pytest.mark.slow
 @pytest.mark.serial
+@pytest.mark.parametrize("store", ["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
 def test_imag_transcode_converts_what_is_stored_and_resumes_after_sigkill(
-    tmp_path, index_url: str
+    tmp_path, index_url: str, store: str, request: pytest.FixtureRequest
 ) -> None:
     """Stored as received, then converted by `imag transcode`: killed part-way
     and run again, every instance ends converted once, counters follow, the
-    store verifies, and the originals are still recognised as duplicates."""
+    store verifies, and the originals are still recognised as duplicates --
+    in a folder and in an S3 bucket (conversion and verify read every object)."""
     import json
     import os
     import signal
@@ -146,6 +148,17 @@ def test_imag_transcode_converts_what_is_stored_and_resumes_after_sigkill(
         "IMAG_INDEX_URL": index_url,
         "IMAG_LOG_LEVEL": "WARNING",
     }
+    if store == "s3":
+        if not index_url.startswith("sqlite"):  # a long test: one index is enough on S3
+            pytest.skip("S3 runs on the SQLite index here (PostgreSQL + S3: test_several_nodes)")
+        from tests.s3server import S3_CREDENTIALS
+
+        bucket = request.getfixturevalue("s3_bucket")
+        env |= {
+            "IMAG_STORAGE_URL": f"s3://{bucket}/archive",
+            "IMAG_S3_ENDPOINT_URL": request.getfixturevalue("s3_env"),
+            **S3_CREDENTIALS,
+        }
 
     def imag(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -20,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLossless
 from archive.synthetic import StudySpec, modality_preset, write_study
 from tests.dcmtk import dcmtk
 from tests.httpserver import HttpImag, running_imag
+from tests.s3server import StoreUnderTest
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,13 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[StudySpec, list[Pat
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, study) -> Iterator[HttpImag]:
-    with running_imag(
-        tmp_path_factory.mktemp("imag"), dicom=True, settings={"IMAG_STORE_AS": "htj2k-lossless"}
-    ) as imag:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, study, module_store: StoreUnderTest
+) -> Iterator[HttpImag]:
+    """One server per object store (a folder, an S3 bucket): every pixel path
+    reads its objects through the store's own stream."""
+    settings = {"IMAG_STORE_AS": "htj2k-lossless", **module_store.settings()}
+    with running_imag(tmp_path_factory.mktemp("imag"), dicom=True, settings=settings) as imag:
         client = imag.client()
         client.store_instances([pydicom.dcmread(f) for f in study[1]])
         yield imag
