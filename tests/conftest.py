@@ -47,7 +47,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Under pytest-xdist (scripts/test runs ``-n auto --dist loadgroup``): tests
     marked ``serial`` run one after the other on one worker; tests sharing a
     module-scoped fixture stay together on one worker; every other test goes
-    wherever a worker is free."""
+    wherever a worker is free.
+
+    A test marked ``s3_on_sqlite`` runs its S3 variant on the SQLite index only:
+    its PostgreSQL + S3 combination is deselected (reported as such, not as a
+    skip), PostgreSQL with S3 being test_dicomweb_s3's and test_several_nodes'."""
+    dropped = [
+        item
+        for item in items
+        if item.get_closest_marker("s3_on_sqlite")
+        and item.get_closest_marker("postgres")
+        and item.get_closest_marker("s3")
+    ]
+    if dropped:
+        gone = {id(item) for item in dropped}
+        items[:] = [item for item in items if id(item) not in gone]
+        config.hook.pytest_deselected(items=dropped)
     for item in items:
         if not item.get_closest_marker("xdist_group"):
             if item.get_closest_marker("serial"):

@@ -198,6 +198,19 @@ class StoreUnderTest:
             **S3_CREDENTIALS,
         }
 
+    def overrides(self) -> dict[str, str]:
+        """``load_config`` overrides (``make_config(settings=...)``) naming this
+        store, for an :class:`~archive.runtime.Archive` opened in the test
+        process (whose boto3 then needs :attr:`env` in ``os.environ``)."""
+        if not self.is_s3:
+            return {}
+        assert self.url and self.endpoint_url
+        return {
+            "storage.url": self.url,
+            "s3.endpoint_url": self.endpoint_url,
+            "s3.region": S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+        }
+
     def open(self, data_dir: Path) -> ObjectStore:
         """The store itself, as the server of ``data_dir`` sees it (close it after use)."""
         from storage import open_store
@@ -264,3 +277,31 @@ def module_store(request: pytest.FixtureRequest) -> Iterator[StoreUnderTest]:
         return
     with s3_store_under_test(request.getfixturevalue("s3_server")) as store:
         yield store
+
+
+@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
+def store_under_test(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[StoreUnderTest]:
+    """Each object store once per test (a fresh bucket for S3), for archives
+    opened in the test process: the S3 credentials are put in ``os.environ``
+    for the test's duration, where boto3's default chain finds them."""
+    if request.param == "filesystem":
+        yield StoreUnderTest("filesystem")
+        return
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    with s3_store_under_test(request.getfixturevalue("s3_server")) as store:
+        yield store
+
+
+def index_for_store(index_url: str, store: StoreUnderTest) -> str:
+    """The module's index for this object store: rows indexed beside the objects
+    of one store must never be read through another, so an S3 server gets its
+    own SQLite file next to the module's (PostgreSQL + S3 is deselected in the
+    modules that share an index this way: ``s3_on_sqlite``)."""
+    if store.kind != "filesystem" and index_url.startswith("sqlite:///"):
+        return index_url.removesuffix(".db") + f"-{store.kind}.db"
+    return index_url

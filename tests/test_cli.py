@@ -119,6 +119,7 @@ def test_import_killed_with_sigkill_then_rerun_stores_every_file_exactly_once(
     assert report["clean"] and report["ok"] == len(files)
 
 
+@pytest.mark.s3_on_sqlite  # the store meets any index alike (PostgreSQL + S3: test_several_nodes)
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
 def test_verify_finds_missing_corrupt_and_orphaned_objects_and_repair_fixes_what_it_can(
@@ -129,8 +130,6 @@ def test_verify_finds_missing_corrupt_and_orphaned_objects_and_repair_fixes_what
     same checks hold in a folder and in a bucket."""
     under_test = StoreUnderTest("filesystem")
     if store == "s3":
-        if not env["IMAG_INDEX_URL"].startswith("sqlite"):  # verify meets S3 alike on any index
-            pytest.skip("S3 runs on the SQLite index here (PostgreSQL + S3: test_several_nodes)")
         under_test = request.getfixturevalue("verify_bucket")
         env = env | under_test.settings()
     files = sorted(ct_folder.iterdir())[:5]

@@ -54,6 +54,11 @@ from archive.synthetic import (
 from tests.dicomnet import assert_same_instance
 from tests.httpserver import HttpImag, free_port, running_imag
 from tests.inprocess import serving_in_process
+from tests.s3server import StoreUnderTest, index_for_store
+
+# the DICOMweb paths meet the store alike on any index: S3 on SQLite only here
+# (PostgreSQL + S3: test_dicomweb_s3, test_several_nodes)
+pytestmark = pytest.mark.s3_on_sqlite
 
 ORTHANC_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DICOM = "application/dicom"
@@ -128,9 +133,10 @@ def header(path: Path) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def index_url(module_index_url: str) -> str:
-    """One index per backend for the whole module (conftest's is per test)."""
-    return module_index_url
+def index_url(module_index_url: str, module_store: StoreUnderTest) -> str:
+    """One index per backend and object store for the whole module (conftest's
+    is per test): a server on S3 never sees rows of objects in a folder."""
+    return index_for_store(module_index_url, module_store)
 
 
 @dataclass
@@ -170,10 +176,20 @@ def _group(headers: list[Dataset], keyword: str) -> dict[str, list[Dataset]]:
 
 @pytest.fixture(scope="module")
 def imag(
-    index_url: str, corpus: Corpus, tmp_path_factory: pytest.TempPathFactory
+    index_url: str,
+    corpus: Corpus,
+    module_store: StoreUnderTest,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Imag]:
+    """One server per index and per object store (a folder, an S3 bucket whose
+    bodies cannot seek), the corpus stored once through STOW-RS."""
     # DICOM is on for the QIDO-RS / C-FIND comparison, which needs the same data
-    with running_imag(tmp_path_factory.mktemp("imag"), index_url=index_url, dicom=True) as server:
+    with running_imag(
+        tmp_path_factory.mktemp("imag"),
+        index_url=index_url,
+        dicom=True,
+        settings=module_store.settings(),
+    ) as server:
         client = server.client()
         answer = client.store_instances([pydicom.dcmread(p) for p in corpus.files.values()])
         yield Imag(server, client, dict(corpus.files), answer)
@@ -1027,12 +1043,13 @@ def test_stow_a_different_object_under_a_stored_uid_keeps_the_stored_one(
 
 
 def test_stow_parts_spooled_to_disk_are_stored_and_checked_as_in_memory(
-    corpus: Corpus, tmp_path: Path
+    corpus: Corpus, tmp_path: Path, store_under_test: StoreUnderTest
 ) -> None:
     """Over ingest.stream_threshold a part goes through a file (large objects);
     here every part does: the same answers, the same bytes, the same refusals,
-    and no spool file left behind."""
-    settings = {"IMAG_INGEST_STREAM_THRESHOLD": "1KiB"}
+    and no spool file left behind -- in a folder and in an S3 bucket (where a
+    spooled part is uploaded from its file)."""
+    settings = {"IMAG_INGEST_STREAM_THRESHOLD": "1KiB", **store_under_test.settings()}
     with serving_in_process(tmp_path / "imag", settings=settings) as server:
         client = server.client()
         files = list(corpus.files.values())

@@ -21,6 +21,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from tests.inprocess import InProcessImag, serving_in_process
+from tests.s3server import StoreUnderTest
 
 ECG_CLASS = "1.2.840.10008.5.1.4.1.1.9.1.1"  # 12-Lead ECG Waveform Storage
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
@@ -172,7 +173,21 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(
+    tmp_path_factory: pytest.TempPathFactory, module_store: StoreUnderTest
+) -> Iterator[World]:
+    """One in-process server per object store (a folder, an S3 bucket whose
+    bodies cannot seek), the four objects stored once through STOW-RS."""
+    with pytest.MonkeyPatch.context() as env:
+        # boto3, in this process, takes the credentials from os.environ only
+        for name, value in module_store.env.items():
+            env.setenv(name, value)
+        yield from _world(tmp_path_factory, module_store)
+
+
+def _world(
+    tmp_path_factory: pytest.TempPathFactory, module_store: StoreUnderTest
+) -> Iterator[World]:
     study = generate_uid()
     data = World(
         None,  # type: ignore[arg-type]
@@ -181,7 +196,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         native_multiframe(study),
         big_endian(study),
     )
-    with serving_in_process(tmp_path_factory.mktemp("bulk") / "imag") as server:
+    with serving_in_process(
+        tmp_path_factory.mktemp("bulk") / "imag", settings=module_store.settings()
+    ) as server:
         data.server = server
         parts = [as_bytes(d) for d in (data.ecg, data.rle, data.native, data.big)]
         boundary = "bulk-test-boundary"

@@ -63,7 +63,11 @@ from tests.dicomnet import (
     split_part10,
     storescu_profile,
 )
-from tests.s3server import StoreUnderTest
+from tests.s3server import StoreUnderTest, index_for_store
+
+# the DIMSE paths meet the store alike on any index: S3 on SQLite only here
+# (PostgreSQL + S3: test_dicomweb_s3, test_several_nodes)
+pytestmark = pytest.mark.s3_on_sqlite
 
 SUCCESS = 0x0000
 
@@ -83,9 +87,10 @@ def peers(storescp_port: int = 104) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def index_url(module_index_url: str) -> str:
-    """One index per backend for the whole module (conftest's is per test)."""
-    return module_index_url
+def index_url(module_index_url: str, module_store: StoreUnderTest) -> str:
+    """One index per backend and object store for the whole module (conftest's
+    is per test): a server on S3 never sees rows of objects in a folder."""
+    return index_for_store(module_index_url, module_store)
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +146,6 @@ def pushed(
     bucket), with the mixed set pushed by four storescu processes at once: even
     studies by MODALITY_A (site A), odd ones by MODALITY_B (site B), each site's
     files dealt over two associations."""
-    if module_store.is_s3 and not index_url.startswith("sqlite"):
-        # the DIMSE paths read and write the store the same way whatever the
-        # index: PostgreSQL with S3 is test_dicomweb_s3's and test_several_nodes'
-        pytest.skip("S3 runs on the SQLite index here (PostgreSQL + S3: test_several_nodes)")
     specs, files = mixed
     workdir = tmp_path_factory.mktemp("imag")
     server = ImagServer(

@@ -4,7 +4,7 @@ refused gets a clear reason and leaves everything already stored intact."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pydicom
 import pytest
@@ -14,8 +14,31 @@ from archive.identity import Source
 from archive.index import StoreOutcome
 from archive.runtime import Archive
 from tests.dicomfiles import make_instance
+from tests.s3server import StoreUnderTest
 
 SOURCE = Source(kind="import", site="SITE-A")
+
+
+@pytest.fixture
+def stored_config(
+    make_config: Callable[..., Config], index_url: str, store_under_test: StoreUnderTest
+) -> Callable[..., Config]:
+    """``make_config`` on this index and on each object store (a folder, an S3
+    bucket): the pipeline writes, checks and removes objects the same way in both."""
+
+    def make(settings: dict | None = None) -> Config:
+        return make_config(
+            index_url=index_url, settings={**store_under_test.overrides(), **(settings or {})}
+        )
+
+    return make
+
+
+@pytest.fixture
+def archive(stored_config: Callable[..., Config]) -> Iterator[Archive]:
+    """conftest's archive, on each object store as well as each index."""
+    with Archive(stored_config()) as arch:
+        yield arch
 
 
 def snapshot(archive: Archive) -> tuple:
@@ -73,11 +96,9 @@ def test_a_different_object_under_a_known_uid_is_kept_by_default(archive: Archiv
 
 
 def test_replace_policy_swaps_the_object_and_removes_the_old_one(
-    make_config: Callable[..., Config], index_url: str
+    stored_config: Callable[..., Config],
 ) -> None:
-    with Archive(
-        make_config(index_url=index_url, settings={"ingest.on_conflict": "replace"})
-    ) as archive:
+    with Archive(stored_config({"ingest.on_conflict": "replace"})) as archive:
         data = make_instance()
         ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data))
         first = archive.pipeline.ingest(data, SOURCE)
@@ -168,11 +189,9 @@ def test_bad_input_is_refused_with_a_reason_and_changes_nothing(
 
 
 def test_an_object_over_the_size_limit_is_refused(
-    make_config: Callable[..., Config], index_url: str
+    stored_config: Callable[..., Config],
 ) -> None:
-    with Archive(
-        make_config(index_url=index_url, settings={"ingest.max_object_bytes": 10_000})
-    ) as archive:
+    with Archive(stored_config({"ingest.max_object_bytes": 10_000})) as archive:
         result = archive.pipeline.ingest(make_instance(), SOURCE)
         assert (result.ok, result.code) == (False, "too-large")
         assert "ingest.max_object_bytes" in result.reason

@@ -56,8 +56,12 @@ from archive.retrieve import StoredObject, open_header
 from archive.uids import object_key
 from tests.dicomfiles import pydicom_test_folders
 from tests.httpserver import HttpImag, running_imag
-from tests.s3server import StoreUnderTest
+from tests.s3server import StoreUnderTest, index_for_store
 from tests.test_dicomweb import DICOM, assert_problem, multipart, parts_of
+
+# the read paths meet the store alike on any index: S3 on SQLite only here
+# (PostgreSQL + S3: test_dicomweb_s3, test_several_nodes)
+pytestmark = pytest.mark.s3_on_sqlite
 
 MB = 1 << 20
 FRAME_LIMIT = 256  # dicomweb.max_frames_per_request, default
@@ -66,8 +70,10 @@ DEPTH = 3000  # nesting of the deep object (pydicom's recursion fails near 200)
 
 
 @pytest.fixture(scope="module")
-def index_url(module_index_url: str) -> str:
-    return module_index_url
+def index_url(module_index_url: str, module_store: StoreUnderTest) -> str:
+    """One index per backend and object store for the whole module (conftest's
+    is per test): a server on S3 never sees rows of objects in a folder."""
+    return index_for_store(module_index_url, module_store)
 
 
 # --------------------------------------------------------------------------- objects
@@ -257,9 +263,6 @@ def world(
 ) -> Iterator[World]:
     """One server per index and per object store: the limits (and the memory
     bounds) hold when objects come from an S3 body that cannot seek."""
-    if module_store.is_s3 and not index_url.startswith("sqlite"):
-        # the read paths meet the store the same way whatever the index
-        pytest.skip("S3 runs on the SQLite index here (PostgreSQL + S3: test_dicomweb_s3)")
     with running_imag(
         tmp_path_factory.mktemp("imag"), index_url=index_url, settings=module_store.settings()
     ) as server:

@@ -120,6 +120,7 @@ def test_an_htj2k_stored_instance_is_retrieved_uncompressed_with_equal_pixels(
         assert ds.PixelData == original.PixelData
 
 
+@pytest.mark.s3_on_sqlite  # the store meets any index alike (PostgreSQL + S3: test_several_nodes)
 @pytest.mark.slow
 @pytest.mark.serial
 @pytest.mark.parametrize("store", ["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
@@ -149,8 +150,6 @@ def test_imag_transcode_converts_what_is_stored_and_resumes_after_sigkill(
         "IMAG_LOG_LEVEL": "WARNING",
     }
     if store == "s3":
-        if not index_url.startswith("sqlite"):  # a long test: one index is enough on S3
-            pytest.skip("S3 runs on the SQLite index here (PostgreSQL + S3: test_several_nodes)")
         from tests.s3server import S3_CREDENTIALS
 
         bucket = request.getfixturevalue("s3_bucket")

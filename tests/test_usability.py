@@ -40,6 +40,7 @@ from tests.dcmtk import DCMTK_BIN, have_dcmtk
 from tests.dicomfiles import base_dataset, pydicom_test_folders
 from tests.dicomnet import run_tool
 from tests.processes import HOST, eventually, free_port
+from tests.s3server import StoreUnderTest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -194,16 +195,17 @@ def dcmtk_path_env(serve: Serve) -> dict[str, str]:
 @pytest.mark.interop
 @needs_dcmtk
 def test_files_sent_by_storescu_and_then_imported_are_all_already_stored_without_warnings(
-    serve: Callable[..., Serve], tmp_path: Path
+    serve: Callable[..., Serve], tmp_path: Path, store_under_test: StoreUnderTest
 ) -> None:
     """The issue's scenario: a folder sent by dcmtk's storescu (which drops the
     trailing padding, writes sequence lengths, recomputes group lengths and
     sends Implicit VR as Explicit VR), then ``imag import`` of the same
-    folder: every file already stored, not one conflict nor warning."""
+    folder: every file already stored, not one conflict nor warning -- in a
+    folder and in an S3 bucket, the stored objects read back through the store."""
     folder = tmp_path / "dicom"
     files = dicom_folder(folder)
     peers = '[[dicom.peers]]\naet = "STORESCU"\nhost = "127.0.0.1"\nsite = "TEST"\n'
-    server = serve(peers)
+    server = serve(peers, env=store_under_test.settings())
     sent = run_tool(
         "storescu", "-v", "-aec", "IMAG", "+sd", "+r", HOST, str(server.dicom_port),
         str(folder), timeout=120,
@@ -213,12 +215,12 @@ def test_files_sent_by_storescu_and_then_imported_are_all_already_stored_without
     stored = server.imag("stats", "--json")
     assert json.loads(stored.stdout)["instances"] == len(files), stored.stderr
     # the stored objects are not the files: storescu re-encoded their data sets
-    objects = sorted((server.workdir / "imag-data" / "objects").rglob("*.dcm"))
+    objects = stored_objects(store_under_test, server.workdir / "imag-data")
     assert len(objects) == len(files)
     reencoded = {
-        str(pydicom.dcmread(o, stop_before_pixels=True).SOPInstanceUID)
-        for o in objects
-        if data_set(o.read_bytes()) != data_set(files[uid_of(o)].read_bytes())
+        uid
+        for uid, data in ((uid_of(io.BytesIO(d)), d) for d in objects.values())
+        if data_set(data) != data_set(files[uid].read_bytes())
     }
     assert len(reencoded) >= 4, "storescu no longer re-encodes these files: pick others"
 
@@ -229,10 +231,19 @@ def test_files_sent_by_storescu_and_then_imported_are_all_already_stored_without
     assert (summary["files"], summary["duplicate"]) == (len(files), len(files)), summary
     assert (summary["stored"], summary["conflict_kept"], summary["replaced"]) == (0, 0, 0)
     assert "different object" not in imported.stderr, imported.stderr
-    assert sorted((server.workdir / "imag-data" / "objects").rglob("*.dcm")) == objects
+    assert stored_objects(store_under_test, server.workdir / "imag-data") == objects
 
 
-def uid_of(path: Path) -> str:
+def stored_objects(store: StoreUnderTest, data_dir: Path) -> dict[str, bytes]:
+    """Every stored DICOM object's bytes by key, read through the store itself."""
+    objects = store.open(data_dir)
+    try:
+        return {k: objects.get(k) for k in sorted(objects.iter_keys()) if k.endswith(".dcm")}
+    finally:
+        objects.close()
+
+
+def uid_of(path: Path | io.BytesIO) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
