@@ -48,6 +48,7 @@ from storage import ObjectStore, open_store
 from tests.dicomfiles import make_instance
 from tests.httpserver import HttpImag
 from tests.processes import HOST
+from tests.s3server import StoreUnderTest
 from tests.test_access import imag_cli, new_token, stow_body
 
 SECRET_NAME, SECRET_BIRTH = "SECRET^ALICE", "19700101"
@@ -120,10 +121,14 @@ def world(module_index_url: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @contextmanager
-def open_world(index_url: str, workdir: Path) -> Iterator[World]:
-    """The two nodes (keep, replace) on ``index_url``, two site-bound
-    technicians, and site A's study of two instances; stopped on exit.  (A
-    context manager so that other modules can run their own world.)"""
+def open_world(
+    index_url: str, workdir: Path, object_store: StoreUnderTest | None = None
+) -> Iterator[World]:
+    """The two nodes (keep, replace) on ``index_url`` and a folder of the world's
+    (or ``object_store``: an S3 bucket), two site-bound technicians, and site A's
+    study of two instances; stopped on exit.  (A context manager so that other
+    modules can run their own world.)"""
+    s3 = object_store is not None and object_store.is_s3
     peers = [
         {"aet": "SITE_A", "host": HOST, "port": 104, "site": "A"},
         {"aet": "SITE_B", "host": HOST, "port": 104, "site": "B"},
@@ -135,6 +140,8 @@ def open_world(index_url: str, workdir: Path) -> Iterator[World]:
         "IMAG_STORAGE_URL": (workdir / "objects").as_uri(),
         "IMAG_AUTH_MAX_FAILURES": "100000",
     }
+    if s3:
+        settings |= object_store.settings() | object_store.env
     keep = HttpImag(workdir / "keep", index_url=index_url, dicom=True, settings=settings)
     replace = HttpImag(
         workdir / "replace",
@@ -144,7 +151,7 @@ def open_world(index_url: str, workdir: Path) -> Iterator[World]:
         settings=settings | {"IMAG_INGEST_ON_CONFLICT": "replace", "IMAG_CLUSTER_CHECK": "warn"},
     )
     db = open_database(index_url)
-    store = open_store((workdir / "objects").as_uri())
+    store = object_store.open(workdir) if s3 else open_store((workdir / "objects").as_uri())
     try:
         keep.start()
         replace.start()

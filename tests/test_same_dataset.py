@@ -51,7 +51,10 @@ from archive.runtime import Archive
 from tests.dicomfiles import base_dataset
 from tests.dicomnet import SERVER_AET, run_tool, storescu_profile
 from tests.processes import HOST
+from tests.s3server import StoreUnderTest, index_for_store
 from tests.test_ownership import World, imag_import, open_world, still_serving, stow
+
+pytestmark = pytest.mark.s3_on_sqlite  # the world runs on a folder and on an S3 bucket
 
 STORESCU = "storescu"  # dcmtk's, by path (run_tool)
 FOREIGN_IMPLEMENTATION = "1.2.826.0.1.3680043.9.7433.1.1"
@@ -59,9 +62,15 @@ FOREIGN_PREAMBLE = b"FOREIGN-PACS-PREAMBLE".ljust(128, b"\x01")
 
 
 @pytest.fixture(scope="module")
-def world(module_index_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """The nodes of :mod:`tests.test_ownership`, for this module."""
-    with open_world(module_index_url, tmp_path_factory.mktemp("same")) as opened:
+def world(
+    module_index_url: str,
+    module_store: StoreUnderTest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[World]:
+    """The nodes of :mod:`tests.test_ownership`, for this module, on each object
+    store (a folder, an S3 bucket: S3 on the SQLite index, see s3_on_sqlite)."""
+    index_url = index_for_store(module_index_url, module_store)
+    with open_world(index_url, tmp_path_factory.mktemp("same"), module_store) as opened:
         yield opened
 
 
