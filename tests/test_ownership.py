@@ -48,8 +48,11 @@ from storage import ObjectStore, open_store
 from tests.dicomfiles import make_instance
 from tests.httpserver import HttpImag
 from tests.processes import HOST
-from tests.s3server import StoreUnderTest
+from tests.s3server import StoreUnderTest, index_for_store
 from tests.test_access import imag_cli, new_token, stow_body
+
+#: the world runs on a folder and on an S3 bucket (S3 on the SQLite index)
+pytestmark = pytest.mark.s3_on_sqlite
 
 SECRET_NAME, SECRET_BIRTH = "SECRET^ALICE", "19700101"
 ISSUER_A, PATIENT_A = "HOSP_A", "PA-0001"
@@ -115,8 +118,12 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(module_index_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    with open_world(module_index_url, tmp_path_factory.mktemp("own")) as opened:
+def world(
+    module_index_url: str, module_store: StoreUnderTest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    """Two nodes on each index and object store (S3 on the SQLite index)."""
+    index_url = index_for_store(module_index_url, module_store)
+    with open_world(index_url, tmp_path_factory.mktemp("own"), module_store) as opened:
         yield opened
 
 
