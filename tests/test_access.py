@@ -38,11 +38,16 @@ from tests.dicomfiles import make_instance
 from tests.httpserver import HttpImag, running_imag
 from tests.inprocess import serving_in_process
 from tests.processes import HOST, free_port
+from tests.s3server import StoreUnderTest, index_for_store
+
+#: the shared server runs on a folder and on an S3 bucket (S3 on the SQLite index)
+pytestmark = pytest.mark.s3_on_sqlite
 
 
 @pytest.fixture(scope="module")
-def index_url(module_index_url: str) -> str:
-    return module_index_url
+def index_url(module_index_url: str, module_store: StoreUnderTest) -> str:
+    """One index per backend and object store (S3 on the SQLite index)."""
+    return index_for_store(module_index_url, module_store)
 
 
 def imag_cli(server: HttpImag, *args: str) -> subprocess.CompletedProcess:
@@ -123,7 +128,9 @@ def stow_body(data: bytes, boundary: str = "acc-test") -> tuple[bytes, dict[str,
 
 
 @pytest.fixture(scope="module")
-def world(index_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(
+    index_url: str, module_store: StoreUnderTest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
     scu_port = free_port()
     peers = [
         {"aet": "SITE_A", "host": HOST, "port": scu_port, "site": "A"},
@@ -133,6 +140,8 @@ def world(index_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "IMAG_DICOM_PEERS": json.dumps(peers),
         "IMAG_DICOM_ACCEPT_UNKNOWN": "false",
         "IMAG_AUTH_MAX_FAILURES": "100000",  # the matrix sends many refused requests
+        **module_store.settings(),
+        **module_store.env,
     }
     with running_imag(
         tmp_path_factory.mktemp("imag"), index_url=index_url, dicom=True, settings=settings

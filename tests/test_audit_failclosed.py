@@ -40,14 +40,19 @@ from archive.index.db import Database
 from tests.dicomfiles import make_instance
 from tests.httpserver import HttpImag, running_imag
 from tests.processes import HOST, free_port
+from tests.s3server import StoreUnderTest, index_for_store
 from tests.test_access import imag_cli, new_token, stow_body
+
+#: the shared server runs on a folder and on an S3 bucket (S3 on the SQLite index)
+pytestmark = pytest.mark.s3_on_sqlite
 
 AUDIT_REFUSAL = "audit trail cannot be written: access refused"
 
 
 @pytest.fixture(scope="module")
-def index_url(module_index_url: str) -> str:
-    return module_index_url
+def index_url(module_index_url: str, module_store: StoreUnderTest) -> str:
+    """One index per backend and object store (S3 on the SQLite index)."""
+    return index_for_store(module_index_url, module_store)
 
 
 @dataclass
@@ -80,13 +85,17 @@ class Sites:
 
 
 @pytest.fixture(scope="module")
-def sites(index_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+def sites(
+    index_url: str, module_store: StoreUnderTest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sites]:
     scp_port = free_port()
     peers = [{"aet": "SITE_A", "host": HOST, "port": scp_port, "site": "A"}]
     settings = {
         "IMAG_DICOM_PEERS": json.dumps(peers),
         "IMAG_DICOM_ACCEPT_UNKNOWN": "false",
         "IMAG_AUTH_MAX_FAILURES": "100000",
+        **module_store.settings(),
+        **module_store.env,
     }
     with running_imag(
         tmp_path_factory.mktemp("imag"), index_url=index_url, dicom=True, settings=settings

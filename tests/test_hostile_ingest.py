@@ -52,7 +52,11 @@ from tests.dicomnet import CLIENT_HANDLERS
 from tests.hostile import BY_NAME, CASES, Case, valid_objects, write_corpus
 from tests.httpserver import HttpImag, running_imag
 from tests.processes import HOST
+from tests.s3server import StoreUnderTest, index_for_store
 from tests.test_dicomweb import DICOM, multipart
+
+#: the shared server runs on a folder and on an S3 bucket (S3 on the SQLite index)
+pytestmark = pytest.mark.s3_on_sqlite
 
 #: the status each rejection code is answered with, over C-STORE and in STOW's FailureReason
 #: (PS3.4 B.2.3 / PS3.18 Table 10.5.3-2)
@@ -72,8 +76,9 @@ AET = "HOSTILE"
 
 
 @pytest.fixture(scope="module")
-def index_url(module_index_url: str) -> str:
-    return module_index_url
+def index_url(module_index_url: str, module_store: StoreUnderTest) -> str:
+    """One index per backend and object store (S3 on the SQLite index)."""
+    return index_for_store(module_index_url, module_store)
 
 
 @dataclass
@@ -81,13 +86,11 @@ class World:
     server: HttpImag
     db: Database
     corpus: dict[str, Path]  # case name → its file
+    store: StoreUnderTest  # a folder or an S3 bucket
 
-    @property
-    def objects(self) -> Path:
-        return self.server.workdir / "data" / "objects"
-
-    def stored_objects(self) -> set[Path]:
-        return {p for p in self.objects.rglob("*") if p.is_file()}
+    def stored_objects(self) -> set[str]:
+        """The keys of every stored object, in the folder or the bucket."""
+        return set(self.store.keys(self.server.workdir / "data"))
 
     def last_audit_id(self) -> int:
         return int(self.db.scalar("SELECT COALESCE(MAX(id), 0) FROM audit"))
@@ -119,18 +122,24 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(index_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(
+    index_url: str, module_store: StoreUnderTest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
     corpus = write_corpus(tmp_path_factory.mktemp("hostile"))
-    settings = {"IMAG_AUTH_MAX_FAILURES": "100000"}
+    settings = {
+        "IMAG_AUTH_MAX_FAILURES": "100000",
+        **module_store.settings(),
+        **module_store.env,
+    }
     with running_imag(
         tmp_path_factory.mktemp("imag"), index_url=index_url, dicom=True, settings=settings
     ) as server:
         db = open_database(index_url)
         try:
-            yield World(server, db, corpus)
+            yield World(server, db, corpus, module_store)
         finally:
             db.close()
-        peak = World(server, db, corpus).peak_rss_mb()
+        peak = World(server, db, corpus, module_store).peak_rss_mb()
         print(f"\nimag serve peak RSS (VmHWM) through the corpus: {peak:.0f} MB")
         assert peak < PEAK_RSS_LIMIT_MB
     assert "Traceback" not in server.log(), server.log()[-5000:]
