@@ -118,6 +118,7 @@ def cmd_config_publish(args: argparse.Namespace) -> int:
 
 
 def _open_index(config: Config) -> Database:
+    """The index of ``config``, brought to the current schema."""
     db = open_database(config.index_url)
     upgrade(db)
     return db
@@ -333,9 +334,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from archive.index import Catalog
 
-    config = _load(args)
-    db = open_database(config.index_url)
-    upgrade(db)
+    db = _open_index(_load(args))
     stats = Catalog(db).stats()
     db.close()
     if args.json:
@@ -372,9 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _queue(args: argparse.Namespace):  # noqa: ANN202 - (Database, JobQueue)
     from archive.jobs import JobQueue
 
-    config = _load(args)
-    db = open_database(config.index_url)
-    upgrade(db)
+    db = _open_index(_load(args))
     return db, JobQueue(db)
 
 

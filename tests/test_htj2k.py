@@ -34,6 +34,7 @@ from archive import codecs as tc
 from archive.codecs import backend
 from archive.codecs.codestream import j2k_coding_style, j2k_siz
 from tests.inprocess import InProcessImag, serving_in_process
+from tests.test_dicomweb_bulk import multipart_parts
 
 pytestmark = pytest.mark.skipif(
     not backend.openjph_available(), reason="imagecodecs without OpenJPH: no HTJ2K encoder"
@@ -230,23 +231,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         server.client().store_instances([pydicom.dcmread(io.BytesIO(as_bytes(d))) for d in objects])
         yield data
         assert "Traceback" not in server.log(), server.log()[-5000:]
-
-
-def multipart_parts(response: requests.Response) -> list[tuple[str, bytes]]:
-    """(Content-Type, body) of each part of a multipart/related answer."""
-    content_type = response.headers["Content-Type"]
-    assert content_type.startswith("multipart/related"), content_type
-    boundary = content_type.split("boundary=")[1].split(";")[0].strip('"')
-    out = []
-    for chunk in response.content.split(f"--{boundary}".encode())[1:-1]:
-        head, _, body = chunk.partition(b"\r\n\r\n")
-        kind = next(
-            line.split(b":", 1)[1].strip().decode()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-type")
-        )
-        out.append((kind, body[:-2]))  # the CRLF before the next delimiter
-    return out
 
 
 def test_frames_stored_as_htj2k_are_sent_as_stored_on_image_jphc_with_or_without_syntax(
