@@ -318,7 +318,9 @@ def cluster(
                     node.stop()
             scp.stop()
     for node in nodes.values():  # no request failed with a 500 on any node
-        assert "Traceback" not in node.log(), node.log()[-5000:]
+        log = node.log()
+        at = log.find("Traceback")
+        assert at < 0, log[max(0, at - 1500) : at + 4000]
 
 
 # -- pushing through the balancer --------------------------------------------------------------
