@@ -42,6 +42,7 @@ DEFAULT_PLUGINS = (
     "archive.dimse.services",
     "dicomweb.plugin",
     "viewer_api.ohif",
+    "worklist.plugin",
 )
 ENTRY_POINT_GROUP = "imag"
 

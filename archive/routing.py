@@ -66,7 +66,7 @@ def route_matches(route: Route, attrs: dict[str, Any]) -> bool:
 
 def commit_hook(config: Config):  # noqa: ANN201 - a Catalog.commit hook
     """Enqueue instance routes for the instances a commit stored."""
-    routes = [r for r in config.routes if r.when == "instance"]
+    routes = [r for r in config.routes if r.when == "instance" and r.kind == "forward"]
 
     def hook(db: Database, done: Sequence[tuple[InstanceRecord, CommitResult]]) -> None:
         if not routes:
@@ -97,14 +97,31 @@ def commit_hook(config: Config):  # noqa: ANN201 - a Catalog.commit hook
 def on_stable(config: Config, db: Database, study_uid: str) -> None:
     """Enqueue stable-study routes for a study that just became stable (inside
     the transaction that records its study.stable)."""
-    routes = [r for r in config.routes if r.when == "stable"]
+    routes = [r for r in config.routes if r.when == "stable" and r.kind == "forward"]
     if not routes:
         return
+    attrs = stable_attrs(db, study_uid)
+    if attrs is None:
+        return
+    queue = JobQueue(db)
+    for route in routes:
+        if route_matches(route, attrs):  # calling_aet is an instance-route key
+            queue.enqueue(
+                "route.study",
+                {"route": route.name, "study": study_uid},
+                dedupe_key=f"route:{route.name}:{study_uid}",
+            )
+
+
+def stable_attrs(db: Database, study_uid: str) -> dict[str, Any] | None:
+    """What a stable-study route matches on, read from the index (None: no
+    such study): its site, modalities, SOP classes, description and the body
+    parts of its series.  The worklist's read routes match on the same."""
     row = db.query_one(
         "SELECT site, modalities, study_description FROM studies WHERE study_uid = ?", (study_uid,)
     )
     if row is None:
-        return
+        return None
     site, modalities, description = row
     series = db.query(
         "SELECT DISTINCT se.body_part_examined FROM series se JOIN studies st "
@@ -116,7 +133,7 @@ def on_stable(config: Config, db: Database, study_uid: str) -> None:
         "i.series_ref JOIN studies st ON st.id = se.study_ref WHERE st.study_uid = ?",
         (study_uid,),
     )
-    attrs = {
+    return {
         "site": site,
         "calling_aet": None,
         "modality": [m for m in (modalities or "").split("\\") if m],
@@ -124,14 +141,6 @@ def on_stable(config: Config, db: Database, study_uid: str) -> None:
         "study_description": description,
         "body_part": [b[0] for b in series],
     }
-    queue = JobQueue(db)
-    for route in routes:
-        if route_matches(route, attrs):  # calling_aet is an instance-route key
-            queue.enqueue(
-                "route.study",
-                {"route": route.name, "study": study_uid},
-                dedupe_key=f"route:{route.name}:{study_uid}",
-            )
 
 
 # -- delivery -------------------------------------------------------------------------------

@@ -39,6 +39,11 @@ STORE_AS: tuple[str, ...] = (
 )
 #: when a route fires: for each stored instance, or once a study is stable
 ROUTE_WHEN: tuple[str, ...] = ("instance", "stable")
+#: what a route does: send copies elsewhere (``forward``), or ask for the
+#: study to be read (``read``: a request on the teleradiology worklist)
+ROUTE_KINDS: tuple[str, ...] = ("forward", "read")
+#: the priorities a ``read`` route may give its requests
+READ_PRIORITIES: tuple[str, ...] = ("STAT", "URGENT", "ROUTINE")
 #: the longest stable_after_seconds accepted (a week)
 MAX_STABLE_AFTER = 7 * 86400
 
@@ -255,7 +260,11 @@ class Route:
     stable studies (``when = "stable"``) that :attr:`match` selects go to a
     DICOM peer (``to_dicom``: the AE title of a ``[[dicom.peers]]``) or to a
     STOW-RS endpoint (``to_stow``: its base URL; ``stow_token_file``: a file
-    holding the destination's API token)."""
+    holding the destination's API token).
+
+    A rule of ``kind = "read"`` sends nothing: each stable study it selects
+    becomes a reading request on the teleradiology worklist (``priority``
+    STAT, URGENT or ROUTINE; ``reply_to``: where the signed report is mailed)."""
 
     name: str
     when: str = "instance"  # one of ROUTE_WHEN
@@ -263,8 +272,21 @@ class Route:
     to_stow: str | None = None
     stow_token_file: str | None = None
     match: RouteMatch = field(default_factory=RouteMatch)
+    kind: str = "forward"  # one of ROUTE_KINDS
+    priority: str = "ROUTINE"  # kind "read": one of READ_PRIORITIES
+    reply_to: str | None = None  # kind "read": the requester's address
 
-    KEYS = ("name", "when", "to_dicom", "to_stow", "stow_token_file", *ROUTE_MATCH)
+    KEYS = (
+        "name",
+        "kind",
+        "when",
+        "to_dicom",
+        "to_stow",
+        "stow_token_file",
+        "priority",
+        "reply_to",
+        *ROUTE_MATCH,
+    )
 
     @classmethod
     def from_toml(cls, table: Any, number: int = 1) -> Route:
@@ -283,14 +305,30 @@ class Route:
                 f"route {name!r}: unknown key(s) {', '.join(sorted(unknown))}; "
                 f"allowed: {', '.join(sorted(cls.KEYS))}"
             )
-        when = table.get("when", "instance")
+        kind = table.get("kind", "forward")
+        if kind not in ROUTE_KINDS:
+            raise TypeError(f"route {name!r}: kind = 'forward' or 'read'")
+        when = table.get("when", "stable" if kind == "read" else "instance")
         if when not in ROUTE_WHEN:
             raise TypeError(f"route {name!r}: when = 'instance' or 'stable'")
         targets = [k for k in ("to_dicom", "to_stow") if table.get(k)]
-        if len(targets) != 1:
+        if kind == "read":
+            if when != "stable" or targets:
+                raise TypeError(
+                    f"route {name!r}: a read route asks for stable studies to be read "
+                    "(when = 'stable', no to_dicom or to_stow)"
+                )
+            priority = str(table.get("priority", "ROUTINE")).upper()
+            if priority not in READ_PRIORITIES:
+                raise TypeError(f"route {name!r}: priority = 'STAT', 'URGENT' or 'ROUTINE'")
+        elif len(targets) != 1:
             raise TypeError(f"route {name!r}: exactly one of to_dicom or to_stow")
+        elif "priority" in table or "reply_to" in table:
+            raise TypeError(f"route {name!r}: priority and reply_to are for kind = 'read'")
+        else:
+            priority = "ROUTINE"
         texts: dict[str, str | None] = {}
-        for key in ("to_dicom", "to_stow", "stow_token_file", *ROUTE_MATCH):
+        for key in ("to_dicom", "to_stow", "stow_token_file", "reply_to", *ROUTE_MATCH):
             try:
                 texts[key] = _optional_text(table.get(key))
             except TypeError:
@@ -311,11 +349,23 @@ class Route:
             to_stow=texts["to_stow"],
             stow_token_file=texts["stow_token_file"],
             match=RouteMatch(**{key: texts[key] for key in ROUTE_MATCH}),
+            kind=kind,
+            priority=priority,
+            reply_to=texts["reply_to"],
         )
 
     def as_toml(self) -> dict[str, Any]:
         """The ``[[routes]]`` table of this route, match keys beside the others
         (for ``imag config show``)."""
+        if self.kind == "read":
+            return {
+                "name": self.name,
+                "kind": self.kind,
+                "when": self.when,
+                "priority": self.priority,
+                "reply_to": self.reply_to,
+                **dict(self.match.items()),
+            }
         return {
             "name": self.name,
             "when": self.when,

@@ -319,6 +319,16 @@ class RegionalIndex:
             return []
         return [link["patient_ref"] for link in self._links(found["id"])]
 
+    def same_person(self, patient_ref: int) -> list[int]:
+        """The local identities (``patients`` rows) linked to the same regional
+        identity as ``patient_ref``, itself included: a patient's studies at
+        every site (a reader's priors).  Just itself when it is not linked."""
+        link = self.link_of(patient_ref)
+        if link is None:
+            return [patient_ref]
+        regional = self._regional_by_ref(link["regional_ref"])
+        return sorted({patient_ref, *self.patients_of_regional(regional["regional_id"])})
+
     def patients_of_ins(self, matricule: str) -> list[int]:
         """Every local identity that carries the INS or belongs to a regional
         identity that does (the producer's INS may sit on either)."""

@@ -16,6 +16,7 @@ status the client gets; when it cannot be written the request is answered
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -128,6 +129,7 @@ class HttpSecurity:
         self.limiter = FailureLimiter(
             config["auth.max_failures"], config["auth.failure_window_seconds"], clock=archive.clock
         )
+        self._archive = archive
 
     async def authenticate(self, header: str) -> Principal:
         """The principal of an ``Authorization`` header: the first authenticator
@@ -137,8 +139,26 @@ class HttpSecurity:
         if credential:
             for authenticator in self.authenticators:
                 if authenticator.accepts(scheme.lower(), credential):
-                    return await asyncio.to_thread(authenticator.authenticate, credential)
+                    return await asyncio.to_thread(self._principal, authenticator, credential)
         raise AuthError("expected 'Authorization: Bearer <token>'")
+
+
+    def _principal(self, authenticator: Authenticator, credential: str) -> Principal:
+        """The authenticated principal, with the reading groups the orientation
+        directory makes it a member of: a radiologist put on a group's roster
+        sees the studies routed to that group, as its account's own groups do.
+        A directory that cannot answer adds nothing (less access, never more)."""
+        principal = authenticator.authenticate(credential)
+        if principal.role == "admin":
+            return principal
+        try:
+            rostered = {g.name for g in self._archive.orientation.groups_of(principal.name)}
+        except Exception:  # noqa: BLE001 - the account's own groups still apply
+            log.warning("reading groups of %s unavailable", principal.name, exc_info=True)
+            return principal
+        if rostered <= set(principal.groups):
+            return principal
+        return dataclasses.replace(principal, groups=tuple(sorted({*principal.groups, *rostered})))
 
 
 class Authenticator(Protocol):
