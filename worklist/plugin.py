@@ -95,5 +95,7 @@ def imag_event_subscribers() -> list[Subscriber]:
 @hookimpl
 def imag_routes(app: web.Application, archive: Archive) -> None:
     from worklist.http import add_routes
+    from worklist.stats_http import add_routes as add_stats
 
     add_routes(app)
+    add_stats(app)

@@ -36,6 +36,7 @@ from pydicom.uid import generate_uid
 
 from archive.index.db import Database
 from archive.security.audit import AuditEntry, AuditLog
+from worklist import metrics
 from worklist.ups import (
     CANCELED,
     COMPLETED,
@@ -513,7 +514,9 @@ class Worklist:
             if won is None:
                 state = db.scalar("SELECT state FROM read_requests WHERE uid = ?", (uid,))
                 raise UpsError("C300" if state in FINAL else "C302")
-            return self._row(db, uid)
+            claimed = self._row(db, uid)
+        metrics.observe_claim(claimed.priority, claimed.created_at, now, claimed.claims == 1)
+        return claimed
 
     def holding(self, uid: str, viewer: Viewer, transaction_uid: str | None) -> ReadRequest:
         """The request, checked to be IN PROGRESS under ``transaction_uid``
@@ -575,7 +578,12 @@ class Worklist:
             )
             if done is None:
                 raise UpsError("C301")
-            return self._row(db, uid)
+            ended = self._row(db, uid)
+        if state == COMPLETED:
+            metrics.observe_completion(
+                ended.priority, ended.completed_by or "", ended.created_at, now
+            )
+        return ended
 
     def request_cancel(self, uid: str, viewer: Viewer, reason: str = "") -> ReadRequest:
         """The requester withdraws the request: a SCHEDULED request is
@@ -639,6 +647,7 @@ class Worklist:
                 (SCHEDULED, now, IN_PROGRESS, now),
             )
             rows = [(uid, *holders.get(uid, (None, None))) for (uid,) in returned]
+            metrics.LEASES_EXPIRED.inc(len(rows))
             if self.audit is not None:
                 for uid, performer, study_uid in rows:
                     self.audit.write(

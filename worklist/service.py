@@ -116,8 +116,7 @@ def on_stable(archive: Archive, event: Event) -> None:
     if route is None:
         return
     latest = db.query_one(
-        "SELECT state, created_at FROM read_requests WHERE study_uid = ? "
-        "ORDER BY id DESC LIMIT 1",
+        "SELECT state, created_at FROM read_requests WHERE study_uid = ? ORDER BY id DESC LIMIT 1",
         (event.study_uid,),
     )
     if latest is not None:
@@ -162,9 +161,7 @@ def priors(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
     request's group with the study, so the reader can open them too: the
     request gives the need to know."""
     db = archive.db
-    row = db.query_one(
-        "SELECT st.patient_ref FROM studies st WHERE st.study_uid = ?", (study_uid,)
-    )
+    row = db.query_one("SELECT st.patient_ref FROM studies st WHERE st.study_uid = ?", (study_uid,))
     if row is None:
         return []
     (ref,) = row
