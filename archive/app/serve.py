@@ -90,6 +90,19 @@ async def _serve(config: Config, processes: int) -> None:
     from archive.server import serve_http
 
     started = time.monotonic()
+    # Signals are taken first: a SIGTERM that arrives while the plugins load
+    # (a DICOM port already listening) stops the node cleanly once started,
+    # rather than killing it half-built.
+    stop = asyncio.Event()
+    received: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
     archive = Archive(config)
     _first_start(config, archive)
     try:
@@ -143,16 +156,6 @@ async def _serve(config: Config, processes: int) -> None:
         file=sys.stderr,
         flush=True,
     )
-    stop = asyncio.Event()
-    received: list[str] = []
-    loop = asyncio.get_running_loop()
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
     beating = asyncio.create_task(_heartbeat(archive, config.node, stop))
     await stop.wait()
     await beating
