@@ -6,7 +6,9 @@ SQL for either index backend, following the matching rules of PS3.4 C.2.2.2:
 
 * universal matching: an empty value matches everything (the key is returned);
 * single value matching; for PN case-insensitive (names are compared on an
-  upper-cased copy, so MÜLLER matches müller), trailing "^" ignored;
+  upper-cased copy, so MÜLLER matches müller), trailing "^" ignored; with
+  :attr:`Query.fuzzy` (QIDO-RS ``fuzzymatching=true``) accent-insensitive
+  too, on a folded copy (:mod:`archive.index.names`: ``*cote*`` finds CÔTÉ);
 * wildcard matching with ``*`` and ``?`` (LIKE, so prefix patterns use the
   indexes);
 * range matching for DA and TM (``A-B``, ``-B``, ``A-``);
@@ -26,6 +28,13 @@ a keyword neither a column nor configured stays unknown to the search.
 
 Access scope (the sites and reading groups a caller may see) is a WHERE clause of the same SQL,
 so counts, limits and offsets are right by construction.
+
+**Order and pages.**  Answers come by insertion (row id); a study search
+matching StudyDate comes by date, then insertion (the order of the
+``(study_date, id)`` indexes).  A page (``limit``/``offset``) selects the
+page's ids first -- from the indexes and the tables its keys need, so that an
+offset skips index entries rather than joined rows -- then reads those rows
+(migrations 0018/0019 describe the indexes).
 
 **Search by INS or regional identifier.**  When the query carries the identity
 provider (:attr:`Query.identity`) and an exact PatientID with an
@@ -51,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 from archive.index.catalog import normalise_pn
 from archive.index.db import Database
 from archive.index.extra import ExtraAttribute, ExtraAttributes, read_values
+from archive.index.names import fold
 from archive.security.scope import Scope, study_clause
 from archive.uids import is_valid_uid
 
@@ -115,6 +125,11 @@ _NORMALISED = {
     "p.patient_name": "p.patient_name_norm",
     "st.referring_physician_name": "st.referring_physician_name_norm",
 }
+# fuzzy matching (Query.fuzzy): names compared folded (archive.index.names)
+_FOLDED = {
+    "p.patient_name": "p.patient_name_fold",
+    "st.referring_physician_name": "st.referring_physician_name_fold",
+}
 _FROM = {
     "PATIENT": "patients p",
     "STUDY": "studies st JOIN patients p ON p.id = st.patient_ref",
@@ -129,7 +144,26 @@ UNIQUE_KEYS = {
     "SERIES": ("SeriesInstanceUID",),
     "IMAGE": ("SOPInstanceUID",),
 }
+_FROM_NO_PATIENT = {
+    "STUDY": "studies st",
+    "SERIES": "series se JOIN studies st ON st.id = se.study_ref",
+    "IMAGE": "instances i JOIN series se ON se.id = i.series_ref "
+    "JOIN studies st ON st.id = se.study_ref",
+}
+_PATIENT_REF = re.compile(r"\bp\.")
 _ORDER = {"PATIENT": "p.id", "STUDY": "st.id", "SERIES": "se.id", "IMAGE": "i.id"}
+
+
+def _order(query: Query) -> str:
+    """The order answers come in, stable across pages: insertion (the row
+    id); a study search that matches StudyDate goes by date first, the order
+    of the (study_date, id) indexes, so that its first page is read from the
+    index instead of sorting every study of the range."""
+    if query.level == "STUDY" and (query.keys.get("StudyDate") or "").strip() not in ("", "*"):
+        return "st.study_date, st.id"
+    return _ORDER[query.level]
+
+
 _DATE_RE = re.compile(r"^\d{8}$")
 _TIME_RE = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
 
@@ -209,6 +243,9 @@ class Query:
     patient_oid: str = ""
     #: the configured extra attributes (:func:`extra_attributes`); None: columns only
     extra: ExtraAttributes | None = None
+    #: fuzzy matching of person names (QIDO-RS ``fuzzymatching=true``):
+    #: case- and accent-insensitive, ``*cote*`` finds CÔTÉ (archive.index.names)
+    fuzzy: bool = False
 
     def __post_init__(self) -> None:
         if self.level not in _DEPTH:
@@ -247,8 +284,10 @@ def _time_bound(value: str, upper: bool) -> str:
     return whole + "235959"[len(whole) :] + ".999999"
 
 
-def _match(sql: _Sql, attr: Attr, value: str) -> None:
+def _match(sql: _Sql, attr: Attr, value: str, fuzzy: bool = False) -> None:
     column = _NORMALISED.get(attr.column, attr.column)
+    if fuzzy and attr.column in _FOLDED:
+        column = _FOLDED[attr.column]
     if attr.vr == "UI":
         uids = value.split("\\")
         for uid in uids:
@@ -299,15 +338,21 @@ def _match(sql: _Sql, attr: Attr, value: str) -> None:
         sql.add(f"{column} = ?", number)
         return
     if attr.keyword == "ModalitiesInStudy":
+        # rows of study_modalities (one per modality of a study), which an
+        # index serves both ways: "this study's" and "the studies with MR"
         alternatives = []
-        for modality in value.split("\\"):
-            pattern = _like(modality)
-            alternatives.append(
-                f"({column} LIKE ? ESCAPE '!' OR {column} LIKE ? ESCAPE '!' OR "
-                f"{column} LIKE ? ESCAPE '!' OR {column} LIKE ? ESCAPE '!')"
-            )
-            sql.params.extend([pattern, pattern + "\\%", "%\\" + pattern, "%\\" + pattern + "\\%"])
-        sql.where.append("(" + " OR ".join(alternatives) + ")")
+        for modality in (m for m in value.split("\\") if m):
+            if _has_wildcard(modality):
+                alternatives.append("sm.modality LIKE ? ESCAPE '!'")
+                sql.params.append(_like(modality))
+            else:
+                alternatives.append("sm.modality = ?")
+                sql.params.append(modality)
+        sql.where.append(
+            "st.id IN (SELECT sm.study_ref FROM study_modalities sm WHERE "
+            + " OR ".join(alternatives or ["1 = 0"])
+            + ")"
+        )
         return
     if attr.vr == "CS" and "\\" in value:
         # several values (QIDO's comma list): any of them matches
@@ -324,6 +369,8 @@ def _match(sql: _Sql, attr: Attr, value: str) -> None:
         return
     if attr.vr == "PN":
         value = normalise_pn(value) or ""
+        if fuzzy and attr.column in _FOLDED:
+            value = fold(value) or ""
     if _has_wildcard(value):
         sql.add(f"{column} LIKE ? ESCAPE '!'", _like(value))
     else:
@@ -396,7 +443,8 @@ def attributes_for(level: str, extra: ExtraAttributes | None = None) -> list[str
 
 def search(db: Database, query: Query) -> list[dict[str, Any]]:
     """Run ``query``; return one dict per match with the matching and return
-    keys (keyword → value; None for an empty value), ordered by insertion."""
+    keys (keyword → value; None for an empty value), in the order of
+    :func:`_order` (insertion; a study search matching StudyDate by date)."""
     depth = _DEPTH[query.level]
     sql = _Sql()
     by_person = _person_match(db, query)
@@ -420,7 +468,7 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
             if attr.extra is not None:
                 _match_extra(sql, attr, value)
             else:
-                _match(sql, attr, value)
+                _match(sql, attr, value, query.fuzzy)
 
     count_scope, count_params = "", []
     if query.scope is not None:
@@ -453,17 +501,29 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
             select.append(attr.column)
     owners = [level for level in _OWNER if any(e.level == level for e in extras)]
     select += [_OWNER[level] for level in owners]  # to fetch the extra values by
-    text = f"SELECT {', '.join(select)} FROM {_FROM[query.level]}"
-    if sql.where:
-        text += " WHERE " + " AND ".join(sql.where)
-    text += f" ORDER BY {_ORDER[query.level]}"
+    where = " WHERE " + " AND ".join(sql.where) if sql.where else ""
+    order = _order(query)
     params = select_params + sql.params
     if query.limit is not None:
-        text += " LIMIT ? OFFSET ?"
+        # A page: its ids first, from the tables and indexes the matching
+        # needs (OFFSET skips index entries, not joined rows), then the
+        # page's rows with everything they return.
+        key = _ORDER[query.level]
+        needs_patients = query.level == "PATIENT" or _PATIENT_REF.search(where)
+        inner = _FROM[query.level] if needs_patients else _FROM_NO_PATIENT[query.level]
+        first, _, rest = _FROM[query.level].partition(" JOIN ")
+        text = (
+            f"SELECT {', '.join(select)} FROM (SELECT {key} AS page_id FROM {inner}{where} "
+            f"ORDER BY {order} LIMIT ? OFFSET ?) page JOIN {first} ON {key} = page.page_id"
+            + (f" JOIN {rest}" if rest else "")
+            + f" ORDER BY {order}"
+        )
         params += [query.limit, query.offset]
-    elif query.offset:
-        text += " LIMIT -1 OFFSET ?" if db.dialect == "sqlite" else " OFFSET ?"
-        params.append(query.offset)
+    else:
+        text = f"SELECT {', '.join(select)} FROM {_FROM[query.level]}{where} ORDER BY {order}"
+        if query.offset:
+            text += " LIMIT -1 OFFSET ?" if db.dialect == "sqlite" else " OFFSET ?"
+            params.append(query.offset)
     rows = db.query(text, params)
     found = [dict(zip(columns, row, strict=False)) for row in rows]
     for i, level in enumerate(owners):

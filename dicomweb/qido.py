@@ -1,8 +1,8 @@
 """QIDO-RS (PS3.18 10.6): searches for studies, series and instances.
 
 Query parameters become a :class:`archive.query.Query`, the same model
-C-FIND uses, so both services match the same way.  Results are built as
-pydicom datasets and serialised in the DICOM JSON model by pydicom.
+C-FIND uses, so both services match the same way.  Results are written in
+the DICOM JSON model straight from the index rows (:mod:`dicomweb.qido_json`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import json
 from typing import Any
 
 from aiohttp import web
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataset import Dataset
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.tag import Tag
 
 from archive.index.extra import ExtraAttributes
@@ -30,6 +29,7 @@ from archive.query import (
 from archive.security.http import audit_of, deny_if_hidden, require, scope_of
 from archive.web import ARCHIVE, problem, public_base
 from dicomweb import PREFIX_KEY
+from dicomweb.qido_json import AnswerBuilder
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 1000
@@ -147,15 +147,11 @@ def _printable(name: str) -> str:
     return text if len(text) <= 64 else text[:61] + "..."
 
 
-def not_supported_warnings(ignored: list[str], fuzzy: bool) -> list[str]:
+def not_supported_warnings(ignored: list[str]) -> list[str]:
     """The PS3.18 8.3.4 warnings of what the search ignored, as warn-text
-    (the caller prefixes ``299 <service>:``)."""
+    (the caller prefixes ``299 <service>:``).  ``fuzzymatching`` is supported
+    (person names, case- and accent-insensitive), so it needs none."""
     out = []
-    if fuzzy:
-        out.append(
-            "The fuzzymatching parameter is not supported. "
-            "Only literal matching has been performed."
-        )
     if ignored:
         names = list(dict.fromkeys(_printable(n) for n in ignored))
         shown = ", ".join(names[:MAX_IGNORED])
@@ -193,6 +189,7 @@ def build_query(
     includes: list[str] = []
     include_all = False
     patient_oid = ""
+    fuzzy = False
     for name in dict.fromkeys(params.keys()):
         values: list[str] = params.getall(name)
         if name in PATIENT_OID:  # the INS OID sent with PatientID: a search by INS
@@ -212,6 +209,7 @@ def build_query(
                 for value in values:
                     if value.lower() not in ("true", "false"):
                         raise BadRequest(f"fuzzymatching must be true or false, not {value!r}")
+                    fuzzy = fuzzy or value.lower() == "true"
             continue
         try:
             keyword = _keyword(name)
@@ -251,36 +249,31 @@ def build_query(
     offset = _int_param(params, "offset", 0)
     # one more than asked, to know whether the answer was cut
     query = Query(
-        level, keys, fields, limit=limit + 1, offset=offset, patient_oid=patient_oid, extra=extra
+        level,
+        keys,
+        fields,
+        limit=limit + 1,
+        offset=offset,
+        patient_oid=patient_oid,
+        extra=extra,
+        fuzzy=fuzzy,
     )
     return query, fields
 
 
 def to_json(rows: list[dict[str, Any]], fields: list[str], base_url: str, level: str) -> list[dict]:
+    """The DICOM JSON answers of a search: each row's fields (a field the
+    index does not hold, present and empty), its InstanceAvailability and
+    RetrieveURL; built straight from the row values (:mod:`dicomweb.qido_json`)."""
+    build = AnswerBuilder(fields, lambda keyword, row: keyword in ATTRIBUTES or keyword in row)
     out = []
     for row in rows:
-        ds = Dataset()
-        for keyword in dict.fromkeys(fields):
-            if keyword not in ATTRIBUTES and keyword not in row:
-                tag = tag_for_keyword(keyword)
-                if tag is not None:  # asked for but not indexed: present and empty
-                    ds.add_new(tag, dictionary_VR(tag), None)
-                continue
-            value = row.get(keyword)
-            tag = tag_for_keyword(keyword)
-            vr = dictionary_VR(tag)
-            if value is not None and keyword == "ModalitiesInStudy":
-                value = [m for m in str(value).split("\\") if m]
-            ds.add_new(tag, vr, value if value not in ("",) else None)
-        ds.InstanceAvailability = "ONLINE"
-        study = row.get("StudyInstanceUID")
-        url = f"{base_url}/studies/{study}"
+        url = f"{base_url}/studies/{row.get('StudyInstanceUID')}"
         if level in ("SERIES", "IMAGE") and row.get("SeriesInstanceUID"):
             url += f"/series/{row['SeriesInstanceUID']}"
         if level == "IMAGE":
             url += f"/instances/{row['SOPInstanceUID']}"
-        ds.RetrieveURL = url
-        out.append(ds.to_json_dict())
+        out.append(build({**row, "InstanceAvailability": "ONLINE", "RetrieveURL": url}))
     return out
 
 
@@ -322,8 +315,7 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
                 "Warning",
                 '299 IMAG "The number of results exceeded the limit; request more with offset."',
             )
-        fuzzy = request.query.get("fuzzymatching", "").lower() == "true"
-        for text in not_supported_warnings(ignored, fuzzy):
+        for text in not_supported_warnings(ignored):
             response.headers.add("Warning", f"299 {base}: {text}")
         if ignored:
             audit_of(request).detail["ignored"] = [_printable(n) for n in ignored[:MAX_IGNORED]]

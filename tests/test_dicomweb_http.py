@@ -137,13 +137,12 @@ def test_an_unknown_parameter_beside_a_real_key_still_matches_on_the_key(world: 
     assert "InvalidParam" in answer.headers["Warning"]
 
 
-def test_fuzzymatching_true_is_answered_literally_with_the_ps3_18_warning(world: World) -> None:
+def test_fuzzymatching_true_is_supported_so_it_gets_no_not_supported_warning(
+    world: World,
+) -> None:
     answer = world.get("/studies?fuzzymatching=true&PatientName=HTTP*")
     assert len(studies(answer)) == 3
-    assert warnings_of(answer) == [
-        f"299 {world.server.dicomweb}: The fuzzymatching parameter is not supported. "
-        "Only literal matching has been performed."
-    ]
+    assert warnings_of(answer) == []
 
 
 def test_a_parameter_name_with_control_characters_is_named_safely(world: World) -> None:

@@ -50,6 +50,7 @@ from typing import Any
 from archive.index import extra as extra_attributes
 from archive.index.db import Database, utcnow
 from archive.index.extra import ExtraValue
+from archive.index.names import fold
 
 log = logging.getLogger(__name__)
 
@@ -543,7 +544,7 @@ class Catalog:
             return row[0], False
         row = db.query_one(
             "INSERT INTO patients (site, issuer, patient_id, patient_name, patient_name_norm, "
-            "birth_date, sex, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "patient_name_fold, birth_date, sex, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (site, issuer, patient_id) DO NOTHING RETURNING id",
             (
                 r.site,
@@ -551,6 +552,7 @@ class Catalog:
                 r.patient_id,
                 r.patient_name,
                 normalise_pn(r.patient_name),
+                fold(normalise_pn(r.patient_name)),
                 r.birth_date,
                 r.sex,
                 now,
@@ -577,8 +579,8 @@ class Catalog:
         row = db.query_one(
             "INSERT INTO studies (patient_ref, study_uid, study_date, study_time, "
             "accession_number, study_id, study_description, referring_physician_name, "
-            "referring_physician_name_norm, institution_name, site, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "referring_physician_name_norm, referring_physician_name_fold, institution_name, site, "
+            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (study_uid) DO NOTHING RETURNING id",
             (
                 patient_ref,
@@ -590,6 +592,7 @@ class Catalog:
                 r.study_description,
                 r.referring_physician_name,
                 normalise_pn(r.referring_physician_name),
+                fold(normalise_pn(r.referring_physician_name)),
                 r.institution_name,
                 r.site,
                 now,
@@ -644,6 +647,12 @@ class Catalog:
                 db.execute(
                     "UPDATE studies SET modalities = ? WHERE id = ?",
                     ("\\".join(sorted(values)), study.id),
+                )
+                # the same, as rows an index can search (ModalitiesInStudy)
+                db.execute(
+                    "INSERT INTO study_modalities (study_ref, modality) VALUES (?, ?) "
+                    "ON CONFLICT DO NOTHING",
+                    (study.id, r.modality),
                 )
         return _SeriesRow(row[0], study.id, r.study_uid, study.site), True
 

@@ -32,6 +32,7 @@ from prometheus_client import Counter
 from psycopg.pq import TransactionStatus
 
 from archive.clock import Clock, SystemClock
+from archive.index.names import fold
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,9 @@ class Database:
             # LIKE is case-sensitive as DICOM wildcard matching is (names are
             # matched on an upper-cased column), and prefix LIKEs use indexes.
             conn.execute("PRAGMA case_sensitive_like=ON")
+            # the name fold of fuzzy matching, as the migrations' SQL calls it
+            # (PostgreSQL has it as a SQL function, migration 0017)
+            conn.create_function("imag_fold", 1, fold, deterministic=True)
             return conn
         try:
             return psycopg.connect(self.url, autocommit=True)

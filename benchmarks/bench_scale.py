@@ -1,0 +1,681 @@
+"""Query figures at scale: QIDO-RS and C-FIND of `imag serve` over a bulk-loaded index.
+
+1. A fresh index (SQLite file or a new PostgreSQL database) is opened with the
+   real migrations and bulk-loaded with synthetic rows
+   (:mod:`benchmarks.scale_data`: 7 sites, 10 years of dates, French names with
+   accents, a modality mix; ``--instances`` instances, 10^5 by default).
+2. A real ``imag serve`` subprocess is started on it, with an admin token, a
+   site-bound user token (site CHU_NORD), and two DICOM peers: one bound to
+   CHU_NORD, one regional.
+3. The standard query mix of issue 17 -- PatientID; PatientName prefix,
+   contains and accent-insensitive (``fuzzymatching=true``); one day, one
+   year, one week + CT; AccessionNumber; ModalitiesInStudy; StudyInstanceUID;
+   the series of a study; the instances of a series; no filter; a deep page
+   -- over QIDO-RS (HTTP/1.1 keep-alive, ``limit=100``), each as the
+   site-bound caller and as the admin, each repetition with another value
+   drawn from the data; p50/p99 in ms and the rows returned.  Then C-FIND
+   (Study Root, one association per caller) for the same keys where the
+   answer has at most ``--cfind-max-rows`` rows.
+4. The SQL plan of each query (EXPLAIN, run in this process on the SQL the
+   query model generates): the scan nodes, and ``seq`` when a large table is
+   read whole.
+5. ``--orthanc``: reserved for the same queries on Orthanc (Debian
+   ``orthanc`` + ``orthanc-dicomweb``), which would have to be loaded with the
+   same studies as small DICOM objects through its REST API (no bulk loader),
+   so at 10^5 instances at most; not implemented yet, the flag says so.
+
+    python -m benchmarks.bench_scale                                 # 10^5, SQLite + PostgreSQL
+    python -m benchmarks.bench_scale --backends postgresql --instances 10000000
+
+The PostgreSQL server comes from IMAG_BENCH_PG_URL (default
+postgresql://postgres@127.0.0.1:5432/postgres); the database is dropped after
+unless ``--keep``.  Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from multidict import MultiDict
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from archive.index import open_database
+from archive.index.db import Database
+from archive.query import search
+from archive.security.scope import Scope
+from benchmarks import orthanc, scale_data
+from dicomweb.qido import build_query
+
+PG_URL = os.environ.get("IMAG_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REPO = Path(__file__).resolve().parents[1]
+SITE = "CHU_NORD"
+SEED = 1
+LIMIT = 100
+BIG_TABLES = ("patients", "studies", "series", "instances")
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class BenchError(RuntimeError):
+    """A measurement that went wrong: the message says what was seen."""
+
+
+# --------------------------------------------------------------------------- the query mix
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What one repetition of a query may use: a study of the data and its patient."""
+
+    study: scale_data.Study
+    patient: scale_data.Patient
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    name: str
+    #: (sample, repetition) -> (QIDO path, parameters)
+    qido: Callable[[Sample, int], tuple[str, dict[str, str]]]
+    #: also asked over C-FIND (study root identifier keys), or None
+    cfind: Callable[[Sample, int], dict[str, str]] | None = None
+
+
+_PREFIXES = ("LEF*", "GAG*", "BOY*", "FON*")
+_CONTAINS = ("*côté*", "*lefèvre*", "*müller*", "*hébert*")
+_FUZZY = ("*cote*", "*lefevre*", "*muller*", "*hebert*")
+_FUZZY_PREFIX = ("MUL*", "LEFE*", "HEB*", "COT*")
+_MODALITIES = ("MR", "US", "MG", "CT")
+
+
+def _week(day: str) -> str:
+    start = datetime.strptime(day, "%Y%m%d")
+    return f"{day}-{(start + timedelta(days=6)).strftime('%Y%m%d')}"
+
+
+def query_mix(deep_offset: int) -> list[QuerySpec]:
+    """Issue 17's query mix; each repetition draws its value from a sample."""
+    s = "/studies"
+    return [
+        QuerySpec(
+            "PatientID",
+            lambda x, i: (s, {"PatientID": x.patient.patient_id}),
+            lambda x, i: {"PatientID": x.patient.patient_id},
+        ),
+        QuerySpec(
+            "PatientName prefix",
+            lambda x, i: (s, {"PatientName": _PREFIXES[i % 4]}),
+            lambda x, i: {"PatientName": _PREFIXES[i % 4]},
+        ),
+        QuerySpec(
+            "PatientName contains",
+            lambda x, i: (s, {"PatientName": _CONTAINS[i % 4]}),
+            lambda x, i: {"PatientName": _CONTAINS[i % 4].upper()},
+        ),
+        QuerySpec(
+            "PatientName fuzzy contains",
+            lambda x, i: (s, {"PatientName": _FUZZY[i % 4], "fuzzymatching": "true"}),
+        ),
+        QuerySpec(
+            "PatientName fuzzy prefix",
+            lambda x, i: (s, {"PatientName": _FUZZY_PREFIX[i % 4], "fuzzymatching": "true"}),
+        ),
+        QuerySpec(
+            "StudyDate one day",
+            lambda x, i: (s, {"StudyDate": x.study.date}),
+            lambda x, i: {"StudyDate": x.study.date},
+        ),
+        QuerySpec(
+            "StudyDate one year",
+            lambda x, i: (s, {"StudyDate": f"{x.study.date[:4]}0101-{x.study.date[:4]}1231"}),
+        ),
+        QuerySpec(
+            "one week + CT",
+            lambda x, i: (s, {"StudyDate": _week(x.study.date), "ModalitiesInStudy": "CT"}),
+            lambda x, i: {"StudyDate": _week(x.study.date), "ModalitiesInStudy": "CT"},
+        ),
+        QuerySpec(
+            "AccessionNumber",
+            lambda x, i: (s, {"AccessionNumber": x.study.accession}),
+            lambda x, i: {"AccessionNumber": x.study.accession},
+        ),
+        QuerySpec(
+            "ModalitiesInStudy",
+            lambda x, i: (s, {"ModalitiesInStudy": _MODALITIES[i % 4]}),
+        ),
+        QuerySpec(
+            "StudyInstanceUID",
+            lambda x, i: (s, {"StudyInstanceUID": x.study.uid}),
+            lambda x, i: {"StudyInstanceUID": x.study.uid},
+        ),
+        QuerySpec(
+            "series of a study",
+            lambda x, i: (f"{s}/{x.study.uid}/series", {}),
+            lambda x, i: {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": x.study.uid},
+        ),
+        QuerySpec(
+            "instances of a series",
+            lambda x, i: (f"{s}/{x.study.uid}/series/{x.study.series[0].uid}/instances", {}),
+            lambda x, i: {
+                "QueryRetrieveLevel": "IMAGE",
+                "StudyInstanceUID": x.study.uid,
+                "SeriesInstanceUID": x.study.series[0].uid,
+            },
+        ),
+        QuerySpec("no filter", lambda x, i: (s, {})),
+        QuerySpec(
+            f"deep page (offset {deep_offset})", lambda x, i: (s, {"offset": str(deep_offset)})
+        ),
+        QuerySpec(
+            f"deep page, one year (offset {deep_offset // 10})",
+            lambda x, i: (
+                s,
+                {
+                    "StudyDate": f"{x.study.date[:4]}0101-{x.study.date[:4]}1231",
+                    "offset": str(deep_offset // 10),
+                },
+            ),
+        ),
+    ]
+
+
+def samples(shape: scale_data.Shape, count: int, site: str | None) -> list[Sample]:
+    """``count`` studies spread over the data (of ``site`` only when given)."""
+    found: list[Sample] = []
+    n = 0
+    step = max(1, shape.studies // (count * (8 if site else 1)))
+    while len(found) < count and n < shape.studies * 2:
+        number = 1 + (n * step * 7919) % shape.studies
+        n += 1
+        st = scale_data.study(SEED, number, shape)
+        if site is None or st.site == site:
+            found.append(Sample(st, scale_data.patient(SEED, st.patient)))
+    return found
+
+
+# --------------------------------------------------------------------------- the archive
+
+
+@dataclass
+class Server:
+    base: str
+    host: str
+    http_port: int
+    dicom_port: int
+    tokens: dict[str, str]  # caller -> bearer token
+    peers: dict[str, str]  # caller -> calling AE title
+    index_url: str
+
+
+@contextmanager
+def fresh_index(backend: str, tmp: Path, keep: bool) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp / 'index.db'}"
+        return
+    name = f"imag_scale_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        if keep:
+            progress(f"kept database {name}")
+        else:
+            with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _imag(env: dict[str, str], *args: str) -> str:
+    run = subprocess.run(
+        [sys.executable, "-m", "archive.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if run.returncode != 0:
+        raise BenchError(f"imag {' '.join(args)} failed: {run.stderr[-2000:]}")
+    return run.stdout
+
+
+def _healthy(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/health")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+@contextmanager
+def running_imag(index_url: str, tmp: Path) -> Iterator[Server]:
+    data = tmp / "data"
+    data.mkdir(exist_ok=True)
+    http_port, dicom_port = orthanc.free_port(), orthanc.free_port()
+    config = tmp / "imag.toml"
+    config.write_text(
+        "[[dicom.peers]]\n"
+        f'aet = "SCALE_SITE"\nhost = "127.0.0.1"\nsite = "{SITE}"\n\n'
+        "[[dicom.peers]]\n"
+        'aet = "SCALE_ALL"\nhost = "127.0.0.1"\nregional = true\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAG_")}
+    env |= {
+        "IMAG_CONFIG": str(config),
+        "IMAG_DATA_DIR": str(data),
+        "IMAG_INDEX_URL": index_url,
+        "IMAG_HTTP_HOST": "127.0.0.1",
+        "IMAG_HTTP_PORT": str(http_port),
+        "IMAG_DICOM_HOST": "127.0.0.1",
+        "IMAG_DICOM_PORT": str(dicom_port),
+        "IMAG_LOG_LEVEL": "WARNING",
+    }
+    _imag(env, "user", "add", "scale-site", "--role", "radiologist", "--site", SITE)
+    _imag(env, "user", "add", "scale-admin", "--role", "admin")
+    tokens = {
+        "site": _imag(env, "token", "create", "scale-site").strip().splitlines()[0],
+        "admin": _imag(env, "token", "create", "scale-admin").strip().splitlines()[0],
+    }
+    log_path = tmp / "imag.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "archive.cli", "serve"],
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not _healthy(http_port):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"imag serve did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.3)
+            yield Server(
+                "/dicom-web",
+                "127.0.0.1",
+                http_port,
+                dicom_port,
+                tokens,
+                {"site": "SCALE_SITE", "admin": "SCALE_ALL"},
+                index_url,
+            )
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Figure:
+    query: str
+    caller: str
+    service: str  # QIDO-RS or C-FIND
+    times: list[float] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    error: str = ""
+    plan: str = ""
+
+    def p(self, q: float) -> float | None:
+        if not self.times:
+            return None
+        ordered = sorted(self.times)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    @property
+    def p50(self) -> float | None:
+        return statistics.median(self.times) * 1000 if self.times else None
+
+    @property
+    def p99(self) -> float | None:
+        return self.p(0.99)
+
+
+class Qido:
+    """One keep-alive HTTP connection, as a viewer keeps one."""
+
+    def __init__(self, host: str, port: int, prefix: str, token: str) -> None:
+        self.conn = http.client.HTTPConnection(host, port, timeout=300)
+        self.prefix = prefix
+        self.headers = {"Authorization": f"Bearer {token}", "Accept": "application/dicom+json"}
+
+    def get(self, path: str, params: dict[str, str]) -> int:
+        query = urllib.parse.urlencode({"limit": str(LIMIT), **params})
+        self.conn.request("GET", f"{self.prefix}{path}?{query}", headers=self.headers)
+        response = self.conn.getresponse()
+        body = response.read()
+        if response.status == 204:
+            return 0
+        if response.status != 200:
+            raise BenchError(f"HTTP {response.status}: {body[:300]!r}")
+        return len(json.loads(body))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def measure_qido(
+    server_host: str,
+    port: int,
+    prefix: str,
+    tokens: dict[str, str],
+    mix: list[QuerySpec],
+    picks: dict[str, list[Sample]],
+    repeats: int,
+    service: str = "QIDO-RS",
+) -> list[Figure]:
+    figures = []
+    for caller, token in tokens.items():
+        client = Qido(server_host, port, prefix, token)
+        try:
+            for spec in mix:
+                fig = Figure(spec.name, caller, service)
+                chosen = picks[caller]
+                try:
+                    client.get(*spec.qido(chosen[0], 0))  # warm-up
+                    for i in range(repeats):
+                        path, params = spec.qido(chosen[i % len(chosen)], i)
+                        started = time.perf_counter()
+                        fig.rows.append(client.get(path, params))
+                        fig.times.append(time.perf_counter() - started)
+                except (BenchError, OSError, http.client.HTTPException) as exc:
+                    fig.error = str(exc)[:200]
+                    client.close()
+                    client = Qido(server_host, port, prefix, token)
+                figures.append(fig)
+        finally:
+            client.close()
+    return figures
+
+
+def _identifier(keys: dict[str, str]) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = keys.get("QueryRetrieveLevel", "STUDY")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate",
+                    "AccessionNumber", "ModalitiesInStudy"):  # fmt: skip
+        setattr(ds, keyword, keys.get(keyword, ""))
+    if ds.QueryRetrieveLevel in ("SERIES", "IMAGE"):
+        ds.SeriesInstanceUID = keys.get("SeriesInstanceUID", "")
+        ds.Modality = ""
+        ds.SeriesNumber = ""
+    if ds.QueryRetrieveLevel == "IMAGE":
+        ds.SOPInstanceUID = ""
+        ds.InstanceNumber = ""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
+        if keyword in keys:
+            setattr(ds, keyword, keys[keyword])
+    return ds
+
+
+def _cfind(assoc: Any, ds: Dataset) -> int:
+    matches = 0
+    for status, _ in assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind):
+        if not status:
+            raise BenchError("C-FIND: no response")
+        code = int(status.Status)
+        if code in (0xFF00, 0xFF01):
+            matches += 1
+        elif code != 0:
+            raise BenchError(f"C-FIND status 0x{code:04X}")
+    return matches
+
+
+def measure_cfind(
+    host: str,
+    port: int,
+    aet: str,
+    peers: dict[str, str],
+    mix: list[QuerySpec],
+    picks: dict[str, list[Sample]],
+    repeats: int,
+    max_rows: int,
+) -> list[Figure]:
+    figures = []
+    for caller, calling in peers.items():
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.acse_timeout = 30
+        ae.dimse_timeout = ae.network_timeout = 600
+        assoc = ae.associate(host, port, ae_title=aet)
+        if not assoc.is_established:
+            raise BenchError(f"C-FIND association of {calling} not established")
+        try:
+            for spec in mix:
+                if spec.cfind is None:
+                    continue
+                fig = Figure(spec.name, caller, "C-FIND")
+                chosen = picks[caller]
+                try:
+                    first = _cfind(assoc, _identifier(spec.cfind(chosen[0], 0)))
+                    if first > max_rows:
+                        fig.error = f"{first} rows > --cfind-max-rows, not timed"
+                    else:
+                        for i in range(repeats):
+                            ds = _identifier(spec.cfind(chosen[i % len(chosen)], i))
+                            started = time.perf_counter()
+                            fig.rows.append(_cfind(assoc, ds))
+                            fig.times.append(time.perf_counter() - started)
+                except BenchError as exc:
+                    fig.error = str(exc)
+                figures.append(fig)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            ae.shutdown()
+    return figures
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class _Recorder:
+    """A stand-in for the index that records the search's SQL instead of running it."""
+
+    def __init__(self, db: Database) -> None:
+        self.dialect = db.dialect
+        self.seen: list[tuple[str, list[Any]]] = []
+
+    def query(self, sql: str, params: Any = ()) -> list:
+        self.seen.append((sql, list(params)))
+        return []
+
+
+def plan_of(db: Database, path: str, params: dict[str, str], scope: Scope | None) -> str:
+    """The scan nodes of the SQL a QIDO request runs, and ``seq`` when a
+    large table is read whole."""
+    level, path_keys = _route(path)
+    query, fields = build_query(level, MultiDict({**params, "limit": str(LIMIT)}), path_keys)
+    query.return_keys = fields
+    query.scope = scope
+    recorder = _Recorder(db)
+    search(recorder, query)  # type: ignore[arg-type]
+    sql, args = recorder.seen[0]
+    if db.dialect == "postgresql":
+        lines = [r[0] for r in db.query("EXPLAIN " + sql, args)]
+        nodes = [
+            line.strip().lstrip("-> ").split("  ")[0]
+            for line in lines
+            if "Scan" in line and " on " in line
+        ]
+        paged = [n for n in nodes if n.endswith(("_1", " sm"))]
+        # a paged search: what grows with the data is the page-of-ids
+        # subquery (aliases st_1, p_1...); its <= 101 rows are joined after
+        seq = any("Seq Scan" in n for n in (paged or nodes) if n.split(" on ")[1].split()[0]
+                  in BIG_TABLES)  # fmt: skip
+    else:
+        lines = [r[3] for r in db.query("EXPLAIN QUERY PLAN " + sql, args)]
+        nodes = [line for line in lines if line.startswith(("SCAN", "SEARCH"))]
+        # "SCAN page": the <= 101 ids of a page; "SCAN st" alone walks the
+        # table in rowid order and stops at LIMIT when nothing else filters
+        seq = any(
+            line.startswith("SCAN") and " USING " not in line and line != "SCAN page"
+            for line in lines
+        )
+    compact = "; ".join(dict.fromkeys(nodes))
+    return ("SEQ " if seq else "index ") + compact
+
+
+def _route(path: str) -> tuple[str, dict[str, str]]:
+    parts = [p for p in path.split("/") if p]
+    keys: dict[str, str] = {}
+    if len(parts) >= 2:
+        keys["StudyInstanceUID"] = parts[1]
+    if len(parts) >= 4:
+        keys["SeriesInstanceUID"] = parts[3]
+    level = {"studies": "STUDY", "series": "SERIES", "instances": "IMAGE"}[parts[-1]]
+    return level, keys
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def report(
+    label: str,
+    shape: scale_data.Shape,
+    load_seconds: float,
+    figures: list[Figure],
+    orthanc_figures: dict[tuple[str, str, str], Figure],
+) -> None:
+    print(
+        f"\n== {label}: {shape.instances:,} instances, {shape.studies:,} studies, "
+        f"{shape.patients:,} patients; bulk load {load_seconds:.0f} s "
+        f"({shape.instances / max(load_seconds, 1e-9):,.0f} instances/s)"
+    )
+    print(
+        f"{'query':34} {'caller':6} {'service':8} {'p50 ms':>8} {'p99 ms':>8} {'rows':>6}"
+        f" {'Orthanc p50':>11} {'ratio':>6}  plan"
+    )
+    for f in figures:
+        rows = f"{statistics.median(f.rows):.0f}" if f.rows else "-"
+        other = orthanc_figures.get((f.query, f.caller, f.service))
+        ortho = other.p50 if other else None
+        ratio = f"{f.p50 / ortho:.2f}" if ortho and f.p50 else "-"
+        print(
+            f"{f.query:34} {f.caller:6} {f.service:8} {_ms(f.p50):>8} {_ms(f.p99):>8} {rows:>6}"
+            f" {_ms(ortho):>11} {ratio:>6}  {f.error or f.plan}"
+        )
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run_backend(backend: str, args: argparse.Namespace) -> list[Figure]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"imag-scale-{backend}-"))
+    try:
+        with fresh_index(backend, tmp, args.keep) as url:
+            progress(f"{backend}: bulk-loading {args.instances:,} instances ...")
+            started = time.monotonic()
+            shape = scale_data.load(url, args.instances, SEED, progress)
+            load_seconds = time.monotonic() - started
+            site_share = dict(scale_data.SITES)[SITE] / sum(w for _, w in scale_data.SITES)
+            deep = min(10_000, int(shape.studies * site_share / 2) // 100 * 100)
+            mix = query_mix(deep)
+            picks = {
+                "site": samples(shape, args.samples, SITE),
+                "admin": samples(shape, args.samples, None),
+            }
+            db = open_database(url)
+            try:
+                plans = {}
+                for spec in mix:
+                    for caller, scope in (("site", Scope.of([SITE])), ("admin", None)):
+                        path, params = spec.qido(picks[caller][0], 0)
+                        plans[(spec.name, caller)] = plan_of(db, path, params, scope)
+            finally:
+                db.close()
+            with running_imag(url, tmp) as server:
+                progress(f"{backend}: QIDO-RS, {args.repeats} repetitions per query and caller")
+                figures = measure_qido(
+                    server.host, server.http_port, server.base, server.tokens, mix, picks,
+                    args.repeats,
+                )  # fmt: skip
+                if not args.no_cfind:
+                    progress(f"{backend}: C-FIND")
+                    figures += measure_cfind(
+                        server.host, server.dicom_port, "IMAG", server.peers, mix, picks,
+                        args.cfind_repeats, args.cfind_max_rows,
+                    )  # fmt: skip
+            for f in figures:
+                f.plan = plans.get((f.query, f.caller), "")
+            ortho: dict[tuple[str, str, str], Figure] = {}
+            if args.orthanc and backend == args.backends.split(",")[0]:
+                ortho = orthanc_figures(shape, mix, picks, args)
+            label = {"sqlite": "IMAG SQLite", "postgresql": "IMAG PostgreSQL"}[backend]
+            report(label, shape, load_seconds, figures, ortho)
+            return figures
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def orthanc_figures(
+    shape: scale_data.Shape,
+    mix: list[QuerySpec],
+    picks: dict[str, list[Sample]],
+    args: argparse.Namespace,
+) -> dict[tuple[str, str, str], Figure]:
+    """Orthanc side by side: not built yet.  Orthanc has no bulk loader, so
+    the same studies would have to go through its REST API as small DICOM
+    objects (feasible up to 10^5 instances only); until then this says so."""
+    if shape.instances > 100_000:
+        print("Orthanc: not measured above 10^5 instances (no bulk loader; REST upload only)")
+    else:
+        print("Orthanc: side-by-side loading of the synthetic rows is not implemented yet")
+    return {}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=100_000, help="default 10^5")
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--repeats", type=int, default=40, help="QIDO repetitions per query")
+    parser.add_argument("--samples", type=int, default=40, help="distinct values per query")
+    parser.add_argument("--cfind-repeats", type=int, default=10)
+    parser.add_argument("--cfind-max-rows", type=int, default=1000)
+    parser.add_argument("--no-cfind", action="store_true")
+    parser.add_argument("--orthanc", action="store_true", help="Orthanc side by side (<= 10^5)")
+    parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL database")
+    args = parser.parse_args()
+    for backend in args.backends.split(","):
+        run_backend(backend.strip(), args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
