@@ -268,6 +268,28 @@ def test_a_later_version_references_the_one_it_supersedes(tmp_path):
     assert sop.ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
+@pytest.mark.parametrize("institution", ["", " \t "])
+def test_without_an_institution_the_archive_is_the_verifying_organization(tmp_path, institution):
+    """Verifying Organization is Type 1: a report built without an institution (or a
+    blank one) names the archive there, not an empty value, and stays valid."""
+    sr = structured_report(
+        study_evidence(),
+        sample_report(),
+        series_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        series_number=901,
+        instance_number=1,
+        institution=institution,
+    )
+    errors, warnings = dciodvfy(tmp_path, sr)
+    assert errors == [], errors
+    assert warnings == [], warnings
+    back = read_back(sr)
+    organizations = [v.VerifyingOrganization for v in back.VerifyingObserverSequence]
+    assert organizations == ["IMAG"] * 3  # the report's signer and each addendum's
+    assert "InstitutionName" not in back  # Type 3: absent rather than invented
+
+
 def test_encapsulated_pdf_passes_dciodvfy_and_its_document_opens(tmp_path):
     evidence, content = study_evidence(), sample_report()
     document = report_pdf(content, PATIENT)

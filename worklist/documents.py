@@ -56,6 +56,9 @@ REPORT_TIMEZONE = ZoneInfo("Europe/Paris")
 UPS_SOP_CLASS_UID = "1.2.840.10008.5.1.4.34.6.1"
 ENCAPSULATED_PDF_STORAGE = UID("1.2.840.10008.5.1.4.1.1.104.1")
 MANUFACTURER = "IMAG"
+# The SR's Verifying Organization is Type 1: when the caller names no institution, the
+# archive that produced and holds the report answers for it rather than an empty value.
+DEFAULT_VERIFYING_ORGANIZATION = MANUFACTURER
 
 # PS3.16 CID 7000 / 7001 / 7002 (current edition: the headings are LOINC codes; the DCM
 # 1210xx headings of earlier editions are their retired equivalents).
@@ -341,11 +344,15 @@ def structured_report(
     from them (highdicom) and they are listed as the current requested procedure's
     evidence. ``previous_versions``: the SR(s) this version supersedes (an earlier
     version without the latest addendum), referenced as predecessor documents.
-    Comprehensive rather than Basic Text SR because highdicom builds the former through
-    its public API; the content uses only what a Basic Text SR allows."""
+    ``institution``: who verifies, as an organization (also the Institution Name and
+    the observers' organization); without one the Verifying Organization, Type 1, is
+    :data:`DEFAULT_VERIFYING_ORGANIZATION`. Comprehensive rather than Basic Text SR
+    because highdicom builds the former through its public API; the content uses only
+    what a Basic Text SR allows."""
     _check_evidence(evidence)
     _check_uids(series_uid=series_uid, sop_instance_uid=sop_instance_uid)
     institution = _long_string("institution", institution)
+    organization = institution or DEFAULT_VERIFYING_ORGANIZATION  # Type 1: never empty
     sr = hd.sr.ComprehensiveSR(
         evidence=list(evidence),
         content=_report_tree(content, institution, tz),
@@ -359,7 +366,7 @@ def structured_report(
         is_verified=True,
         institution_name=institution or None,
         verifying_observer_name=person_name(content.signed.name),
-        verifying_organization=institution,
+        verifying_organization=organization,
         previous_versions=list(previous_versions) or None,
         series_description="Compte rendu de téléradiologie",
         specific_character_set="ISO_IR 192",
@@ -370,7 +377,7 @@ def structured_report(
         verifier = Dataset()
         verifier.VerifyingObserverName = person_name(signed.name)
         verifier.VerifyingObserverIdentificationCodeSequence = []
-        verifier.VerifyingOrganization = institution
+        verifier.VerifyingOrganization = organization
         verifier.VerificationDateTime = _dicom_date_time(signed.at, tz)[2]
         verifiers.append(verifier)
     sr.VerifyingObserverSequence = verifiers

@@ -6,10 +6,11 @@ its HTTP routes (``/api/worklist``, UPS-RS under ``/dicom-web/workitems``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING
 
-from archive.config import Setting, as_int
+from archive.config import Setting, as_bool, as_int
 from archive.events import Subscriber
 from archive.hookspecs import hookimpl
 from archive.index.migrate import Migrations
@@ -23,6 +24,7 @@ READ = "worklist.read"  # the core's: see the reading worklist
 WRITE = "worklist.write"  # the core's: claim and report reading requests
 REQUEST = "worklist.request"
 REPORT_VALIDATED = "report.validated"
+REPORT_JOB = "worklist.report"  # worklist.reports.JOB_KIND
 
 HOUR = 3600
 
@@ -58,7 +60,28 @@ def imag_settings() -> list[Setting]:
             "default time to report a ROUTINE request (UPS priority LOW)",
             cluster=True,
         ),
+        Setting(
+            "worklist.xdm",
+            False,
+            as_bool,
+            "deliver validated reports with an IHE XDM package (IHE_XDM.ZIP) beside the PDF",
+            cluster=True,
+        ),
     ]
+
+
+@hookimpl
+def imag_job_kinds() -> dict[str, Callable[[Archive, dict], None]]:
+    return {REPORT_JOB: _store_and_deliver_report}
+
+
+def _store_and_deliver_report(archive: Archive, payload: dict) -> None:
+    """The ``worklist.report`` job (:mod:`worklist.report_delivery`), imported
+    when a report is first stored: highdicom and fpdf2 are not loaded by every
+    process that merely starts."""
+    from worklist.report_delivery import run
+
+    run(archive, payload)
 
 
 @hookimpl
@@ -95,7 +118,11 @@ def imag_event_subscribers() -> list[Subscriber]:
 @hookimpl
 def imag_routes(app: web.Application, archive: Archive) -> None:
     from worklist.http import add_routes
+    from worklist.reports_http import add_routes as add_reports
     from worklist.stats_http import add_routes as add_stats
+    from worklist.upsrs import add_routes as add_ups
 
     add_routes(app)
+    add_ups(app)
     add_stats(app)
+    add_reports(app)

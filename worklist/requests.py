@@ -36,6 +36,7 @@ from pydicom.uid import generate_uid
 
 from archive.index.db import Database
 from archive.security.audit import AuditEntry, AuditLog
+from archive.uids import is_valid_uid
 from worklist import metrics
 from worklist.ups import (
     CANCELED,
@@ -89,6 +90,11 @@ class RequestInvalid(ValueError):
 
 class NotAllowed(Exception):
     """The caller sees the request but may not do this to it (HTTP 403)."""
+
+
+class Duplicate(Exception):
+    """A request with the UID the caller chose exists already (HTTP 409): a
+    UPS-RS client may name the workitem it creates."""
 
 
 @dataclass(frozen=True)
@@ -382,6 +388,39 @@ class Worklist:
         )
         return [_request(r) for r in rows], int(total or 0)
 
+    def search(
+        self,
+        viewer: Viewer,
+        conditions: Sequence[tuple[str, Sequence[Any]]] = (),
+        *,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[list[ReadRequest], int]:
+        """The requests ``viewer`` may see that meet every one of
+        ``conditions`` -- SQL over ``r`` (the request), ``st`` (its study)
+        and ``p`` (its patient), each with its parameters: the matching of
+        UPS-RS (:mod:`worklist.upsrs`), whose keys include the patient's --
+        in reading order, and how many there are in all."""
+        self.expire_leases()
+        where, params = viewer.clause()
+        clauses, args = [where], list(params)
+        for sql, values in conditions:
+            clauses.append(f"({sql})")
+            args.extend(values)
+        tables = (
+            "read_requests r LEFT JOIN studies st ON st.study_uid = r.study_uid "
+            "LEFT JOIN patients p ON p.id = st.patient_ref"
+        )
+        sql_where = " AND ".join(clauses)
+        total = self.db.scalar(f"SELECT count(*) FROM {tables} WHERE {sql_where}", args)
+        columns = ", ".join(f"r.{c.strip()}" for c in _COLUMNS.split(","))
+        rows = self.db.query(
+            f"SELECT {columns} FROM {tables} WHERE {sql_where} "
+            "ORDER BY r.priority_rank, r.due_at, r.created_at, r.id LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        )
+        return [_request(r) for r in rows], int(total or 0)
+
     # -- creating ---------------------------------------------------------------------------
 
     def create(
@@ -399,13 +438,18 @@ class Worklist:
         reply_to: str = "",
         burst: int | None = None,
         complete: bool = True,
+        uid: str | None = None,
     ) -> ReadRequest:
         """Record a new SCHEDULED request.  ``complete``: every mandatory
         field must be there (a user's request); a route's request may lack
         some, listed in ``missing`` for the site to fill in.  ``burst``: the
         study.stable event it comes from (one request per burst: a second
-        call for the same burst returns the first request)."""
+        call for the same burst returns the first request).  ``uid``: the
+        UID the caller chose (UPS-RS lets the client name its workitem; one
+        already used is :class:`Duplicate`); otherwise a new one."""
         problems: dict[str, str] = {}
+        if uid is not None and not is_valid_uid(uid):
+            problems["uid"] = "a DICOM UID: digits and dots, at most 64 characters"
         if kind not in KINDS:
             problems["kind"] = f"one of {', '.join(KINDS)}"
         if due_at is not None and due_at.tzinfo is None:
@@ -429,7 +473,10 @@ class Worklist:
                 )
                 if row is not None:
                     return _request(row)
-            uid = generate_uid()
+            if uid is None:
+                uid = generate_uid()
+            elif db.query_one("SELECT 1 FROM read_requests WHERE uid = ?", (uid,)):
+                raise Duplicate(f"a reading request {uid} exists already")
             db.execute(
                 "INSERT INTO read_requests (uid, study_uid, site, group_name, kind, origin, "
                 "created_by, state, priority, priority_rank, due_at, created_at, updated_at, "
@@ -480,9 +527,15 @@ class Worklist:
 
     # -- claims -----------------------------------------------------------------------------
 
-    def claim(self, uid: str, viewer: Viewer) -> ReadRequest:
-        """Take the request: IN PROGRESS, held by ``viewer`` under a new
-        Transaction UID (returned in the record) for the lease time."""
+    def claim(self, uid: str, viewer: Viewer, transaction_uid: str | None = None) -> ReadRequest:
+        """Take the request: IN PROGRESS, held by ``viewer`` for the lease
+        time under a Transaction UID (returned in the record): a new one, or
+        ``transaction_uid`` when the caller made it (in UPS the performer
+        generates it: a UPS-RS client sends it with the claim)."""
+        if transaction_uid is not None and not is_valid_uid(transaction_uid):
+            raise RequestInvalid(
+                {"transaction_uid": "a DICOM UID: digits and dots, at most 64 characters"}
+            )
         current = self.get(uid, viewer)
         if not viewer.reads_for(current.group):
             raise NotAllowed(
@@ -492,7 +545,7 @@ class Worklist:
         if current.state in FINAL:
             raise UpsError("C300")
         now = self.clock.now()
-        transaction = generate_uid()
+        transaction = transaction_uid or generate_uid()
         with self._transaction() as db:
             won = db.query_one(
                 "UPDATE read_requests SET state = ?, transaction_uid = ?, performer = ?, "

@@ -14,12 +14,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from archive.events import Event
+from archive.messaging import InvalidMessage, Message, send
 from archive.orientation import OrientationError
 from archive.routing import route_matches, stable_attrs
 from archive.security.principals import Principals
 from archive.security.roles import Principal
 from worklist.requests import ReadRequest, Timings, Viewer, Worklist
-from worklist.ups import FINAL
+from worklist.ups import FINAL, IN_PROGRESS
 
 if TYPE_CHECKING:
     from archive.runtime import Archive
@@ -187,3 +188,48 @@ def priors(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
+
+
+def notify_cancel_request(archive: Archive, item: ReadRequest) -> int | None:
+    """Tell the reading group (its address in the orientation directory, if
+    it has one) that the requester asks to cancel a request being read; the
+    queued message's id, or None when the group has no address."""
+    if not item.group:
+        return None
+    try:
+        group = next((g for g in archive.orientation.groups() if g.name == item.group), None)
+    except Exception:  # noqa: BLE001 - the request shows the cancel request anyway
+        log.warning("reading group %s unavailable", item.group, exc_info=True)
+        return None
+    address = getattr(group, "address", "") if group is not None else ""
+    if not address:
+        return None
+    reason = item.cancel_reason or "(no reason given)"
+    message = Message(
+        to=[address],
+        subject=f"Cancellation requested: reading request {item.uid}",
+        text=(
+            f"The site {item.site} asks to cancel the reading request {item.uid} "
+            f"(study {item.study_uid}), held by {item.performer}.\n"
+            f"Asked by {item.cancel_requested_by}. Reason: {reason}\n"
+            "The reader decides: cancel it, or complete it.\n"
+        ),
+        purpose="worklist.cancel-request",
+        study_uid=item.study_uid,
+    )
+    try:
+        return send(archive, message, by="worklist")
+    except InvalidMessage:
+        log.warning("cannot notify %s of a cancel request", address, exc_info=True)
+        return None
+
+
+def withdraw(
+    archive: Archive, uid: str, viewer: Viewer, reason: str
+) -> tuple[ReadRequest, int | None]:
+    """The requester withdraws a request (REST or UPS-RS): canceled at once
+    when SCHEDULED; when IN PROGRESS it is marked and its reading group told
+    (the message id is returned with the request)."""
+    item = worklist_of(archive).request_cancel(uid, viewer, reason)
+    notified = notify_cancel_request(archive, item) if item.state == IN_PROGRESS else None
+    return item, notified
