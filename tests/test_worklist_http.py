@@ -10,6 +10,7 @@ is built through the orientation API, as a coordinator would.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -212,20 +213,22 @@ def test_a_holder_change_without_the_transaction_uid_is_refused_c301(api: Api) -
     assert shown["state"] == "IN PROGRESS" and shown["transaction_uid"] == transaction
 
 
-def test_two_readers_racing_for_one_request_one_wins_the_other_gets_c302(
+def test_fifty_clients_claiming_one_request_at_once_one_wins_the_others_get_c302(
     api: Api, clock: FakeClock
 ) -> None:
     clock.set(SATURDAY_03H)
     uid = api.ask()["uid"]
-    with ThreadPoolExecutor(2) as pool:
-        answers = list(
-            pool.map(
-                lambda user: api.worklist(user, "POST", f"/requests/{uid}/claim"), ["dr.b", "dr.b2"]
-            )
-        )
-    assert sorted(a.status_code for a in answers) == [200, 409]
-    loser = next(a for a in answers if a.status_code == 409)
-    assert loser.json()["ups_status"] == "C302" and loser.json()["status"] == 409
+    start = threading.Barrier(50)
+
+    def claim(n: int) -> requests.Response:
+        start.wait()  # fifty connections, each sending its claim at the same moment
+        return api.worklist(("dr.b", "dr.b2")[n % 2], "POST", f"/requests/{uid}/claim")
+
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(claim, range(50)))
+    assert sorted(a.status_code for a in answers) == [200] + [409] * 49
+    for loser in (a for a in answers if a.status_code == 409):
+        assert loser.json()["ups_status"] == "C302" and loser.json()["status"] == 409
     winner = next(a for a in answers if a.status_code == 200).json()
     shown = api.worklist("admin", "GET", f"/requests/{uid}").json()
     assert shown["performer"] == winner["performer"] and shown["claims"] == 1
