@@ -253,6 +253,9 @@ def test_a_hostile_request_is_refused_field_by_field(worklist: Worklist) -> None
             priority="IMMEDIATELY",
         )
     assert set(refused.value.problems) == {"priority", "question", "exam_type", "sql"}
+    with pytest.raises(RequestInvalid) as mailbox:
+        new_request(worklist, fields={**FIELDS, "gp_address": "Dr X <x@y.fr>\r\nBcc: z@evil"})
+    assert set(mailbox.value.problems) == {"gp_address"}
     assert worklist.listing(Viewer.system()) == ([], 0)
 
 

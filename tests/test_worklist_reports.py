@@ -53,7 +53,9 @@ FIELDS = {
     "contraindications": "aucune",
     "exam_type": "Radiographie du bassin",
     "patient_consent": True,
+    "gp_address": "dr.generaliste@cabinet.mssante.fr",
 }
+GP = FIELDS["gp_address"]
 REPORT = {
     "indications": "Chute de sa hauteur, douleur inguinale droite, impotence fonctionnelle.",
     "technique": "Radiographies du bassin de face et de la hanche droite de profil.",
@@ -333,6 +335,8 @@ def test_a_validated_report_is_stored_as_dicom_mailed_to_the_requester_and_only_
         "SELECT detail FROM changes WHERE type = 'report.validated' ORDER BY seq"
     )
     assert [json.loads(d)["version"] for (d,) in events] == [0, 1]
+    # the patient's GP, named in the request, is who the sharing portal shares it with
+    assert {tuple(json.loads(d)["share_with"]) for (d,) in events} == {(GP,)}
     # the report's own series never ask for a new reading
     assert (
         world.archive.db.scalar(

@@ -485,6 +485,8 @@ class Reports:
                         "validated_by": by,
                         "sr": {"series_uid": uids[0], "sop_instance_uid": uids[1]},
                         "pdf": {"series_uid": uids[2], "sop_instance_uid": uids[3]},
+                        # whom the sharing portal gives the study to (the patient's GP)
+                        "share_with": [a for a in [request.fields.get("gp_address")] if a],
                     },
                 )
             ],

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom.uid import generate_uid
 
 from archive.index.db import Database
+from archive.messaging.message import InvalidMessage, check_address
 from archive.security.audit import AuditEntry, AuditLog
 from archive.uids import is_valid_uid
 from worklist import metrics
@@ -64,6 +65,8 @@ FIELDS = {
     "previous_results": "relevant previous results (optional)",
     "exam_type": "the exam performed or to perform (e.g. 'CT head without contrast')",
     "patient_consent": "true: the requester attests the patient's informed consent",
+    "gp_address": "the patient's GP's secure mailbox (optional): the validated report's "
+    "images are shared with them by a link",
 }
 #: the fields a request cannot be made without (previous_results may be absent)
 MANDATORY = (
@@ -296,6 +299,8 @@ def check_fields(
             problems[key] = "must be text"
         elif len(value) > MAX_FIELD:
             problems[key] = f"longer than {MAX_FIELD} characters"
+        elif key == "gp_address" and value.strip() and not _mailbox(value.strip()):
+            problems[key] = "an e-mail address (local@domain)"
         elif value.strip():
             clean[key] = value.strip()
     missing = [key for key in MANDATORY if key not in clean and key not in problems]
@@ -306,6 +311,14 @@ def check_fields(
     if problems:
         raise RequestInvalid(problems)
     return clean, missing
+
+
+def _mailbox(text: str) -> bool:
+    try:
+        check_address(text)
+    except InvalidMessage:
+        return False
+    return True
 
 
 def check_priority(priority: Any) -> str:
