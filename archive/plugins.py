@@ -42,6 +42,7 @@ DEFAULT_PLUGINS = (
     "archive.dimse.services",
     "dicomweb.plugin",
     "viewer_api.ohif",
+    "viewer_api.viewer_plugin",
     "worklist.plugin",
 )
 ENTRY_POINT_GROUP = "imag"
