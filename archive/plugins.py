@@ -42,6 +42,7 @@ DEFAULT_PLUGINS = (
     "archive.dimse.services",
     "dicomweb.plugin",
     "viewer_api.ohif",
+    "viewer_api.sharing_plugin",
     "viewer_api.viewer_plugin",
     "worklist.plugin",
 )

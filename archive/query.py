@@ -429,6 +429,52 @@ def _patient_counts(scope_sql: str) -> dict[str, str]:
     }
 
 
+def _narrowed(
+    db: Database, shown: list[str], count_scope: str, count_params: list[Any]
+) -> dict[str, tuple[str, list[Any]]]:
+    """The study and patient attributes that summarise series, computed over
+    the series a narrowed scope shows (a share of some series of a study):
+    the stored counters and ModalitiesInStudy would reveal the hidden ones.
+    keyword -> (SQL expression, its parameters)."""
+    marks = ", ".join("?" * len(shown))
+    of_study = f"FROM series sx WHERE sx.study_ref = st.id AND sx.series_uid IN ({marks})"
+    of_patient = (
+        f"FROM series sx JOIN studies s2 ON s2.id = sx.study_ref "
+        f"WHERE s2.patient_ref = p.id{count_scope} AND sx.series_uid IN ({marks})"
+    )
+    modalities: dict[str, set[str]] = {}
+    rows = db.query(
+        "SELECT st.study_uid, se.modality FROM series se JOIN studies st ON st.id = se.study_ref "
+        f"WHERE se.series_uid IN ({marks})",
+        shown,
+    )
+    for study_uid, modality in rows:
+        bucket = modalities.setdefault(str(study_uid), set())
+        if modality:
+            bucket.add(str(modality))
+    cases = [(uid, "\\".join(sorted(found))) for uid, found in sorted(modalities.items())]
+    in_study = (
+        "CASE st.study_uid " + " ".join("WHEN ? THEN ?" for _ in cases) + " ELSE '' END"
+        if cases
+        else "''"
+    )
+    patient = [*count_params, *shown]
+    return {
+        "NumberOfStudyRelatedSeries": (f"(SELECT COUNT(*) {of_study})", list(shown)),
+        "NumberOfStudyRelatedInstances": (
+            f"(SELECT COALESCE(SUM(sx.num_instances), 0) {of_study})",
+            list(shown),
+        ),
+        "ModalitiesInStudy": (in_study, [v for case in cases for v in case]),
+        "NumberOfPatientRelatedStudies": (f"(SELECT COUNT(DISTINCT s2.id) {of_patient})", patient),
+        "NumberOfPatientRelatedSeries": (f"(SELECT COUNT(*) {of_patient})", patient),
+        "NumberOfPatientRelatedInstances": (
+            f"(SELECT COALESCE(SUM(sx.num_instances), 0) {of_patient})",
+            patient,
+        ),
+    }
+
+
 def attributes_for(level: str, extra: ExtraAttributes | None = None) -> list[str]:
     """Keywords an answer at ``level`` can carry (its level and those above),
     the configured extra attributes included."""
@@ -483,6 +529,19 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
             sql.add(clause, *params)
         clause, count_params = study_clause(query.scope, "s2")
         count_scope = f" AND {clause}"
+    shown = sorted(query.scope.series) if query.scope is not None else []
+    narrowed: dict[str, tuple[str, list[Any]]] = {}
+    if shown:
+        narrowed = _narrowed(db, shown, count_scope, count_params)
+        marks = ", ".join("?" * len(shown))
+        if query.level in ("SERIES", "IMAGE"):
+            sql.add(f"se.series_uid IN ({marks})", *shown)
+        elif query.level == "STUDY":  # found through a series shown, never a hidden one
+            sql.add(
+                f"EXISTS (SELECT 1 FROM series sx WHERE sx.study_ref = st.id "
+                f"AND sx.series_uid IN ({marks}))",
+                *shown,
+            )
 
     wanted = _ordered(
         [*UNIQUE_KEYS[query.level], *query.keys, *query.return_keys], query.level, query.extra
@@ -494,7 +553,10 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
     select_params: list[Any] = []
     for keyword in columns:
         attr = ATTRIBUTES[keyword]
-        if keyword in counts:
+        if keyword in narrowed:
+            select.append(narrowed[keyword][0])
+            select_params.extend(narrowed[keyword][1])
+        elif keyword in counts:
             select.append(counts[keyword])
             select_params.extend(count_params)
         else:

@@ -37,7 +37,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 
 from archive.index.db import Database
 from archive.query import QueryError
-from archive.security.scope import Scope, study_clause
+from archive.security.scope import Scope, series_clause, study_clause
 from archive.uids import is_valid_uid
 from storage import ObjectStore
 
@@ -147,6 +147,10 @@ def _where(level: str, keys: dict[str, str], scope: Scope | None) -> tuple[str, 
         clause, scope_params = study_clause(scope, "st")
         clauses.append(clause)
         params.extend(scope_params)
+        narrowed = series_clause(scope, "se")
+        if narrowed is not None:  # a capability naming some series of the study
+            clauses.append(narrowed[0])
+            params.extend(narrowed[1])
     return "".join(f" AND {c}" for c in clauses), params
 
 

@@ -117,7 +117,9 @@ class ImagServer(ServerProcess):
         )
 
     def start(self, timeout: float = 60) -> ImagServer:
-        """Start and wait until the DICOM port answers a C-ECHO."""
+        """Start and wait until the DICOM port answers a C-ECHO and the HTTP
+        port accepts connections (the DICOM listener opens first, while the
+        plugins' routes still load)."""
         self.starts += 1
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -133,12 +135,19 @@ class ImagServer(ServerProcess):
                 raise AssertionError(f"imag serve exited {self.proc.returncode}:\n{self.log()}")
             # echoscu, not a bare TCP connect: a connection that never sends an
             # A-ASSOCIATE-RQ holds an association slot until the ACSE timeout
-            if echo(self.dicom_port, self.probe_aet).returncode == 0:
+            if echo(self.dicom_port, self.probe_aet).returncode == 0 and self._http_up():
                 return self
             if time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"imag serve did not answer C-ECHO:\n{self.log()}")
             time.sleep(0.1)
+
+    def _http_up(self) -> bool:
+        try:
+            socket.create_connection((HOST, self.http_port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def imag(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run another ``imag`` command on the same configuration."""

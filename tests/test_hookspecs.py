@@ -48,7 +48,12 @@ def test_the_cores_own_features_are_plugins() -> None:
     assert "studies.read" in permissions()  # the security plugin's
     kinds = set(load_handlers())
     assert {"study.stability", "route.instance", "route.study", "event:routing"} <= kinds
-    assert [s.name for s in subscribers()] == ["routing", "identity"]
+    assert [s.name for s in subscribers()] == [
+        "routing",
+        "identity",
+        "sharing-gp-links",
+        "worklist-read-routes",
+    ]
     assert isinstance(load_identity_plugin("default"), DefaultIdentity)
 
 
@@ -95,11 +100,11 @@ def test_a_job_kind_defined_twice_is_refused(register) -> None:
 def test_a_subscriber_of_an_undeclared_event_type_is_refused(register) -> None:
     register(
         "reports",
-        imag_event_subscribers=lambda: [Subscriber("mailer", ("report.validated",), print)],
+        imag_event_subscribers=lambda: [Subscriber("mailer", ("screening.recalled",), print)],
     )
-    with pytest.raises(plugins.PluginError, match="report.validated"):
+    with pytest.raises(plugins.PluginError, match="screening.recalled"):
         subscribers()
-    register("declares", imag_event_types=lambda: ["report.validated"])
+    register("declares", imag_event_types=lambda: ["screening.recalled"])
     assert "mailer" in [s.name for s in subscribers()]
 
 

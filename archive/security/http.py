@@ -2,11 +2,14 @@
 
 Each handler declares what it needs with :func:`require` (or :func:`public`
 for ``/health``).  The middleware authenticates the bearer credential (an API
-token or an OIDC JWT), refuses a principal whose role lacks the permission,
-and writes exactly one audit entry per request.  A handler that declares
-nothing is refused for everyone: a route added later cannot be open by
-accident.  What data a permitted request reaches is the principal's scope,
-applied by the handler in its query (:func:`scope_of`).
+token, an OIDC JWT, or what a plugin's authenticator recognises) or, without
+an ``Authorization`` header, a credential an authenticator finds elsewhere in
+the request (``from_request``: a share link's session cookie), refuses a
+principal whose role lacks the permission, and writes exactly one audit
+entry per request.  A handler that declares nothing is refused for
+everyone: a route added later cannot be open by accident.  What data a
+permitted request reaches is the principal's scope, applied by the handler
+in its query (:func:`scope_of`).
 
 The audit entry is written before any byte of the answer leaves, with the
 status the client gets; when it cannot be written the request is answered
@@ -121,10 +124,14 @@ class HttpSecurity:
         config = archive.config
         self.enabled: bool = config["auth.enabled"]
         self.audit = archive.audit
-        #: the plugins' authenticators, the core's bearer tokens and OIDC first
-        self.authenticators: list[Authenticator] = plugins.listed(
-            "imag_authenticators", archive=archive
-        )
+        #: every plugin's authenticators in registration order (the core's
+        #: first), except those marked ``fallback`` (API tokens: any bearer
+        #: that is not a JWT), asked last so that a plugin's more specific
+        #: form of bearer credential (a share link's secret) is recognised
+        listed = plugins.listed("imag_authenticators", archive=archive)
+        self.authenticators: list[Authenticator] = [
+            a for a in listed if not getattr(a, "fallback", False)
+        ] + [a for a in listed if getattr(a, "fallback", False)]
         self.trusted_proxies = frozenset(config["http.trusted_proxies"])
         self.limiter = FailureLimiter(
             config["auth.max_failures"], config["auth.failure_window_seconds"], clock=archive.clock
@@ -142,6 +149,22 @@ class HttpSecurity:
                     return await asyncio.to_thread(self._principal, authenticator, credential)
         raise AuthError("expected 'Authorization: Bearer <token>'")
 
+    def carried(self, request: web.Request) -> tuple[Authenticator, str] | None:
+        """A credential carried otherwise than in ``Authorization`` (a cookie),
+        and the authenticator that found it: authenticators may implement
+        ``from_request(headers, cookies) -> credential | None``."""
+        for authenticator in self.authenticators:
+            find = getattr(authenticator, "from_request", None)
+            if find is None:
+                continue
+            credential = find(request.headers, request.cookies)
+            if credential:
+                return authenticator, credential
+        return None
+
+    async def authenticate_with(self, authenticator: Authenticator, credential: str) -> Principal:
+        """The principal of a credential :meth:`carried` found (AuthError when refused)."""
+        return await asyncio.to_thread(self._principal, authenticator, credential)
 
     def _principal(self, authenticator: Authenticator, credential: str) -> Principal:
         """The authenticated principal, with the reading groups the orientation
@@ -166,6 +189,9 @@ class Authenticator(Protocol):
 
     ``accepts`` looks at the credentials' form only (scheme lower-cased, e.g.
     ``bearer``): the first authenticator that accepts them decides.
+    Optionally, ``from_request(headers, cookies)`` returns a credential the
+    request carries elsewhere (a session cookie), used when it has no
+    ``Authorization`` header; and ``fallback = True`` asks it after the others.
     ``authenticate`` (run in a thread: it may query the index or fetch keys)
     returns the principal or raises :class:`AuthError` with a reason the client
     may read; every refusal is audited and counted by the failure limiter."""
@@ -183,6 +209,8 @@ class ApiTokenAuthenticator:
 
     principals: Principals
     name: str = "api-token"
+    #: accepts any non-JWT bearer: asked after every more specific authenticator
+    fallback: bool = True
 
     def accepts(self, scheme: str, credential: str) -> bool:
         return scheme == "bearer" and not looks_like_jwt(credential)
@@ -266,7 +294,10 @@ async def _secured(
     security: HttpSecurity = request.config_dict[SECURITY]  # type: ignore[assignment]
     address = client_address(request, security.trusted_proxies)
     header = request.headers.get("Authorization", "")
+    carried = None if header or not security.enabled else security.carried(request)
     keys = ["address:" + address] + ([_token_key(header)] if header else [])
+    if carried is not None:
+        keys.append(_token_key(carried[1]))
     action = getattr(target, "imag_action", f"{request.method} {request.path}")
 
     def audit(entry: AuditEntry) -> Awaitable[None]:
@@ -290,7 +321,7 @@ async def _secured(
             )
             response.headers["Retry-After"] = str(wait)
             return response
-        if not header:
+        if not header and carried is None:
             AUTH.labels("missing").inc()
             security.limiter.failed(*keys)
             await audit(
@@ -308,7 +339,10 @@ async def _secured(
                 "'imag token create', or an OIDC access token)"
             )
         try:
-            principal = await security.authenticate(header)
+            if carried is not None:
+                principal = await security.authenticate_with(*carried)
+            else:
+                principal = await security.authenticate(header)
         except AuthError as exc:
             AUTH.labels("rejected").inc()
             security.limiter.failed(*keys)

@@ -90,6 +90,10 @@ class Principal:
     groups: tuple[str, ...] = ()
     #: how the principal proved who it is (token name, "oidc", "auth disabled")
     via: str = ""
+    #: narrowing of the scope to these studies, and within them these series
+    #: (a capability such as a share link); empty: no narrowing
+    studies: tuple[str, ...] = ()
+    series: tuple[str, ...] = ()
 
     def can(self, permission: str) -> bool:
         return permission in role_permissions(self.role)
@@ -97,9 +101,9 @@ class Principal:
     @property
     def scope(self) -> Scope | None:
         """The studies this principal may see; None = everything."""
-        if self.role == "admin":
+        if self.role == "admin" and not (self.studies or self.series):
             return None
-        return Scope.of(self.sites, self.groups)
+        return Scope.of(self.sites, self.groups, self.studies, self.series)
 
     def write_site(self, asked: str = "") -> str | None:
         """The producing site recorded for what this principal stores.
