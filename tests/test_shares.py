@@ -12,14 +12,17 @@ messaging plugin's outbox transport (read from the .eml files).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 from pydicom.uid import generate_uid
@@ -528,6 +531,9 @@ def _routes(study: str, series: str, instance: str) -> list[tuple[str, dict[str,
             f"&objectUID={instance}",
             {},
         ),
+        # the sharing portal's own viewer API
+        (f"/api/view/studies/{study}/series/{series}", {}),
+        (f"/api/view/studies/{study}/instances/{instance}/frames/1/image?viewport=64,64", {}),
     ]
 
 
@@ -574,6 +580,36 @@ def test_a_share_reaches_nothing_outside_it_through_any_dicomweb_route(
         assert _uids(get(credential, "/dicom-web/series"), SERIES_UID) == (
             {allowed[1]} if study is c else set(allowed[0].series)
         )
+
+
+@pytest.mark.parametrize("via", ["session", "bearer"])
+def test_the_viewer_and_the_zip_of_a_share_never_hold_another_study(
+    portal: Portal, via: str
+) -> None:
+    a, b = portal.store(X), portal.store(X)
+    _, secret = portal.made(study_uid=a.uid, permissions=["view", "download"])
+    credential = portal.session(secret) if via == "session" else secret
+    get = portal.as_session if via == "session" else portal.as_bearer
+    shown = get(credential, "/api/view/study")
+    assert shown.status_code == 200 and a.uid in shown.text, shown.text
+    other = get(credential, f"/api/view/study?study={b.uid}")  # the URL names another study
+    assert other.status_code in (400, 404) and "PatientName" not in other.text, other.text
+    for path in ("/api/view/download", f"/api/view/download?study={b.uid}"):
+        answer = get(credential, path)
+        if answer.status_code != 200:
+            assert answer.status_code in (400, 403, 404), path
+            continue
+        archive = zipfile.ZipFile(io.BytesIO(answer.content))
+        uids = set()
+        for name in archive.namelist():
+            if name.upper().endswith("DICOMDIR") or name.lower().endswith(".jpg"):
+                continue
+            uids.add(str(pydicom.dcmread(io.BytesIO(archive.read(name))).StudyInstanceUID))
+        assert uids == {a.uid}, path
+    # a view-only share has no ZIP at all
+    _, view_only = portal.made(study_uid=a.uid)
+    viewer = portal.session(view_only) if via == "session" else view_only
+    assert get(viewer, "/api/view/download").status_code == 403
 
 
 # -- report.validated ----------------------------------------------------------------------------
