@@ -271,10 +271,9 @@ def wait_ready(page: Page) -> None:
 
 
 def server_problems(watch: PageWatch) -> list[str]:
-    """Every console error, page error, failed request or answer >= 400, but
-    the browser's own guess at a /favicon.ico (the page names no icon, and
-    its CSP allows no data: icon)."""
-    return [str(p) for p in watch.problems if not p.url.endswith("/favicon.ico")]
+    """Every console error, page error, failed request or answer >= 400 (the
+    page names its icon, so the browser does not guess at a /favicon.ico)."""
+    return [str(p) for p in watch.problems]
 
 
 # -- 1. open a link: image, slices, preset, report, ZIP, cookie ------------------------------
