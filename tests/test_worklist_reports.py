@@ -85,6 +85,11 @@ class World:
             method, self.server.url + path, headers=headers, timeout=60, **kwargs
         )
 
+    def mails_to(self, address: str) -> list:
+        """What the SMTP server received for ``address`` (the GP also gets
+        the sharing portal's link to the study)."""
+        return [m for m in self.smtp.mailbox.received if m.recipients == [address]]
+
     def report(self, uid: str) -> str:
         return f"/api/worklist/requests/{uid}/report"
 
@@ -272,8 +277,10 @@ def test_a_validated_report_is_stored_as_dicom_mailed_to_the_requester_and_only_
 
     # delivered to the requester through the SMTP server, the PDF attached
     world.run_jobs()
-    (mail,) = world.smtp.mailbox.received
-    assert mail.recipients == [REQUESTER]
+    (mail,) = world.mails_to(REQUESTER)
+    # the patient's GP gets a link to the study from the sharing portal, not the report
+    (link,) = world.mails_to(GP)
+    assert b"/share/" in link.data and b"application/pdf" not in link.data
     message = message_from_bytes(mail.data, policy=policy.default)
     (attachment,) = [p for p in message.iter_attachments()]
     assert attachment.get_content_type() == "application/pdf"
@@ -307,7 +314,7 @@ def test_a_validated_report_is_stored_as_dicom_mailed_to_the_requester_and_only_
     world.run_jobs()
     world.run_jobs()
     assert {second["sr"]["series_uid"], second["pdf"]["series_uid"]} <= world.stored_series()
-    assert len(world.smtp.mailbox.received) == 2
+    assert len(world.mails_to(REQUESTER)) == 2
     again = world.call("admin", "GET", world.report(uid)).json()
     assert [v["stored"] for v in again["versions"]] == [True, True]
     addendum_pdf = pydicom.dcmread(
@@ -360,7 +367,7 @@ def test_rerunning_the_storage_job_stores_nothing_new_and_mails_nothing_twice(
     run(world.archive, {"request": uid, "version": 0})  # a re-run, as after a crash
     world.run_jobs()
     assert world.archive.db.scalar("SELECT count(*) FROM instances") == instances
-    assert len(world.smtp.mailbox.received) == 1
+    assert len(world.mails_to(REQUESTER)) == 1
 
 
 def test_a_late_holder_is_refused_with_c301_and_nothing_is_stored(world: World) -> None:
@@ -422,7 +429,7 @@ def test_a_request_without_an_address_says_so_in_the_report(world: World) -> Non
     report = world.call("dr.martin", "GET", world.report(uid)).json()
     assert report["versions"][0]["delivery"] == "no address"
     assert report["versions"][0]["stored"] is True
-    assert world.smtp.mailbox.received == []
+    assert world.mails_to(REQUESTER) == []
 
 
 def test_an_addendum_before_validation_is_refused(world: World) -> None:
