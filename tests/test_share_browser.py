@@ -254,8 +254,12 @@ def wait_redrawn(page: Page, before: int) -> None:
 
 
 def wait_for_slice(page: Page, number: int) -> None:
+    # a function, not an expression: Playwright re-evaluates an expression
+    # with eval() at each poll, which the page's CSP (no 'unsafe-eval') refuses
     page.wait_for_function(
-        f"document.getElementById('canvas').dataset.drawn === '{number}'", timeout=WAIT_MS
+        "(n) => document.getElementById('canvas').dataset.drawn === n",
+        arg=str(number),
+        timeout=WAIT_MS,
     )
 
 
