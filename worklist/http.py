@@ -135,7 +135,7 @@ def _guarded(
         except UpsError as exc:
             audit.detail.update({"error": str(exc), "ups_status": exc.code})
             if exc.code == "C307" and uid:
-                await _hidden(request, uid)
+                await audit_hidden(request, uid)
             title = "Not Found" if exc.http == 404 else "Conflict"
             return problem(exc.http, title, str(exc), ups_status=exc.code)
         except UpsWarning as exc:
@@ -153,8 +153,8 @@ def _guarded(
     return run
 
 
-async def _hidden(request: web.Request, uid: str) -> None:
-    """A request the caller may not see was asked for: if it exists, the
+async def audit_hidden(request: web.Request, uid: str) -> None:
+    """A request (workitem) the caller may not see was asked for: if it exists, the
     audit entry says denied and names its study (answered 404 all the same)."""
     archive = request.config_dict[ARCHIVE]
     row = await asyncio.to_thread(
@@ -251,8 +251,13 @@ def _due(value: Any, problems: dict[str, str]) -> datetime | None:
 async def _transaction_uid(request: web.Request) -> str | None:
     """The claim's Transaction UID: ``X-Transaction-UID`` or the body's
     ``transaction_uid`` (both sent must agree)."""
+    return transaction_uid_of(request, await _body(request, required=False))
+
+
+def transaction_uid_of(request: web.Request, body: dict[str, Any]) -> str | None:
+    """The Transaction UID of ``X-Transaction-UID`` or of the parsed ``body``
+    (400 when both are sent and differ): every holder's route reads it so."""
     header = request.headers.get(TRANSACTION_HEADER, "").strip() or None
-    body = await _body(request, required=False)
     sent = body.get("transaction_uid")
     if sent is not None and not isinstance(sent, str):
         raise RequestInvalid({"transaction_uid": "must be text"})

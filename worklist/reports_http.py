@@ -49,6 +49,7 @@ from worklist.http import (
     _uid,
     _viewer,
     problem,
+    transaction_uid_of,
 )
 from worklist.openapi import (
     TRANSACTION_PARAMETER,
@@ -106,19 +107,6 @@ def _report_errors(
     return run
 
 
-def _transaction(request: web.Request, body: dict[str, Any]) -> str | None:
-    header = request.headers.get(TRANSACTION_HEADER, "").strip() or None
-    sent = body.get("transaction_uid")
-    if sent is not None and not isinstance(sent, str):
-        raise RequestInvalid({"transaction_uid": "must be text"})
-    sent = (sent or "").strip() or None
-    if header and sent and header != sent:
-        raise RequestInvalid(
-            {"transaction_uid": f"differs from the {TRANSACTION_HEADER} header: send one"}
-        )
-    return header or sent
-
-
 def _known(body: dict[str, Any], keys: set[str]) -> None:
     """400 for members the route does not take: a misspelt ``reader_name``
     must not be signed with the account name unnoticed."""
@@ -169,7 +157,7 @@ async def save_draft(request: web.Request) -> web.Response:
         _reports(request).save_draft,
         _uid(request),
         _viewer(request),
-        _transaction(request, body),
+        transaction_uid_of(request, body),
         chapters,
         _name(body, "reader_name"),
     )
@@ -185,7 +173,7 @@ async def validate_report(request: web.Request) -> web.Response:
         _reports(request).validate,
         _uid(request),
         _viewer(request),
-        _transaction(request, body),
+        transaction_uid_of(request, body),
         _name(body, "reader_name"),
     )
     return _answer(request, report)

@@ -41,6 +41,7 @@ from archive.security.scope import study_clause
 from archive.uids import is_valid_uid
 from archive.web import ARCHIVE, public_base
 from worklist import service
+from worklist.http import audit_hidden
 from worklist.requests import (
     Duplicate,
     NotAllowed,
@@ -135,7 +136,7 @@ def _guarded(
         except UpsError as exc:
             audit.detail.update({"error": str(exc), "ups_status": exc.code})
             if exc.code == "C307" and uid:
-                await _hidden(request, uid)
+                await audit_hidden(request, uid)
             title = "Not Found" if exc.http == 404 else "Conflict"
             response = _problem(exc.http, title, str(exc), ups_status=exc.code)
             response.headers["Warning"] = _warning(request, f"{exc.code}: {exc}")
@@ -151,19 +152,6 @@ def _guarded(
     for mark in ("imag_permission", "imag_action"):
         setattr(run, mark, getattr(handler, mark))
     return run
-
-
-async def _hidden(request: web.Request, uid: str) -> None:
-    """A workitem the caller may not see was asked for: if it exists, the
-    audit entry says denied and names its study (answered 404 all the same)."""
-    archive = request.config_dict[ARCHIVE]
-    row = await asyncio.to_thread(
-        archive.db.query_one, "SELECT study_uid FROM read_requests WHERE uid = ?", (uid,)
-    )
-    if row is not None:
-        audit = audit_of(request)
-        audit.outcome = "denied"
-        audit.study_uid = row[0]
 
 
 # -- helpers -----------------------------------------------------------------------------------
