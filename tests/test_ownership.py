@@ -97,9 +97,13 @@ class World:
         return int(self.db.scalar("SELECT COALESCE(MAX(id), 0) FROM audit"))
 
     def audit_since(self, last: int) -> list[dict]:
+        """The audit entries of requests since ``last``.  The regional identity
+        index's own entries (a durable subscriber that may queue a vigilance item
+        for what was just stored, whenever it gets to it) are left out: they
+        are not the request's, and their timing is not the request's either."""
         rows = self.db.query(
             "SELECT actor, actor_kind, role, action, outcome, status, study_uid, source, detail "
-            "FROM audit WHERE id > ? ORDER BY id",
+            "FROM audit WHERE id > ? AND actor <> 'identity-index' ORDER BY id",
             (last,),
         )
         keys = ["actor", "kind", "role", "action", "outcome", "status", "study", "source"]
