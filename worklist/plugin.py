@@ -10,7 +10,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING
 
-from archive.config import Setting, as_bool, as_int
+from archive.config import Setting, as_bool, as_int, as_text
 from archive.events import Subscriber
 from archive.hookspecs import hookimpl
 from archive.index.migrate import Migrations
@@ -25,6 +25,10 @@ WRITE = "worklist.write"  # the core's: claim and report reading requests
 REQUEST = "worklist.request"
 REPORT_VALIDATED = "report.validated"
 REPORT_JOB = "worklist.report"  # worklist.reports.JOB_KIND
+SCREENING_RESULT = "screening.result"  # worklist.screening.RESULT_EVENT
+SCREENING_DEADLINE = "screening.deadline"  # worklist.screening.DEADLINE_JOB
+FIRST_READ = "screening.first-read"  # worklist.screening.FIRST_READ
+COORDINATE = "screening.coordinate"  # worklist.screening.COORDINATE
 
 HOUR = 3600
 
@@ -61,6 +65,31 @@ def imag_settings() -> list[Setting]:
             cluster=True,
         ),
         Setting(
+            "screening.rules",
+            [],
+            _screening_rules,
+            "screening mammography: [[screening.rules]] name, site, procedure_code, "
+            "study_description, modality (MG by default); a stable study matching one is a "
+            "screening exam (env: JSON array)",
+            cluster=True,
+        ),
+        Setting(
+            "screening.l2_group",
+            "screening-l2",
+            as_text,
+            "the reading group of accredited second readers: it is granted the exams in the L2 "
+            "queue and the women's prior rounds",
+            cluster=True,
+        ),
+        Setting(
+            "screening.letter_target_days",
+            15,
+            as_int(1, 365),
+            "days from the exam to the result letter; an exam without its letter by then is "
+            "alerted",
+            cluster=True,
+        ),
+        Setting(
             "worklist.xdm",
             False,
             as_bool,
@@ -70,9 +99,23 @@ def imag_settings() -> list[Setting]:
     ]
 
 
+def _screening_rules(value: object) -> list:
+    from worklist.screening import parse_rules
+
+    return parse_rules(value)
+
+
 @hookimpl
 def imag_job_kinds() -> dict[str, Callable[[Archive, dict], None]]:
-    return {REPORT_JOB: _store_and_deliver_report}
+    return {REPORT_JOB: _store_and_deliver_report, SCREENING_DEADLINE: _screening_deadline}
+
+
+def _screening_deadline(archive: Archive, payload: dict) -> None:
+    """The ``screening.deadline`` job: the day an exam's result letter is due
+    (:mod:`worklist.screening_letters`)."""
+    from worklist.screening_letters import check_deadline
+
+    check_deadline(archive, payload)
 
 
 def _store_and_deliver_report(archive: Archive, payload: dict) -> None:
@@ -94,25 +137,38 @@ def imag_permissions() -> dict[str, str]:
     return {
         REQUEST: "ask for a reading (tele-expertise), complete or withdraw the requests of "
         "one's sites and read their reports",
+        FIRST_READ: "record the first reading (L1) of one's sites' screening mammograms",
+        COORDINATE: "see every screening exam, the programme's indicators, and manage "
+        "second readers' accreditations (the screening coordination centre)",
     }
 
 
 @hookimpl
 def imag_role_grants() -> dict[str, list[str]]:
-    return {role: [REQUEST] for role in ("site_admin", "technician", "radiologist")}
+    grants: dict[str, list[str]] = {
+        role: [REQUEST] for role in ("site_admin", "technician", "radiologist")
+    }
+    grants["radiologist"].append(FIRST_READ)
+    # the coordination centre: every exam, the indicators, the accreditations
+    grants["screening_coordinator"] = [COORDINATE, "studies.read"]
+    return grants
 
 
 @hookimpl
 def imag_event_types() -> list[str]:
-    return [REPORT_VALIDATED]
+    return [REPORT_VALIDATED, SCREENING_RESULT]
 
 
 @hookimpl
 def imag_event_subscribers() -> list[Subscriber]:
+    from worklist.screening_service import on_stable as screening_on_stable
     from worklist.service import on_stable
 
     # transactional: the request commits with the delivery, exactly once per burst
-    return [Subscriber("worklist-read-routes", ("study.stable",), on_stable)]
+    return [
+        Subscriber("worklist-read-routes", ("study.stable",), on_stable),
+        Subscriber("screening-exams", ("study.stable",), screening_on_stable),
+    ]
 
 
 @hookimpl

@@ -79,7 +79,9 @@ MANDATORY = (
     "patient_consent",
 )
 MAX_FIELD = 8000  # characters of one text field
-KINDS = ("read", "expertise")
+#: read: a route asked for it; expertise: a site user did; screening: the
+#: second reading of a screening mammogram (worklist.screening, its own record)
+KINDS = ("read", "expertise", "screening")
 
 
 class RequestInvalid(ValueError):
@@ -146,7 +148,12 @@ class Viewer:
             return "1 = 1", []
         parts, params = [], []
         if self.sites:
-            parts.append(f"{alias}.site IN ({', '.join('?' * len(self.sites))})")
+            # a screening second read is not the site's to see: its reader is
+            # anonymous to the site, which follows the exam (worklist.screening)
+            parts.append(
+                f"({alias}.site IN ({', '.join('?' * len(self.sites))}) "
+                f"AND {alias}.kind <> 'screening')"
+            )
             params.extend(sorted(self.sites))
         if self.groups:
             parts.append(f"{alias}.group_name IN ({', '.join('?' * len(self.groups))})")
@@ -473,6 +480,8 @@ class Worklist:
             problems.update(exc.problems)
         try:
             clean, missing = check_fields(fields, complete=complete)
+            if kind == "screening":
+                missing = []  # the exam request's fields are teleradiology's, not screening's
         except RequestInvalid as exc:
             problems.update(exc.problems)
         if problems:  # every fault at once, so the sender fixes them in one go
