@@ -20,6 +20,7 @@ from archive.index.db import Database
 from archive.security.audit import AuditLog
 from worklist.requests import (
     MANDATORY,
+    Duplicate,
     NotAllowed,
     RequestInvalid,
     Timings,
@@ -282,3 +283,24 @@ def test_one_stable_burst_makes_one_request(worklist: Worklist) -> None:
     )
     assert again.uid == first.uid
     assert set(first.missing) == set(MANDATORY)
+
+
+def test_two_clients_naming_the_same_request_uid_at_once_get_one_request_and_one_duplicate(
+    worklist: Worklist,
+) -> None:
+    """UPS-RS lets the client name its workitem: of two creations racing with
+    one UID, one makes it and the other is told it exists (409), never a 500."""
+    uid = "1.2.826.0.1.3680043.99.77"
+    start = threading.Barrier(8)
+
+    def create(n: int) -> str:
+        start.wait()
+        try:
+            return new_request(worklist, uid=uid, study_uid=f"1.2.3.{n}")
+        except Duplicate:
+            return "duplicate"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(create, range(8)))
+    assert sorted(outcomes) == sorted(["duplicate"] * 7 + [uid])
+    assert worklist.listing(Viewer.system(), states=())[1] == 1

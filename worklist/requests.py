@@ -497,13 +497,15 @@ class Worklist:
                     return _request(row)
             if uid is None:
                 uid = generate_uid()
-            elif db.query_one("SELECT 1 FROM read_requests WHERE uid = ?", (uid,)):
-                raise Duplicate(f"a reading request {uid} exists already")
-            db.execute(
+            # ON CONFLICT: two clients naming the same UID at once (UPS-RS), or
+            # two deliveries of one burst, meet here rather than in a check
+            # made before the insert
+            inserted = db.query_one(
                 "INSERT INTO read_requests (uid, study_uid, site, group_name, kind, origin, "
                 "created_by, state, priority, priority_rank, due_at, created_at, updated_at, "
                 "fields, missing, reply_to, burst) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
                 (
                     uid,
                     study_uid,
@@ -524,6 +526,14 @@ class Worklist:
                     burst,
                 ),
             )
+            if inserted is None:
+                if burst is not None:
+                    row = db.query_one(
+                        f"SELECT {_COLUMNS} FROM read_requests WHERE burst = ?", (burst,)
+                    )
+                    if row is not None:
+                        return _request(row)
+                raise Duplicate(f"a reading request {uid} exists already")
             return self._row(db, uid)
 
     def complete_fields(self, uid: str, viewer: Viewer, fields: Mapping[str, Any]) -> ReadRequest:
