@@ -19,10 +19,11 @@
 4. The SQL plan of each query (EXPLAIN, run in this process on the SQL the
    query model generates): the scan nodes, and ``seq`` when a large table is
    read whole.
-5. ``--orthanc``: reserved for the same queries on Orthanc (Debian
-   ``orthanc`` + ``orthanc-dicomweb``), which would have to be loaded with the
-   same studies as small DICOM objects through its REST API (no bulk loader),
-   so at 10^5 instances at most; not implemented yet, the flag says so.
+5. ``--orthanc``: the same queries on Orthanc (Debian ``orthanc`` +
+   ``orthanc-dicomweb``, SQLite index), loaded with the same studies as small
+   DICOM objects through its REST API (:mod:`benchmarks.orthanc_load`; no bulk
+   loader, so at 10^5 instances at most); its p50 and the ratio IMAG/Orthanc
+   are printed beside the admin's figures (Orthanc has no site-bound caller).
 
     python -m benchmarks.bench_scale                                 # 10^5, SQLite + PostgreSQL
     python -m benchmarks.bench_scale --backends postgresql --instances 10000000
@@ -63,7 +64,7 @@ from archive.index import open_database
 from archive.index.db import Database
 from archive.query import search
 from archive.security.scope import Scope
-from benchmarks import orthanc, scale_data
+from benchmarks import orthanc, orthanc_load, scale_data
 from dicomweb.qido import build_query
 
 PG_URL = os.environ.get("IMAG_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -579,16 +580,19 @@ def report(
     )
     print(
         f"{'query':34} {'caller':6} {'service':8} {'p50 ms':>8} {'p99 ms':>8} {'rows':>6}"
-        f" {'Orthanc p50':>11} {'ratio':>6}  plan"
+        f" {'Orthanc p50':>11} {'rows':>6} {'ratio':>6}  plan"
     )
     for f in figures:
         rows = f"{statistics.median(f.rows):.0f}" if f.rows else "-"
         other = orthanc_figures.get((f.query, f.caller, f.service))
         ortho = other.p50 if other else None
-        ratio = f"{f.p50 / ortho:.2f}" if ortho and f.p50 else "-"
+        ratio = f"{f.p50 / ortho:.2f}" if ortho and f.p50 else "-"  # < 1: IMAG faster
+        their_rows = f"{statistics.median(other.rows):.0f}" if other and other.rows else "-"
+        if other and other.error:
+            their_rows = "error"
         print(
             f"{f.query:34} {f.caller:6} {f.service:8} {_ms(f.p50):>8} {_ms(f.p99):>8} {rows:>6}"
-            f" {_ms(ortho):>11} {ratio:>6}  {f.error or f.plan}"
+            f" {_ms(ortho):>11} {their_rows:>6} {ratio:>6}  {f.error or f.plan}"
         )
     sys.stdout.flush()
 
@@ -650,14 +654,36 @@ def orthanc_figures(
     picks: dict[str, list[Sample]],
     args: argparse.Namespace,
 ) -> dict[tuple[str, str, str], Figure]:
-    """Orthanc side by side: not built yet.  Orthanc has no bulk loader, so
-    the same studies would have to go through its REST API as small DICOM
-    objects (feasible up to 10^5 instances only); until then this says so."""
+    """The same queries on Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``,
+    its SQLite index), loaded with the same studies through its REST API
+    (:mod:`benchmarks.orthanc_load`: no bulk loader, so 10^5 instances at
+    most).  Orthanc has no site-bound callers: its figures stand beside the
+    admin's."""
     if shape.instances > 100_000:
         print("Orthanc: not measured above 10^5 instances (no bulk loader; REST upload only)")
-    else:
-        print("Orthanc: side-by-side loading of the synthetic rows is not implemented yet")
-    return {}
+        return {}
+    if not orthanc.available() or not orthanc.dicomweb_plugin():
+        print("Orthanc: not measured (install the Debian orthanc and orthanc-dicomweb packages)")
+        return {}
+    extra = {
+        "Plugins": [orthanc.dicomweb_plugin()],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    with orthanc.running_orthanc(extra) as server:
+        progress(f"Orthanc: loading {shape.instances:,} instances through its REST API ...")
+        orthanc_load.load(server.http_url, shape, SEED, progress)
+        host, port = server.http_url.removeprefix("http://").split(":")
+        admin = {"admin": picks["admin"]}
+        progress(f"Orthanc: QIDO-RS, {args.repeats} repetitions per query")
+        figures = measure_qido(host, int(port), "/dicom-web", {"admin": ""}, mix, admin,
+                               args.repeats)  # fmt: skip
+        if not args.no_cfind:
+            progress("Orthanc: C-FIND")
+            figures += measure_cfind(
+                host, server.dicom_port, server.aet, {"admin": "BENCH"}, mix, admin,
+                args.cfind_repeats, args.cfind_max_rows,
+            )  # fmt: skip
+    return {(f.query, f.caller, f.service): f for f in figures}
 
 
 def main() -> int:
