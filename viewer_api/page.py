@@ -8,6 +8,14 @@ used.  The files are the project's own (HTML, one script, one style sheet),
 served from this origin: nothing is fetched from anywhere else, and the
 Content-Security-Policy says so (``default-src 'self'``, no inline script).
 
+``?layout=mammography`` serves the mammography page instead (its own HTML
+and script, :mod:`viewer_api.mammography`): the four standard views of the
+study and of a prior round.  A signed-in reader opens it with ``&study=UID``
+and the API token in the fragment (``#token=...``): the script takes the
+token out of the address at once, keeps it in memory and sends it as
+``Authorization: Bearer``; a fragment never reaches the server nor a
+Referer.  Any other ``layout`` is the single-study page.
+
 Files are looked up in a table built at start-up from the package's
 ``static/`` folder, never by joining a request path onto a folder.
 """
@@ -21,6 +29,8 @@ from aiohttp import web
 from archive.security.http import public
 
 PAGE = "/share/view"
+#: ?layout= -> the page's HTML file (absent or unknown: the single-study viewer)
+LAYOUTS = {"mammography": "mammography.html"}
 STATIC = "/share/static"
 MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -57,7 +67,7 @@ def add_routes(app: web.Application) -> None:
 
     @public
     async def page(request: web.Request) -> web.Response:
-        body, media = files["viewer.html"]
+        body, media = files[LAYOUTS.get(request.query.get("layout", ""), "viewer.html")]
         return web.Response(body=body, headers={"Content-Type": media, **SECURITY_HEADERS})
 
     @public

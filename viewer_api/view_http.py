@@ -16,6 +16,7 @@ Routes (the page at ``/share/view`` calls them; nothing else is needed)::
         ?viewport=W,H[&window=C,W]                     a frame as JPEG, at the size shown
     GET /api/view/studies/{study}/reports/{instance}   a PDF, or an SR's text as JSON
     GET /api/view/download[?study=UID]                 the study as a ZIP
+    GET /api/view/mammography[?study=UID]              the four views, this round and priors
 
 Images are rendered by :mod:`archive.pixels` at the viewport's size, decoded
 at a reduced resolution where the codec allows (:mod:`viewer_api.reduced`),
@@ -36,9 +37,11 @@ from archive import pixels
 from archive.query import QueryError
 from archive.retrieve import StoredObject, UnreadableObject, locate, open_header
 from archive.security.http import audit_of, deny_if_hidden, principal_of, require, scope_of
+from archive.uids import is_valid_uid
 from archive.web import ARCHIVE, problem
 from dicomweb.wado import OBJECT_ERRORS, refusal
 from viewer_api import reduced
+from viewer_api.mammography import VIEWS, mammography_layout
 from viewer_api.render_cache import RenderCache
 from viewer_api.study_view import (
     document_kind,
@@ -123,6 +126,44 @@ async def show_study(request: web.Request) -> web.Response:
     }
     summary["image_url"] = base + "/instances/{instance}/frames/{frame}/image"
     return web.json_response(summary, headers=JSON_HEADERS)
+
+
+@require("studies.read", "viewer.mammography")
+async def mammography(request: web.Request) -> web.Response:
+    """The mammography layout of the study: its four standard views and those
+    of the woman's prior rounds the caller may see (:mod:`viewer_api.mammography`)."""
+    study = _study_asked(request)
+    if not study:
+        return _no_study()
+    if not is_valid_uid(study):
+        return problem(400, "Bad Request", f"study: {study[:80]!r} is not a valid UID")
+    archive = _archive(request)
+    limits = _header_limits(request)
+    try:
+        layout = await asyncio.to_thread(
+            mammography_layout,
+            archive.db,
+            archive.store,
+            archive.identity,
+            study,
+            scope_of(request),
+            max_depth=limits["max_depth"],
+            max_inflated=limits["max_inflated"],
+        )
+    except QueryError as exc:
+        return problem(400, "Bad Request", str(exc))
+    if layout is None:
+        return await _not_here(request, {"StudyInstanceUID": study}, "STUDY")
+    for round_ in (layout["current"], *layout["priors"]):
+        for view in VIEWS:
+            cell = round_["views"][view]
+            if cell is not None:
+                cell["url"] = (
+                    f"{BASE}/studies/{cell['study']}/instances/{cell['instance']}/frames/1/image"
+                )
+    # the other studies shown (maybe another site's): the audit names them
+    audit_of(request).detail["priors"] = [p["study_uid"] for p in layout["priors"]]
+    return web.json_response(layout, headers=JSON_HEADERS)
 
 
 @require("studies.read", "viewer.series")
@@ -345,3 +386,4 @@ def add_routes(app: web.Application, cache: RenderCache) -> None:
     app.router.add_get(study + "/instances/{instance}/frames/{frame}/image", image)
     app.router.add_get(study + "/reports/{instance}", report)
     app.router.add_get(BASE + "/download", download)
+    app.router.add_get(BASE + "/mammography", mammography)

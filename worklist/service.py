@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from archive.events import Event
 from archive.messaging import InvalidMessage, Message, send
 from archive.orientation import OrientationError
+from archive.priors import same_person_studies
 from archive.routing import route_matches, stable_attrs
 from archive.security.principals import Principals
 from archive.security.roles import Principal
@@ -161,33 +162,7 @@ def priors(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
     what a reader needs to compare.  :func:`assign` routes them to the
     request's group with the study, so the reader can open them too: the
     request gives the need to know."""
-    db = archive.db
-    row = db.query_one("SELECT st.patient_ref FROM studies st WHERE st.study_uid = ?", (study_uid,))
-    if row is None:
-        return []
-    (ref,) = row
-    refs = {ref}
-    index = getattr(archive.identity, "index", None)  # the regional index, when it is one
-    if index is not None:
-        refs.update(index(db).same_person(ref))
-    marks = ", ".join("?" * len(refs))
-    rows = db.query(
-        "SELECT st.study_uid, st.study_date, st.study_description, st.modalities, st.site, "
-        "st.num_instances FROM studies st WHERE st.patient_ref IN (" + marks + ") "
-        "AND st.study_uid <> ? ORDER BY st.study_date DESC, st.id DESC",
-        (*sorted(refs), study_uid),
-    )
-    return [
-        {
-            "study_uid": r[0],
-            "study_date": r[1],
-            "study_description": r[2],
-            "modalities": [m for m in (r[3] or "").split("\\") if m],
-            "site": r[4],
-            "instances": r[5],
-        }
-        for r in rows
-    ]
+    return same_person_studies(archive.db, archive.identity, study_uid)
 
 
 def notify_cancel_request(archive: Archive, item: ReadRequest) -> int | None:
