@@ -16,6 +16,12 @@
 
     python -m benchmarks.bench_dimse --count 1000
     python -m benchmarks.bench_dimse --backends sqlite --imag-env IMAG_DICOM_MAX_PDU=1MiB
+    python -m benchmarks.bench_dimse --backends sqlite --receive lean,pynetdicom --no-find
+
+``--receive`` chooses IMAG's C-STORE receive path (``dicom.lean_store``): the
+lean asyncio one, pynetdicom's, or both side by side (default).  Each C-STORE
+row also reports the server's CPU time per instance (user + system of the
+server process, read from /proc before and after the push).
 
 Extra IMAG settings also come from IMAG_BENCH_IMAG_ENV ("K=V K2=V2"); the
 PostgreSQL server from IMAG_BENCH_PG_URL (default
@@ -67,6 +73,8 @@ CALLING_AET = "BENCH"
 CT_SEED = 11
 EXTRA_SEED = 3
 BACKEND_LABEL = {"sqlite": "IMAG SQLite", "postgresql": "IMAG PostgreSQL"}
+#: C-STORE receive paths (dicom.lean_store) by name
+RECEIVE = {"lean": "true", "pynetdicom": "false"}
 
 
 def progress(message: str) -> None:
@@ -90,6 +98,17 @@ class Target:
     aet: str
     instances: Callable[[], int]  # what the archive reports holding
     log_tail: Callable[[], str]  # the end of the server's log
+    pid: int = 0  # the server process, for its CPU time (0: not measured)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` and its waited-for children."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def echo(host: str, port: int, aet: str) -> bool:
@@ -109,7 +128,9 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 
 @contextmanager
-def running_imag(tmp: Path, backend: str, extra_env: dict[str, str]) -> Iterator[Target]:
+def running_imag(
+    tmp: Path, backend: str, extra_env: dict[str, str], receive: str = "lean"
+) -> Iterator[Target]:
     """A fresh `imag serve` (new data folder, new index database), stopped and removed after."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"imag-{backend}-", dir=tmp))
     log_path = data_dir.with_suffix(".log")
@@ -134,6 +155,7 @@ def running_imag(tmp: Path, backend: str, extra_env: dict[str, str]) -> Iterator
             "IMAG_DICOM_PORT": str(dicom_port),
             "IMAG_DICOM_ACCEPT_UNKNOWN": "true",
             "IMAG_LOG_LEVEL": "WARNING",
+            "IMAG_DICOM_LEAN_STORE": RECEIVE[receive],
         }
         env |= extra_env
         aet = env.get("IMAG_DICOM_AET", "IMAG")
@@ -168,7 +190,13 @@ def running_imag(tmp: Path, backend: str, extra_env: dict[str, str]) -> Iterator
             return int(json.loads(run.stdout)["instances"])
 
         yield Target(
-            BACKEND_LABEL[backend], "127.0.0.1", dicom_port, aet, instances, lambda: _tail(log_path)
+            f"{BACKEND_LABEL[backend]} {receive}",
+            "127.0.0.1",
+            dicom_port,
+            aet,
+            instances,
+            lambda: _tail(log_path),
+            proc.pid,
         )
         if proc.poll() is not None:
             raise BenchError(f"IMAG exited early ({proc.returncode}):\n{_tail(log_path)}")
@@ -203,7 +231,13 @@ def running_orthanc() -> Iterator[Target]:
                 return int(json.load(resp)["CountInstances"])
 
         target = Target(
-            "Orthanc", "127.0.0.1", server.dicom_port, server.aet, instances, server.log_tail
+            "Orthanc",
+            "127.0.0.1",
+            server.dicom_port,
+            server.aet,
+            instances,
+            server.log_tail,
+            server.pid,
         )
         deadline = time.monotonic() + 30
         while not echo(target.host, target.port, target.aet):
@@ -224,6 +258,11 @@ class StoreResult:
     expected: int
     stored: int | None = None
     errors: list[str] = field(default_factory=list)
+    cpu: float | None = None  #: server CPU seconds during the push
+
+    @property
+    def cpu_ms_per_instance(self) -> float | None:
+        return None if self.cpu is None else 1000 * self.cpu / self.expected
 
     @property
     def ok(self) -> bool:
@@ -296,8 +335,12 @@ def measure_store(
 ) -> StoreResult:
     n = len(folders)
     progress(f"  {target.label}: C-STORE {expected} files over {n} association(s) ...")
+    cpu_before = cpu_seconds(target.pid) if target.pid else None
     wall, problems = storescu(target, folders, logs, options)
+    cpu_after = cpu_seconds(target.pid) if target.pid else None
     result = StoreResult(target.label, n, wall, expected, errors=problems)
+    if cpu_before is not None and cpu_after is not None:
+        result.cpu = cpu_after - cpu_before
     try:
         result.stored = target.instances() - before
     except Exception as exc:  # noqa: BLE001 - reported with the figures
@@ -308,7 +351,11 @@ def measure_store(
         result.errors.append("server log tail:\n" + _indent(target.log_tail()))
         progress(f"  {target.label}: PROBLEM\n    " + "\n    ".join(result.errors))
     else:
-        progress(f"  {target.label}: {wall:.2f} s, {expected / wall:.1f} inst/s")
+        cpu = result.cpu_ms_per_instance
+        progress(
+            f"  {target.label}: {wall:.2f} s, {expected / wall:.1f} inst/s"
+            + (f", {cpu:.2f} ms CPU/inst" if cpu is not None else "")
+        )
     return result
 
 
@@ -444,7 +491,9 @@ def build_queries(count: int, extra_specs: list) -> list[Query]:
     ]
 
 
-def _nodelay(event: evt.Event) -> None:
+def nodelay(event: evt.Event) -> None:
+    """TCP_NODELAY on an SCU's socket (EVT_CONN_OPEN): without it the small
+    PDUs of a request wait for the peer's delayed ACK (~40 ms each)."""
     sock = getattr(event.assoc.dul.socket, "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -480,7 +529,7 @@ def measure_find(
     ae.acse_timeout = 30
     ae.dimse_timeout = ae.network_timeout = 120
     assoc = ae.associate(
-        target.host, target.port, ae_title=target.aet, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)]
+        target.host, target.port, ae_title=target.aet, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)]
     )
     if not assoc.is_established:
         raise BenchError(f"{target.label}: C-FIND association not established")
@@ -552,7 +601,7 @@ def bench_archive(
         try:
             with start() as target:
                 stores.append(measure_store(target, splits[n], count, logs / f"{label}-{n}"))
-                if n != last:
+                if n != last or args.no_find:
                     continue
                 progress(f"  {target.label}: storing {extra_count} extra small instances ...")
                 # -R: propose only the SOP classes of the files (more than 128 otherwise)
@@ -596,16 +645,22 @@ def report(
         "TCP_NODELAY=1, fresh archive each row"
     )
     print("vs Orthanc = IMAG / Orthanc throughput at the same association count (>1: IMAG faster)")
-    print(f"{'archive':18} {'assoc':>5} {'wall s':>8} {'inst/s':>8} {'MB/s':>8} {'vs Orthanc':>10}")
+    print("CPU ms/inst = the server process's user + system CPU time during the push / instances")
+    print(
+        f"{'archive':26} {'assoc':>5} {'wall s':>8} {'inst/s':>8} {'MB/s':>8} {'vs Orthanc':>10} "
+        f"{'CPU ms/inst':>11}"
+    )
     for r in stores:
         if not r.ok:
-            print(f"{r.label:18} {r.associations:5} {r.wall:8.2f} {'FAILED (see notes)':>28}")
+            print(f"{r.label:26} {r.associations:5} {r.wall:8.2f} {'FAILED (see notes)':>28}")
             continue
         ref = orth_store.get(r.associations)
         ratio = ref.wall / r.wall if ref and r.label != "Orthanc" else None
+        cpu = r.cpu_ms_per_instance
         print(
-            f"{r.label:18} {r.associations:5} {r.wall:8.2f} {count / r.wall:8.1f} "
-            f"{total_mb / r.wall:8.1f} {_ratio(ratio):>10}"
+            f"{r.label:26} {r.associations:5} {r.wall:8.2f} {count / r.wall:8.1f} "
+            f"{total_mb / r.wall:8.1f} {_ratio(ratio):>10} "
+            f"{(f'{cpu:.2f}' if cpu is not None else '-'):>11}"
         )
     if finds:
         print()
@@ -620,21 +675,21 @@ def report(
         print("vs Orthanc = Orthanc / IMAG latency (>1: IMAG faster), for median and p95")
         orth_find = {r.query: r for r in finds if r.label == "Orthanc" and not r.error}
         print(
-            f"{'query':4} {'archive':18} {'matches':>7} {'median':>8} {'p95':>8} {'findscu':>8} "
+            f"{'query':4} {'archive':26} {'matches':>7} {'median':>8} {'p95':>8} {'findscu':>8} "
             f"{'vs Orthanc med':>14} {'p95':>7}"
         )
         for q in queries:
             print(f"({q.key}) {q.title}")
             for r in (r for r in finds if r.query == q.key):
                 if r.error or not r.times:
-                    print(f"{'':4} {r.label:18} {'FAILED: ' + r.error[:70]}")
+                    print(f"{'':4} {r.label:26} {'FAILED: ' + r.error[:70]}")
                     continue
                 ref = orth_find.get(q.key)
                 rmed = ref.median / r.median if ref and r.label != "Orthanc" else None
                 rp95 = ref.p95 / r.p95 if ref and r.label != "Orthanc" else None
                 fs = statistics.median(r.findscu) * 1000 if r.findscu else float("nan")
                 print(
-                    f"{'':4} {r.label:18} {r.matches:7} {r.median * 1000:8.2f} "
+                    f"{'':4} {r.label:26} {r.matches:7} {r.median * 1000:8.2f} "
                     f"{r.p95 * 1000:8.2f} {fs:8.1f} {_ratio(rmed):>14} {_ratio(rp95):>7}"
                 )
     problems: list[str] = []
@@ -684,6 +739,12 @@ def main() -> int:
     )
     parser.add_argument("--associations", default="1,4", help="parallel associations (1,4)")
     parser.add_argument("--no-orthanc", action="store_true", help="skip Orthanc")
+    parser.add_argument(
+        "--receive",
+        default="lean,pynetdicom",
+        help="IMAG C-STORE receive paths, dicom.lean_store on/off (lean,pynetdicom)",
+    )
+    parser.add_argument("--no-find", action="store_true", help="C-STORE only (no C-FIND part)")
     parser.add_argument("--find-repeats", type=int, default=50, help="C-FIND queries per kind")
     parser.add_argument("--findscu-repeats", type=int, default=5, help="one-shot findscu runs")
     parser.add_argument(
@@ -700,6 +761,10 @@ def main() -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if unknown := set(backends) - set(BACKEND_LABEL):
         parser.error(f"unknown backend(s) {sorted(unknown)}; known: sqlite, postgresql")
+    receive = [r.strip() for r in args.receive.split(",") if r.strip()]
+    if not receive or set(receive) - set(RECEIVE):
+        parser.error("--receive wants lean, pynetdicom or both (lean,pynetdicom)")
+    args.receive = receive
     associations = sorted({int(n) for n in args.associations.split(",") if n.strip()})
     if not associations or min(associations) < 1:
         parser.error("--associations wants positive integers, e.g. 1,4")
@@ -760,10 +825,10 @@ def _run(
     finds: list[FindResult] = []
     notes: list[str] = []
     logs = tmp / "logs"
-    for backend in backends:
+    for backend, receive in [(b, r) for b in backends for r in args.receive]:
         s, f, n = bench_archive(
-            lambda b=backend: running_imag(tmp, b, extra_env),
-            BACKEND_LABEL[backend],
+            lambda b=backend, r=receive: running_imag(tmp, b, extra_env, r),
+            f"{BACKEND_LABEL[backend]} {receive}",
             splits,
             args.count,
             tmp / "extra",

@@ -57,7 +57,7 @@ from typing import Any
 import psycopg
 from multidict import MultiDict
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from archive.index import open_database
@@ -65,6 +65,7 @@ from archive.index.db import Database
 from archive.query import search
 from archive.security.scope import Scope
 from benchmarks import orthanc, orthanc_load, scale_data
+from benchmarks.bench_dimse import nodelay
 from dicomweb.qido import build_query
 
 PG_URL = os.environ.get("IMAG_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -469,7 +470,7 @@ def measure_cfind(
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         ae.acse_timeout = 30
         ae.dimse_timeout = ae.network_timeout = 600
-        assoc = ae.associate(host, port, ae_title=aet)
+        assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
         if not assoc.is_established:
             raise BenchError(f"C-FIND association of {calling} not established")
         try:
