@@ -53,6 +53,8 @@ def test_the_cores_own_features_are_plugins() -> None:
         "identity",
         "sharing-gp-links",
         "worklist-read-routes",
+        "screening-exams",
+        "screening-letters",
     ]
     assert isinstance(load_identity_plugin("default"), DefaultIdentity)
 

@@ -190,7 +190,9 @@ def test_non_accredited_expired_and_revoked_readers_are_refused(
     screening.record_l1(uid, L1_DR, NEGATIVE)
     with pytest.raises(NotAllowed, match="accreditation"):
         screening.claim(uid, UNACCREDITED)
-    with pytest.raises(NotAllowed, match="role"):  # a radiologist is not a second reader
+    with pytest.raises(NotAllowed, match="role"):  # a technician is no reader at all
+        screening.queue(SITE_TECH)
+    with pytest.raises(NotAllowed, match="accreditation"):  # a radiologist, not accredited
         screening.queue(L1_DR)
     screening.accredit(
         "dr.short",
@@ -335,3 +337,23 @@ def test_the_l1_outcome_follows_the_programme() -> None:
     assert l1_outcome(reading(3, 1)) == "POSITIVE"
     assert l1_outcome(reading(5, 5, result="NEGATIVE")) == "NEGATIVE"
     assert l1_outcome(reading(1, 1, result="POSITIVE")) == "POSITIVE"
+
+
+def test_the_teleradiology_worklist_cannot_claim_a_screening_second_read(
+    screening: Screening,
+) -> None:
+    """A member of the L2 group coming through /api/worklist or UPS-RS was
+    not checked for accreditation nor against the first reader: the request
+    is not theirs to see; an admin sees it but claims it only through the
+    screening API."""
+    uid = exam(screening)
+    request_uid = screening.record_l1(uid, L1_DR, NEGATIVE).request_uid
+    member = Viewer("dr.l1", groups=frozenset({"screening-l2"}))
+    with pytest.raises(UpsError) as hidden:
+        screening.worklist.claim(request_uid, member)
+    assert hidden.value.code == "C307"
+    assert screening.worklist.listing(member, states=())[1] == 0
+    admin = Viewer("root", everything=True)
+    with pytest.raises(NotAllowed, match="/api/screening"):
+        screening.worklist.claim(request_uid, admin)
+    assert screening.worklist.get(request_uid, admin).state == SCHEDULED

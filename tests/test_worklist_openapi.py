@@ -33,6 +33,8 @@ from tests.dicomfiles import make_instance
 from tests.inprocess import InProcessImag, serving_in_process
 from worklist.documents import MAX_TEXT_CHARS
 from worklist.openapi import REQUESTS_API, Fragment, document
+from worklist.screening import Rule
+from worklist.screening_service import screening_of
 
 EXAMPLES = 50  # per operation and mode: the whole test stays well under a minute
 SITES = [{"name": "MQ-CHU", "time_zone": "America/Martinique"}]
@@ -64,7 +66,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessImag]:
             body = {"study_uid": result.study_uid, "site": "MQ-CHU", "fields": FIELDS}
             made = imag.http.post(imag.url + "/api/worklist/requests", json=body, timeout=30)
             assert made.status_code == 201, made.text
+        # a screening exam read at L1, so that the generated screening calls meet one too
+        recognise(imag, result.study_uid)
+        l1 = {"right": {"acr": 1, "density": "A"}, "left": {"acr": 2, "density": "B"}}
+        path = f"/api/screening/exams/{result.study_uid}/first-reading"
+        assert imag.http.post(imag.url + path, json=l1, timeout=30).status_code == 201
         yield imag
+
+
+def recognise(server: InProcessImag, study_uid: str) -> None:
+    """``study_uid`` as a screening exam (as the study.stable subscriber makes them)."""
+    assert server.archive is not None
+    screening_of(server.archive).recognise(
+        study_uid=study_uid, site="MQ-CHU", patient_ref=None, study_date=None, rule=Rule("test")
+    )
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
@@ -77,7 +92,10 @@ def test_no_generated_call_gets_a_server_error_or_an_undocumented_answer(
     auth = {"Authorization": f"Bearer {server.token}"}
     checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.label for op in operations} >= {"POST /api/worklist/requests/{uid}/claim"}
+    assert {op.label for op in operations} >= {
+        "POST /api/worklist/requests/{uid}/claim",
+        "POST /api/screening/exams/{study}/first-reading",
+    }
 
     for operation in operations:
 
@@ -103,7 +121,7 @@ def test_the_document_is_public_and_describes_every_mounted_route(server: InProc
         (route.method.lower(), route.resource.canonical)
         for route in server_routes(server)
         if route.resource is not None
-        and route.resource.canonical.startswith("/api/worklist/")
+        and route.resource.canonical.startswith(("/api/worklist/", "/api/screening/"))
         and route.method != "HEAD"
     }
     described = {(m, p) for p, ops in served["paths"].items() for m in ops}
@@ -114,6 +132,9 @@ def test_the_document_is_public_and_describes_every_mounted_route(server: InProc
         ("post", "/api/worklist/requests/{uid}/claim"),
         ("get", "/api/worklist/stats"),
         ("post", "/api/worklist/requests/{uid}/report/addenda/{number}/validate"),
+        ("get", "/api/screening/exams/{study}"),
+        ("post", "/api/screening/exams/{study}/verdict"),
+        ("put", "/api/screening/readers/{name}"),
     } <= described
 
 

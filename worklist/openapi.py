@@ -127,7 +127,7 @@ SCHEMAS: dict[str, Any] = {
             "study_uid": {"type": "string"},
             "site": {"type": "string"},
             "group": {"type": ["string", "null"]},
-            "kind": {"type": "string", "enum": ["read", "expertise"]},
+            "kind": {"type": "string", "enum": ["read", "expertise", "screening"]},
             "origin": {"type": "string"},
             "created_by": {"type": "string"},
             "state": {"type": "string", "enum": list(STATES)},

@@ -11,7 +11,7 @@ from importlib import resources
 from typing import TYPE_CHECKING
 
 from archive.config import Setting, as_bool, as_int, as_text
-from archive.events import Subscriber
+from archive.events import Event, Subscriber
 from archive.hookspecs import hookimpl
 from archive.index.migrate import Migrations
 
@@ -89,11 +89,60 @@ def imag_settings() -> list[Setting]:
             "alerted",
             cluster=True,
         ),
+        *_screening_letter_settings(),
         Setting(
             "worklist.xdm",
             False,
             as_bool,
             "deliver validated reports with an IHE XDM package (IHE_XDM.ZIP) beside the PDF",
+            cluster=True,
+        ),
+    ]
+
+
+def _screening_letter_settings() -> list[Setting]:
+    """The result letters' and programme indicators' settings
+    (:mod:`worklist.screening_letters`, :mod:`worklist.screening_stats`)."""
+    from worklist import screening_letters as letters
+
+    return [
+        Setting(
+            "screening.letter_subject",
+            letters.DEFAULT_SUBJECT,
+            letters.check_subject,
+            "subject of the screening result letters; placeholders: "
+            + ", ".join("{" + p + "}" for p in sorted(letters.PLACEHOLDERS)),
+            cluster=True,
+        ),
+        Setting(
+            "screening.letter_templates",
+            dict(letters.DEFAULT_TEMPLATES),
+            letters.check_templates,
+            "result letter per outcome (NEGATIVE, POSITIVE_L1, POSITIVE_L2, INADEQUATE; French "
+            "by default, an outcome not given keeps it), same placeholders as the subject "
+            "(env: JSON object)",
+            cluster=True,
+        ),
+        Setting(
+            "screening.coordination_address",
+            "",
+            letters.check_coordination_address,
+            "the screening coordination centre's mailbox: deadline alerts are mailed there "
+            "(empty: audited and counted only)",
+            cluster=True,
+        ),
+        Setting(
+            "screening.min_l1_per_year",
+            500,
+            as_int(0, 1_000_000),
+            "first readings a year under which a reader is flagged in the programme indicators",
+            cluster=True,
+        ),
+        Setting(
+            "screening.min_l2_per_year",
+            1500,
+            as_int(0, 1_000_000),
+            "second readings a year under which a reader is flagged in the programme indicators",
             cluster=True,
         ),
     ]
@@ -148,7 +197,10 @@ def imag_role_grants() -> dict[str, list[str]]:
     grants: dict[str, list[str]] = {
         role: [REQUEST] for role in ("site_admin", "technician", "radiologist")
     }
-    grants["radiologist"].append(FIRST_READ)
+    # a radiologist reads L1 at their site and, once accredited, L2 for the
+    # programme (most second readers are first readers too): the accreditation,
+    # not the role, is what opens the L2 queue
+    grants["radiologist"] += [FIRST_READ, "screening.read", "screening.write"]
     # the coordination centre: every exam, the indicators, the accreditations
     grants["screening_coordinator"] = [COORDINATE, "studies.read"]
     return grants
@@ -168,13 +220,24 @@ def imag_event_subscribers() -> list[Subscriber]:
     return [
         Subscriber("worklist-read-routes", ("study.stable",), on_stable),
         Subscriber("screening-exams", ("study.stable",), screening_on_stable),
+        # the result letters, queued with the delivery: exactly once per exam
+        Subscriber("screening-letters", (SCREENING_RESULT,), _screening_letters),
     ]
+
+
+def _screening_letters(archive: Archive, event: Event) -> None:
+    """The ``screening.result`` subscriber (:func:`worklist.screening_letters.on_result`)."""
+    from worklist.screening_letters import on_result
+
+    on_result(archive, event)
 
 
 @hookimpl
 def imag_routes(app: web.Application, archive: Archive) -> None:
     from worklist.http import add_routes
     from worklist.reports_http import add_routes as add_reports
+    from worklist.screening_http import add_routes as add_screening
+    from worklist.screening_stats_http import add_routes as add_screening_stats
     from worklist.stats_http import add_routes as add_stats
     from worklist.upsrs import add_routes as add_ups
 
@@ -182,3 +245,5 @@ def imag_routes(app: web.Application, archive: Archive) -> None:
     add_ups(app)
     add_stats(app)
     add_reports(app)
+    add_screening(app)
+    add_screening_stats(app)

@@ -137,32 +137,48 @@ class Viewer:
     sites: frozenset[str] = frozenset()
     groups: frozenset[str] = frozenset()
     everything: bool = False
+    #: a second reader checked by worklist.screening (role, accreditation, not
+    #: the first reader): only such a viewer reads screening requests
+    screening: bool = False
 
     @classmethod
     def system(cls, name: str = "imag") -> Viewer:
         return cls(name, everything=True)
 
     def clause(self, alias: str = "r") -> tuple[str, list[Any]]:
-        """SQL true for the requests this viewer may see."""
+        """SQL true for the requests this viewer may see.  Screening second
+        reads are seen by admins and checked second readers only: the site
+        follows the exam (its L2 reader is anonymous to it), and a member of
+        the L2 group who came through the teleradiology worklist or UPS-RS
+        was not checked for accreditation."""
         if self.everything:
             return "1 = 1", []
         parts, params = [], []
         if self.sites:
-            # a screening second read is not the site's to see: its reader is
-            # anonymous to the site, which follows the exam (worklist.screening)
-            parts.append(
-                f"({alias}.site IN ({', '.join('?' * len(self.sites))}) "
-                f"AND {alias}.kind <> 'screening')"
-            )
+            parts.append(f"{alias}.site IN ({', '.join('?' * len(self.sites))})")
             params.extend(sorted(self.sites))
         if self.groups:
             parts.append(f"{alias}.group_name IN ({', '.join('?' * len(self.groups))})")
             params.extend(sorted(self.groups))
-        return ("(" + " OR ".join(parts) + ")" if parts else "1 = 0"), params
+        if not parts:
+            return "1 = 0", params
+        kind = f"{alias}.kind {'=' if self.screening else '<>'} 'screening'"
+        return "((" + " OR ".join(parts) + f") AND {kind})", params
 
     def reads_for(self, group: str | None) -> bool:
         """May this viewer claim a request of ``group``?"""
         return self.everything or (group is not None and group in self.groups)
+
+    def check_kind(self, request: ReadRequest) -> None:
+        """A screening second read changes only through worklist.screening
+        (which checks the reader), whoever the caller is; and a screening
+        viewer changes nothing else."""
+        if (request.kind == "screening") != self.screening:
+            raise NotAllowed(
+                "a screening second reading is claimed and read through /api/screening"
+                if request.kind == "screening"
+                else "not a screening second reading"
+            )
 
 
 @dataclass(frozen=True)
@@ -540,6 +556,7 @@ class Worklist:
         """The requesting site fills in what a route-created request lacks
         (or corrects it while nobody reads it yet)."""
         current = self.get(uid, viewer)
+        viewer.check_kind(current)
         if not (viewer.everything or current.site in viewer.sites):
             raise NotAllowed("only the requesting site completes its request")
         if current.state != SCHEDULED:
@@ -569,6 +586,7 @@ class Worklist:
                 {"transaction_uid": "a DICOM UID: digits and dots, at most 64 characters"}
             )
         current = self.get(uid, viewer)
+        viewer.check_kind(current)
         if not viewer.reads_for(current.group):
             raise NotAllowed(
                 f"request {uid} is for the reading group {current.group!r}: only its members "
@@ -607,6 +625,7 @@ class Worklist:
         """The request, checked to be IN PROGRESS under ``transaction_uid``
         (C307, C300, C310, C301 otherwise); the lease is extended."""
         current = self.get(uid, viewer)
+        viewer.check_kind(current)
         self._check_holder(current, transaction_uid)
         now = self.clock.now()
         with self._transaction() as db:
@@ -645,6 +664,7 @@ class Worklist:
         self, uid: str, viewer: Viewer, transaction_uid: str | None, state: str
     ) -> ReadRequest:
         current = self.get(uid, viewer)
+        viewer.check_kind(current)
         if current.state == state and state in FINAL:
             raise UpsWarning("B306" if state == COMPLETED else "B304", current)
         self._check_holder(current, transaction_uid)
@@ -676,6 +696,7 @@ class Worklist:
         (``cancel_requested_*``; the caller notifies them) and decides.
         COMPLETED: C311; already canceled: :class:`UpsWarning` B304."""
         current = self.get(uid, viewer)
+        viewer.check_kind(current)
         if not (viewer.everything or current.site in viewer.sites):
             raise NotAllowed("only the requesting site cancels its request")
         if current.state == CANCELED:

@@ -185,9 +185,11 @@ class Exam:
     late_alerted_at: datetime | None
 
     def due(self, target: timedelta) -> datetime:
-        """When the result letter is due: ``target`` after the exam day began."""
+        """When the result letter becomes late: the end of the exam day +
+        ``target`` (UTC).  A letter sent on day 15 after the exam is within a
+        15-day target; one sent on day 16 exceeds it."""
         day = date.fromisoformat(self.exam_date)
-        return datetime(day.year, day.month, day.day, tzinfo=UTC) + target
+        return datetime(day.year, day.month, day.day, tzinfo=UTC) + target + timedelta(days=1)
 
     def as_dict(self, *, for_site: bool) -> dict[str, Any]:
         """The exam as the API shows it.  ``for_site``: the producing site's
@@ -304,7 +306,7 @@ class Screening:
                 f"{principal.name} has no current second-reader accreditation: the screening "
                 "coordination centre records it (accreditation dates)"
             )
-        return Viewer(principal.name, groups=frozenset({self.settings.l2_group}))
+        return Viewer(principal.name, groups=frozenset({self.settings.l2_group}), screening=True)
 
     def _visibility(self, principal: Principal) -> tuple[str, list[Any], bool]:
         """SQL over ``e`` for the exams ``principal`` may see, and whether it
@@ -521,8 +523,12 @@ class Screening:
     def _held(self, study_uid: str, principal: Principal) -> tuple[Exam, Viewer]:
         viewer = self.second_reader(principal)
         exam = self._row(self.db, study_uid)
-        if exam.request_uid is None or exam.state == AWAITING_L1:
-            raise ScreeningError("this exam has no second reading (its first one is not done)")
+        if exam.request_uid is None:
+            raise ScreeningError(
+                "this exam was closed at the first reading: it has no second reading"
+                if exam.state == CLOSED
+                else "this exam has no second reading yet: its first reading is not recorded"
+            )
         if exam.l1_reader == principal.name:
             raise NotAllowed("the first reader of an exam never reads it again at L2")
         return exam, viewer
