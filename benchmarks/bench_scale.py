@@ -151,6 +151,8 @@ def query_mix(deep_offset: int) -> list[QuerySpec]:
         QuerySpec(
             "StudyDate one year",
             lambda x, i: (s, {"StudyDate": f"{x.study.date[:4]}0101-{x.study.date[:4]}1231"}),
+            # C-FIND has no limit: ~1,000 rows at 10^5 instances
+            lambda x, i: {"StudyDate": f"{x.study.date[:4]}0101-{x.study.date[:4]}1231"},
         ),
         QuerySpec(
             "one week + CT",
