@@ -251,6 +251,14 @@ def _when(value: Any) -> datetime | None:
     return found if found.tzinfo else found.replace(tzinfo=UTC)
 
 
+def load_exam(db: Database, study_uid: str) -> Exam | None:
+    """The exam of ``study_uid`` as stored, whoever asks (the callers check)."""
+    row = db.query_one(
+        f"SELECT {_COLUMNS} FROM screening_exams e WHERE e.study_uid = ?", (study_uid,)
+    )
+    return None if row is None else _exam(row)
+
+
 def exam_date_of(study_date: str | None, fallback: datetime) -> str:
     """The exam's date (ISO) from the study's DICOM date, else ``fallback``'s day."""
     text = (study_date or "").strip()
@@ -366,12 +374,10 @@ class Screening:
         return [_exam(r) for r in rows], int(total or 0), as_site
 
     def _row(self, db: Database, study_uid: str) -> Exam:
-        row = db.query_one(
-            f"SELECT {_COLUMNS} FROM screening_exams e WHERE e.study_uid = ?", (study_uid,)
-        )
-        if row is None:
+        found = load_exam(db, study_uid)
+        if found is None:
             raise ScreeningError(f"no screening exam {study_uid}", 404)
-        return _exam(row)
+        return found
 
     # -- recognition -------------------------------------------------------------------------
 

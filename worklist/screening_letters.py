@@ -55,8 +55,7 @@ from archive.messaging.message import check_address
 from archive.security.audit import AuditEntry
 
 # the domain's own row reader (one definition of an exam row, not a copy)
-from worklist.screening import _COLUMNS as EXAM_COLUMNS
-from worklist.screening import CLOSED, DEADLINE_JOB, Exam, Settings, _exam
+from worklist.screening import CLOSED, DEADLINE_JOB, Exam, Settings, load_exam
 from worklist.screening_readings import OUTCOMES, RECIPIENTS
 
 if TYPE_CHECKING:
@@ -302,7 +301,7 @@ def send_letters(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
     now = archive.clock.now()
     settings = Settings.from_config(archive.config)
     with _transaction(db):
-        exam = _load(db, study_uid)
+        exam = load_exam(db, study_uid)
         if exam is None or exam.state != CLOSED or exam.outcome not in OUTCOMES:
             log.warning("no closed screening exam %s: no letters", study_uid)
             return []
@@ -400,7 +399,7 @@ def check_deadline(archive: Archive, payload: dict) -> None:
     itself again for the exam's due time."""
     db = archive.db
     study_uid = str(payload.get("study_uid") or "")
-    exam = _load(db, study_uid)
+    exam = load_exam(db, study_uid)
     if exam is None:
         log.warning("screening deadline of an unknown exam %s", study_uid)
         return
@@ -485,13 +484,6 @@ def _alert(archive: Archive, exam: Exam, now: datetime, *, letters_at: datetime 
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _load(db: Database, study_uid: str) -> Exam | None:
-    row = db.query_one(
-        f"SELECT {EXAM_COLUMNS} FROM screening_exams e WHERE e.study_uid = ?", (study_uid,)
-    )
-    return None if row is None else _exam(row)
 
 
 @contextmanager
