@@ -402,6 +402,13 @@ SETTINGS: list[Setting] = [
     ),
     Setting("dicom.max_pdu", 4 * 2**20, _size, "largest PDU we accept (bytes)"),
     Setting(
+        "dicom.lean_store",
+        True,
+        _bool,
+        "serve associations proposing only storage and verification on the lean asyncio "
+        "receive path (archive.dimse.lean); others, TLS and PROXY-protocol ones on pynetdicom",
+    ),
+    Setting(
         "dicom.network_timeout",
         60,
         _int(1, 3600),

@@ -102,13 +102,21 @@ class Target:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process ``pid`` and its waited-for children."""
+    """User + system CPU time of process ``pid`` and of its descendants (the
+    listener processes of ``dicom.processes``), running or waited for."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
     ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    total = ticks / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        total += sum(cpu_seconds(int(child)) or 0.0 for child in children)
+    return total
 
 
 def echo(host: str, port: int, aet: str) -> bool:

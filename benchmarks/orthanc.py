@@ -31,6 +31,7 @@ class Orthanc:
     dicom_port: int
     aet: str
     folder: Path
+    pid: int = 0  #: the Orthanc process (for its CPU time)
 
     def log_tail(self, chars: int = 3000) -> str:
         """The end of Orthanc's log (stdout and stderr)."""
@@ -98,7 +99,7 @@ def running_orthanc(extra: dict | None = None, auth: str = "") -> Iterator[Ortha
                         "Orthanc did not start: " + (folder / "orthanc.log").read_text()[-2000:]
                     ) from None
                 time.sleep(0.1)
-        yield Orthanc(url, dicom_port, "ORTHANC", folder)
+        yield Orthanc(url, dicom_port, "ORTHANC", folder, proc.pid)
     finally:
         proc.terminate()
         try:

@@ -13,7 +13,7 @@ import socket
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -24,7 +24,7 @@ from pynetdicom.sop_class import Verification
 
 from archive.codecs import convert_for
 from archive.dimse.identifiers import answer, query_from_identifier, retrieve_keys
-from archive.dimse.peers import Peer, PeerTable
+from archive.dimse.peers import Decision, Peer, PeerTable
 from archive.identity import Source
 from archive.index.catalog import Origin
 from archive.ingest import DIMSE_STATUS, IngestResult, store_audit_entry
@@ -144,27 +144,7 @@ class DicomServices:
         calling_aet = str(requestor.primitive.calling_ae_title or "").strip()
         decision = self.peers.check(calling_aet, requestor.address)
         if not decision.allowed:
-            ASSOCIATIONS.labels("rejected").inc()
-            log.warning(
-                "association rejected: %s",
-                decision.reason,
-                extra={
-                    "calling_aet": calling_aet,
-                    "address": requestor.address,
-                    "reason": decision.reason,
-                },
-            )
-            try:
-                self._audit_peer(
-                    calling_aet,
-                    requestor.address,
-                    None,
-                    "dicom.associate",
-                    "denied",
-                    detail={"reason": decision.reason},
-                )
-            except AuditUnavailable:
-                pass  # logged and counted; the association is refused all the same
+            refuse_peer(self.archive, decision, calling_aet, requestor.address)
             # Rejected permanent, by the service user: calling AE title not recognised
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             # As pynetdicom does for its own rejections: wait until the A-ASSOCIATE-RJ
@@ -227,23 +207,8 @@ class DicomServices:
         detail: dict | None = None,
         status: int | None = None,
     ) -> None:
-        """Write one audit entry for a peer.  Raises :class:`AuditUnavailable`
-        when it cannot be written: the caller refuses the operation (fail
-        closed) rather than serve it unaudited."""
-        role = None if peer is None else ("regional-peer" if peer.regional else "site-peer")
-        self.archive.audit.write(
-            AuditEntry(
-                aet or "unknown",
-                "peer",
-                action,
-                outcome,
-                role=role,
-                status=status,
-                study_uid=study_uid,
-                source=f"{aet}@{address}",
-                detail={**({"site": peer.site} if peer else {}), **(detail or {})},
-            )
-        )
+        """:func:`audit_peer` on this archive."""
+        audit_peer(self.archive, aet, address, peer, action, outcome, study_uid, detail, status)
 
     def _audit(
         self,
@@ -274,17 +239,6 @@ class DicomServices:
         peer = self._peer(event)
         return None if peer is None else peer.scope
 
-    def _source(self, event: evt.Event) -> Source:
-        peer = self._peer(event)
-        requestor = event.assoc.requestor
-        return Source(
-            kind="dicom",
-            site=peer.site if peer else self.archive.config["ingest.default_site"],
-            calling_aet=requestor.ae_title.strip(),
-            address=requestor.address,
-            scope=peer.scope if peer else None,
-        )
-
     # -- services -------------------------------------------------------------------
 
     def on_echo(self, event: evt.Event) -> int:
@@ -292,74 +246,26 @@ class DicomServices:
         return 0x0000
 
     def on_store(self, event: evt.Event) -> Dataset | int:
-        """Store one instance; answer only once it is durable, indexed and audited.
-
-        Each C-STORE has its own audit entry naming its SOP Instance UID.  For
-        an instance the pipeline commits (stored, replaced, or refused inside
-        the transaction) the pipeline's audit hook writes it in the same
-        transaction as the index row, from the source's ``origin``: a crash
-        loses both or neither.  Whatever is answered without a commit (refused
-        before storing, a duplicate, a conflict kept, an error) is audited
-        here, with the status it gets, before that status leaves; when the
-        entry cannot be written, no success or warning is sent (0xA700)."""
+        """Store one instance; answer only once it is durable, indexed and audited
+        (:func:`store_instance`, which the lean receive path calls too)."""
         started = time.perf_counter()
-        source = replace(self._source(event), origin=self._store_origin(event))
+        requestor = event.assoc.requestor
+        source = peer_source(
+            self.archive, self._peer(event), requestor.ae_title.strip(), requestor.address
+        )
         try:
-            data = event.encoded_dataset()
+            data: bytes | IngestResult = event.encoded_dataset()
         except Exception as exc:  # noqa: BLE001 - a dataset pynetdicom cannot frame
-            result = IngestResult(
-                None, code="unreadable", reason=f"cannot read the data set: {exc}"
-            )
-        else:
-            try:
-                result = self.archive.pipeline.ingest(data, source)
-            except Exception:  # noqa: BLE001 - the index or the store failed under us
-                log.exception("C-STORE could not be processed")
-                result = IngestResult(
-                    None, code="index-error", reason="the archive could not process the instance"
-                )
-        if not result.sop_instance_uid:
-            result.sop_instance_uid = str(event.request.AffectedSOPInstanceUID or "")
-        status, code, reason = result.dimse_status, result.code, result.reason
-        if not result.audited:
-            try:
-                assert source.origin is not None
-                self.archive.audit.write(store_audit_entry(source.origin, result))
-            except Exception:  # noqa: BLE001 - logged by the audit log; fail closed below
-                log.exception(
-                    "C-STORE audit entry not written",
-                    extra={"sop_instance_uid": result.sop_instance_uid},
-                )
-                if status == 0x0000 or 0xB000 <= status <= 0xBFFF:
-                    status, code = DIMSE_STATUS["audit-error"], "audit-error"
-                    reason = "the audit trail could not be written; retry later"
+            data = IngestResult(None, code="unreadable", reason=f"cannot read the data set: {exc}")
+        status, comment = store_instance(
+            self.archive, data, source, str(event.request.AffectedSOPInstanceUID or ""), started
+        )
         self._count(event, "stored" if status == 0x0000 else "store_failures")
         if status == 0x0000:
-            OPERATIONS.labels("C-STORE", "0x0000").inc()
-            OPERATION_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
             return 0x0000
-        return self._store_status(started, status, STORE_COMMENT.get(code, reason))
-
-    def _store_origin(self, event: evt.Event) -> Origin:
-        """Who is storing, as its audit entries name it (as :meth:`_audit` does)."""
-        peer = self._peer(event)
-        requestor = event.assoc.requestor
-        aet = requestor.ae_title.strip()
-        return Origin(
-            aet or "unknown",
-            "peer",
-            role=None if peer is None else ("regional-peer" if peer.regional else "site-peer"),
-            source=f"{aet}@{requestor.address}",
-            site=peer.site if peer else "",
-        )
-
-    @staticmethod
-    def _store_status(started: float, status: int, reason: str) -> Dataset:
-        OPERATIONS.labels("C-STORE", f"0x{status:04X}").inc()
-        OPERATION_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
         ds = Dataset()
         ds.Status = status
-        ds.ErrorComment = reason[:64]
+        ds.ErrorComment = comment
         return ds
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
@@ -538,6 +444,135 @@ class DicomServices:
             yield 0xFF00, ds
         OPERATIONS.labels(service, "done").inc()
         OPERATION_SECONDS.labels(service).observe(time.perf_counter() - started)
+
+
+def peer_source(archive: Archive, peer: Peer | None, aet: str, address: str) -> Source:
+    """Who is storing, for the ingest pipeline (site, scope) and for the audit
+    entry committed with each instance (``origin``, named as
+    :meth:`DicomServices._audit` names a peer).  One definition for the
+    pynetdicom handlers and the lean receive path."""
+    origin = Origin(
+        aet or "unknown",
+        "peer",
+        role=None if peer is None else ("regional-peer" if peer.regional else "site-peer"),
+        source=f"{aet}@{address}",
+        site=peer.site if peer else "",
+    )
+    return Source(
+        kind="dicom",
+        site=peer.site if peer else archive.config["ingest.default_site"],
+        calling_aet=aet,
+        address=address,
+        scope=peer.scope if peer else None,
+        origin=origin,
+    )
+
+
+def store_instance(
+    archive: Archive,
+    data: bytes | IngestResult,
+    source: Source,
+    affected_sop_instance_uid: str,
+    started: float,
+) -> tuple[int, str]:
+    """Ingest one C-STORE data set (a Part 10 byte string, or the refusal
+    already decided for it) and return the DIMSE status and ErrorComment
+    to answer with, once the instance is durable, indexed and audited.
+
+    Each C-STORE has its own audit entry naming its SOP Instance UID.  For
+    an instance the pipeline commits (stored, replaced, or refused inside
+    the transaction) the pipeline's audit hook writes it in the same
+    transaction as the index row, from the source's ``origin``: a crash
+    loses both or neither.  Whatever is answered without a commit (refused
+    before storing, a duplicate, a conflict kept, an error) is audited
+    here, with the status it gets, before that status leaves; when the
+    entry cannot be written, no success or warning is sent (0xA700).
+    Both receive paths (pynetdicom's handler, the lean asyncio one) call
+    this, so they answer alike."""
+    if isinstance(data, IngestResult):
+        result = data
+    else:
+        try:
+            result = archive.pipeline.ingest(data, source)
+        except Exception:  # noqa: BLE001 - the index or the store failed under us
+            log.exception("C-STORE could not be processed")
+            result = IngestResult(
+                None, code="index-error", reason="the archive could not process the instance"
+            )
+    if not result.sop_instance_uid:
+        result.sop_instance_uid = affected_sop_instance_uid
+    status, code, reason = result.dimse_status, result.code, result.reason
+    if not result.audited:
+        try:
+            assert source.origin is not None
+            archive.audit.write(store_audit_entry(source.origin, result))
+        except Exception:  # noqa: BLE001 - logged by the audit log; fail closed below
+            log.exception(
+                "C-STORE audit entry not written",
+                extra={"sop_instance_uid": result.sop_instance_uid},
+            )
+            if status == 0x0000 or 0xB000 <= status <= 0xBFFF:
+                status, code = DIMSE_STATUS["audit-error"], "audit-error"
+                reason = "the audit trail could not be written; retry later"
+    OPERATIONS.labels("C-STORE", f"0x{status:04X}").inc()
+    OPERATION_SECONDS.labels("C-STORE").observe(time.perf_counter() - started)
+    if status == 0x0000:
+        return 0x0000, ""
+    return status, STORE_COMMENT.get(code, reason)[:64]
+
+
+def refuse_peer(archive: Archive, decision: Decision, calling_aet: str, address: str) -> None:
+    """Log, count and audit an association refused by the peer table (the
+    caller sends the A-ASSOCIATE-RJ: permanent, service user, calling AE
+    title not recognised)."""
+    ASSOCIATIONS.labels("rejected").inc()
+    log.warning(
+        "association rejected: %s",
+        decision.reason,
+        extra={"calling_aet": calling_aet, "address": address, "reason": decision.reason},
+    )
+    try:
+        audit_peer(
+            archive,
+            calling_aet,
+            address,
+            None,
+            "dicom.associate",
+            "denied",
+            detail={"reason": decision.reason},
+        )
+    except AuditUnavailable:
+        pass  # logged and counted; the association is refused all the same
+
+
+def audit_peer(
+    archive: Archive,
+    aet: str,
+    address: str,
+    peer: Peer | None,
+    action: str,
+    outcome: str,
+    study_uid: str | None = None,
+    detail: dict | None = None,
+    status: int | None = None,
+) -> None:
+    """Write one audit entry for a peer.  Raises :class:`AuditUnavailable`
+    when it cannot be written: the caller refuses the operation (fail
+    closed) rather than serve it unaudited."""
+    role = None if peer is None else ("regional-peer" if peer.regional else "site-peer")
+    archive.audit.write(
+        AuditEntry(
+            aet or "unknown",
+            "peer",
+            action,
+            outcome,
+            role=role,
+            status=status,
+            study_uid=study_uid,
+            source=f"{aet}@{address}",
+            detail={**({"site": peer.site} if peer else {}), **(detail or {})},
+        )
+    )
 
 
 def _failure(status: int, comment: str) -> Dataset:

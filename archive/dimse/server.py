@@ -21,10 +21,12 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from archive import plugins
 from archive.dimse import proxyprotocol
+from archive.dimse.lean import LeanReceiver
 from archive.dimse.peers import PeerTable
 from archive.dimse.services import bindings
 from archive.runtime import Archive
@@ -55,6 +57,7 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 
 #: seconds for the ACSE exchanges of an association (release), after it is established
 ACSE_TIMEOUT = 30
+
 
 class PendingConnections:
     """The connections accepted whose A-ASSOCIATE-RQ has not arrived yet.
@@ -174,6 +177,10 @@ class ReusePortServer(ThreadedAssociationServer):
     sends a ClientHello would stop the listener accepting anyone."""
 
     pending: PendingConnections | None = None
+    #: the lean receive path (``dicom.lean_store``): plain-TCP connections not
+    #: from a balancer are handed to it, and come back when not for it
+    lean: LeanReceiver | None = None
+    _spawn_lock = threading.Lock()
     #: the load balancers whose connections start with a PROXY protocol
     #: header naming the client (``dicom.proxy_protocol``); empty: none
     balancers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -202,7 +209,25 @@ class ReusePortServer(ThreadedAssociationServer):
         if self.pending is not None and not self.pending.admit(request, peer):
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        if (
+            self.lean is not None
+            and type(request) is socket.socket
+            and not self.ssl_context
+            and not self._from_balancer(client_address)
+        ):
+            self.lean.handoff(request, client_address)
+            return
+        self.serve_on_pynetdicom(request, client_address)
+
+    def serve_on_pynetdicom(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        """Serve a connection in a pynetdicom thread of its own (also called
+        by the lean receiver's thread, for connections that are not for it)."""
+        with self._spawn_lock:
+            super().process_request(request, client_address)
 
     def process_request_thread(
         self,
@@ -258,7 +283,6 @@ class ReusePortServer(ThreadedAssociationServer):
                 return
         super().process_request_thread(request, client_address)
 
-
     def _from_balancer(self, client_address: tuple[str, int] | str) -> bool:
         if not self.balancers:
             return False
@@ -283,6 +307,8 @@ class AssociationSlots:
         self.pending = pending
         self.max_associations = max_associations
         self.acse_timeout = acse_timeout
+        #: associations in progress outside pynetdicom (the lean receive path)
+        self.elsewhere: Any = lambda: 0
         #: association → its socket (pynetdicom forgets it when it closes it)
         self._socket: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
@@ -311,15 +337,7 @@ class AssociationSlots:
         self.pending.done(sock)
         if sock is not None:
             sock.settimeout(None)  # an association: blocking, as pynetdicom expects
-        others = [
-            a
-            for a in assoc.ae.active_associations
-            if a.is_acceptor
-            and a is not assoc
-            and a.requestor.primitive is not None
-            and not (a.is_rejected or a.is_released or a.is_aborted)
-        ]
-        if len(others) < self.max_associations:
+        if self.in_progress(assoc.ae, assoc) + self.elsewhere() < self.max_associations:
             return
         CONNECTIONS_REFUSED.labels("association-limit").inc()
         log.warning(
@@ -330,6 +348,18 @@ class AssociationSlots:
         # Rejected transient, by the service provider (presentation): local limit exceeded
         assoc.acse.send_reject(0x02, 0x03, 0x02)
         assoc.kill()
+
+    @staticmethod
+    def in_progress(ae: AE, but: Any = None) -> int:
+        """pynetdicom's associations that got their request and go on (``but`` aside)."""
+        return sum(
+            1
+            for a in ae.active_associations
+            if a.is_acceptor
+            and a is not but
+            and a.requestor.primitive is not None
+            and not (a.is_rejected or a.is_released or a.is_aborted)
+        )
 
     def on_established(self, event: evt.Event) -> None:
         event.assoc.acse_timeout = self.acse_timeout  # the association's own, from now on
@@ -366,14 +396,20 @@ class DicomServer:
         self.ae.dimse_timeout = config["dicom.network_timeout"]
         self.ae.require_called_aet = config["dicom.check_called_aet"]
         services = plugins.listed("imag_dicom_services", config=config)
+        #: abstract syntaxes some service serves: never on the lean path
+        #: (only Verification and storage are, as pynetdicom would store them)
+        self.claimed: set[str] = set()
         for service in services:
             for abstract_syntax, syntaxes in service.contexts:
                 self.ae.add_supported_context(abstract_syntax, syntaxes)
+                if str(abstract_syntax) != Verification:
+                    self.claimed.add(str(abstract_syntax))
         self.peers = PeerTable(config["dicom.peers"], config["dicom.accept_unknown"])
         self.service_handlers = bindings(services, archive, self.peers, self.aet)
         self.slots = AssociationSlots(self.pending, max_associations, ACSE_TIMEOUT)
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
+        self.lean: LeanReceiver | None = None
 
     @property
     def port(self) -> int:
@@ -405,6 +441,22 @@ class DicomServer:
             ssl_context=ssl_context,
         )
         self._server.pending = self.pending  # before it accepts anyone
+        if config["dicom.lean_store"] and ssl_context is None:
+            server = self._server
+            self.lean = LeanReceiver(
+                self.archive,
+                self.peers,
+                self.aet,
+                claimed=frozenset(self.claimed),
+                pending=self.pending,
+                max_associations=config["dicom.max_associations"],
+                elsewhere=lambda: AssociationSlots.in_progress(self.ae),
+                handback=server.serve_on_pynetdicom,  # type: ignore[attr-defined]
+                refused=lambda reason: CONNECTIONS_REFUSED.labels(reason).inc(),
+            )
+            self.slots.elsewhere = lambda: self.lean.active if self.lean else 0
+            self.lean.start()
+            self._server.lean = self.lean
         self._server.balancers = tuple(
             ipaddress.ip_network(a, strict=False) for a in config["dicom.proxy_protocol"]
         )
@@ -414,7 +466,13 @@ class DicomServer:
         self._thread.start()
         log.info(
             "DICOM listening",
-            extra={"host": host, "port": self.port, "aet": self.aet, "tls": bool(ssl_context)},
+            extra={
+                "host": host,
+                "port": self.port,
+                "aet": self.aet,
+                "tls": bool(ssl_context),
+                "lean_store": self.lean.event_loop_name if self.lean else "off",
+            },
         )
 
     def ensure_listening(self) -> None:
@@ -423,8 +481,12 @@ class DicomServer:
             raise RuntimeError("the DICOM listener is not running")
         if self._server.socket.fileno() < 0:
             raise RuntimeError("the DICOM listening socket is closed")
+        if self.lean is not None and not self.lean.alive():
+            raise RuntimeError("the lean DICOM receive loop is not running")
 
     def stop(self) -> None:
         """Stop accepting, abort the associations in progress."""
         self.ae.shutdown()
+        if self.lean is not None:
+            self.lean.stop()
         self._server = None

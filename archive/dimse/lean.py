@@ -1,0 +1,924 @@
+"""The lean C-STORE receive path: storage and verification associations on asyncio.
+
+pynetdicom serves an association with two Python threads that poll each other
+with 1 ms sleeps and copy every PDU while decoding it: about 3.5 ms of CPU for
+a 512 KB CT slice, which caps what one process ingests.  Most associations a
+PACS receives only *store* (and echo).  For those this module runs the
+association on one asyncio event loop (uvloop when it is importable): PDUs are
+read into a preallocated staging buffer, or -- for the bulk of a data set --
+straight into the buffer that becomes the stored object, so the P-DATA
+fragments of a data set are reassembled without a copy per fragment and
+without a bytes object per PDU.  The complete object (file meta + data set as
+received) then goes to :func:`archive.dimse.handlers.store_instance`, the one
+function pynetdicom's handler calls too: the same ingest pipeline, peer table
+and site scope, the same audit entry per C-STORE and the same DIMSE statuses.
+The C-STORE-RSP leaves only once it returned (durable, indexed, audited).
+
+What is reused from pynetdicom rather than rewritten: the association PDU
+classes (A-ASSOCIATE-RQ decoding, A-ASSOCIATE-AC/RJ encoding), the
+presentation-context negotiation (``negotiate_unrestricted``, as the
+pynetdicom listener runs it with ``UNRESTRICTED_STORAGE_SERVICE``) and the
+file meta of the stored object (``create_file_meta``, so both paths store the
+same bytes).  The per-C-STORE work is done here: P-DATA-TF framing and the
+few group 0000 elements of a C-STORE/C-ECHO request and response (a
+pydicom Dataset round trip through pynetdicom's message classes cost more
+than the rest of this path per instance; the tests check the bytes are the
+ones pynetdicom would send).
+
+Dispatch.  The pynetdicom listener still accepts every connection (its
+pending-connection limit and associate timeout apply as before) and hands
+plain-TCP ones to :meth:`LeanReceiver.handoff`.  The receiver peeks at the
+A-ASSOCIATE-RQ (``MSG_PEEK``, at most :data:`RQ_MAX` bytes, within what is
+left of ``dicom.associate_timeout``) without consuming it.  Only a request
+whose every proposed abstract syntax is Verification or a storage SOP class
+(standard, private or unknown: what pynetdicom would accept as storage) and
+that carries no role selection, user identity or asynchronous operations
+item is served here.  Anything else -- query/retrieve, worklist, storage
+commitment, a request we cannot decode, noise, a connection closed or silent
+before its request -- goes back, untouched (nothing read from it), to the
+pynetdicom server exactly as its ``process_request`` would have served it.
+
+Not on this path in this slice: **TLS** (``dicom.tls_cert``) and connections
+from **PROXY-protocol** balancers (``dicom.proxy_protocol``) stay on
+pynetdicom, whose code already does the handshake and the header within the
+associate timeout.  Large objects are still held whole in memory (as on
+pynetdicom); bytes beyond ``ingest.max_object_bytes`` are discarded as they
+arrive and the C-STORE is refused (0xA700), so one object never takes more
+memory than that limit.
+
+``dicom.lean_store = false`` turns the path off (every association on
+pynetdicom).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom import sop_class as sop_classes
+from pynetdicom._globals import APPLICATION_CONTEXT_NAME
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+    SOPClassCommonExtendedNegotiation,
+    SOPClassExtendedNegotiation,
+    UserIdentityNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
+from pynetdicom.sop_class import Verification
+
+from archive.dimse.handlers import (
+    ACTIVE,
+    ASSOCIATIONS,
+    OPERATIONS,
+    AssociationLog,
+    peer_source,
+    refuse_peer,
+    store_instance,
+)
+from archive.dimse.peers import Peer, PeerTable
+from archive.dimse.services import COMMAND_SYNTAXES
+from archive.ingest import IngestResult
+from archive.runtime import Archive
+
+try:  # a faster event loop where it is installed; asyncio's own otherwise
+    import uvloop  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the environment
+    uvloop = None
+
+log = logging.getLogger(__name__)
+
+#: the largest A-ASSOCIATE-RQ looked at here (128 contexts take ~15 KB);
+#: a longer one goes to pynetdicom
+RQ_MAX = 64 * 1024
+#: the staging buffer PDUs are read into (a data set's bulk bypasses it)
+STAGE = 256 * 1024
+#: a PDV with at least this much data left is read straight into the object
+DIRECT_MIN = 16 * 1024
+#: a command set larger than this is not a command set
+COMMAND_MAX = 64 * 1024
+#: a control PDU (release, abort) body larger than this is hostile
+CONTROL_MAX = 1024
+#: seconds an association refused or released waits for the peer to close
+#: before the connection is closed from here (pynetdicom's ARTIM)
+ARTIM = 5.0
+#: the data set of a C-STORE that has none
+NO_DATASET = 0x0101
+
+C_STORE_RQ_FIELD = 0x0001
+C_ECHO_RQ_FIELD = 0x0030
+
+# PDU states
+_PDU_HEADER, _PDV_HEADER, _PDV_DATA, _CONTROL, _DONE = range(5)
+
+#: A-ABORT PDUs (source 2: service provider), by reason
+_ABORT = {
+    reason: b"\x07\x00\x00\x00\x00\x04\x00\x00\x02" + bytes([reason])
+    for reason in (0x00, 0x01, 0x02, 0x04, 0x05, 0x06)
+}
+_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+_STORAGE_UIDS = frozenset(sop_classes._STORAGE_CLASSES.values())  # noqa: SLF001
+_NOT_LEAN_ITEMS = (
+    SCP_SCU_RoleSelectionNegotiation,
+    UserIdentityNegotiation,
+    AsynchronousOperationsWindowNegotiation,
+    SOPClassExtendedNegotiation,
+    SOPClassCommonExtendedNegotiation,
+)
+
+
+def storage_like(uid: UID) -> bool:
+    """An abstract syntax pynetdicom's unrestricted storage service accepts as
+    storage: a storage SOP class, a private one, or one it does not know."""
+    return uid.is_private or uid in _STORAGE_UIDS or not hasattr(sop_classes, uid.keyword)
+
+
+def lean_request(pdu: bytes, claimed: frozenset[str]) -> A_ASSOCIATE | None:
+    """The decoded A-ASSOCIATE-RQ ``pdu`` when the lean path serves it (only
+    Verification and storage contexts, none ``claimed`` by another service,
+    no negotiation item it does not handle); None: pynetdicom's."""
+    if len(pdu) < 6 or pdu[0] != 0x01:
+        return None
+    try:
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(pdu)
+        primitive = rq.to_primitive()
+    except Exception:  # noqa: BLE001 - pynetdicom answers what it cannot decode
+        return None
+    if rq.protocol_version != 0x0001:
+        return None
+    if str(primitive.application_context_name) != APPLICATION_CONTEXT_NAME:
+        return None
+    contexts = primitive.presentation_context_definition_list
+    if not contexts:
+        return None
+    for cx in contexts:
+        uid = UID(str(cx.abstract_syntax))
+        if uid in claimed:
+            return None
+        if uid != Verification and not storage_like(uid):
+            return None
+    if any(isinstance(item, _NOT_LEAN_ITEMS) for item in primitive.user_information):
+        return None
+    return primitive
+
+
+class LeanReceiver:
+    """The asyncio event loop (in its own thread) serving lean associations.
+
+    ``handback(sock, address)`` gives a connection that is not for this path
+    to the pynetdicom server; ``elsewhere()`` counts the associations in
+    progress there, so that ``dicom.max_associations`` bounds both paths
+    together; ``claimed`` are the abstract syntaxes another DICOM service
+    serves (never here); ``refused(reason)`` counts a refused association
+    as the listener's ``imag_dicom_connections_refused_total`` does."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        peers: PeerTable,
+        aet: str,
+        *,
+        claimed: frozenset[str],
+        pending: Any,
+        max_associations: int,
+        elsewhere: Callable[[], int],
+        handback: Callable[[socket.socket, Any], None],
+        refused: Callable[[str], None],
+    ) -> None:
+        config = archive.config
+        self.archive = archive
+        self.peers = peers
+        self.aet = aet
+        self.claimed = claimed
+        self.refused = refused
+        self.pending = pending
+        self.max_associations = max_associations
+        self.elsewhere = elsewhere
+        self.handback = handback
+        self.check_called_aet: bool = config["dicom.check_called_aet"]
+        self.max_pdu: int = config["dicom.max_pdu"]
+        self.network_timeout: float = config["dicom.network_timeout"]
+        self.max_object: int = config["ingest.max_object_bytes"]
+        #: lean associations established (read by the pynetdicom slots)
+        self.active = 0
+        self.associations: set[LeanAssociation] = set()
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_associations + 2, thread_name_prefix="imag-lean-ingest"
+        )
+        self.loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="imag-dicom-lean", daemon=True)
+
+    @property
+    def event_loop_name(self) -> str:
+        return type(self.loop).__module__.split(".")[0]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.loop.is_running()
+
+    def stop(self) -> None:
+        """Abort the lean associations, stop the loop, wait for ingests in flight."""
+
+        def abort_all() -> None:
+            for assoc in list(self.associations):
+                assoc.abort(0x00)
+            self.loop.call_later(0.05, self.loop.stop)
+
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(abort_all)
+            self._thread.join(10)
+        self.executor.shutdown(wait=True)
+        if not self.loop.is_running():
+            self.loop.close()
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def handoff(self, sock: socket.socket, address: Any) -> None:
+        """Called from the accepting thread: look at the connection here."""
+        self.loop.call_soon_threadsafe(self._spawn, sock, address)
+
+    def _spawn(self, sock: socket.socket, address: Any) -> None:
+        self.loop.create_task(self._dispatch(sock, address))
+
+    async def _dispatch(self, sock: socket.socket, address: Any) -> None:
+        try:
+            pdu = await self._peek_request(sock)
+            primitive = lean_request(pdu, self.claimed) if pdu else None
+        except Exception:  # noqa: BLE001 - whatever went wrong, pynetdicom decides
+            log.exception("lean DICOM dispatch failed")
+            primitive = None
+        if primitive is None:
+            sock.setblocking(True)
+            self.handback(sock, address)
+            return
+        assert pdu is not None
+        try:
+            _consume(sock, len(pdu))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            self.pending.done(sock)
+            sock.close()
+            return
+        self.pending.done(sock)
+        peer_address = address[0] if isinstance(address, tuple) else str(address)
+        try:
+            _, assoc = await self.loop.connect_accepted_socket(
+                lambda: LeanAssociation(self, peer_address), sock
+            )
+        except OSError:
+            sock.close()
+            return
+        try:
+            await assoc.negotiate(primitive)
+        except Exception:  # noqa: BLE001 - one association's failure stops only it
+            log.exception("lean DICOM association negotiation failed")
+            assoc.abort(0x00)
+
+    async def _peek_request(self, sock: socket.socket) -> bytes | None:
+        """The whole A-ASSOCIATE-RQ, peeked (not consumed); None when it is
+        not one we look at (too long, not a request, the peer closed, or it
+        did not arrive in time)."""
+        sock.setblocking(False)
+        deadline = self.loop.time() + self.pending.remaining(sock)
+        delay = 0.001
+        while True:
+            try:
+                data = sock.recv(RQ_MAX + 6, socket.MSG_PEEK)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                return None
+            if data is not None:
+                if not data or data[0] != 0x01:
+                    return None
+                if len(data) >= 6:
+                    length = int.from_bytes(data[2:6], "big")
+                    if length > RQ_MAX:
+                        return None
+                    if len(data) >= 6 + length:
+                        return data[: 6 + length]
+            left = deadline - self.loop.time()
+            if left <= 0:
+                return None
+            if data is None:  # nothing yet: wait until readable
+                await self._readable(sock, left)
+            else:  # part of it: the rest is on its way (readiness would spin)
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 0.05)
+
+    async def _readable(self, sock: socket.socket, timeout: float) -> None:
+        ready = self.loop.create_future()
+        fd = sock.fileno()
+        self.loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self.loop.remove_reader(fd)
+
+    def in_progress(self) -> int:
+        return self.active + self.elsewhere()
+
+
+def _consume(sock: socket.socket, n: int) -> None:
+    """Read the ``n`` bytes peeked already (they are in the socket buffer)."""
+    while n > 0:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise OSError("closed")
+        n -= len(chunk)
+
+
+class LeanAssociation(asyncio.BufferedProtocol):
+    """One association: A-ASSOCIATE negotiation, then C-ECHO and C-STORE.
+
+    Bytes arrive through :meth:`get_buffer` / :meth:`buffer_updated` into
+    :attr:`stage`, parsed by a small state machine (PDU header, PDV header,
+    PDV data, control PDU body); while a PDV of a data set has
+    :data:`DIRECT_MIN` bytes or more left, the socket is read straight into
+    the object being received.  Reading pauses while an instance is being
+    ingested (a peer without asynchronous operations sends nothing until it
+    has its response), which bounds the memory an association takes."""
+
+    def __init__(self, receiver: LeanReceiver, address: str) -> None:
+        self.receiver = receiver
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self.stage = bytearray(STAGE)
+        self.view = memoryview(self.stage)
+        self.start = 0
+        self.end = 0
+        self.state = _PDU_HEADER
+        self.pdu_left = 0  # bytes of the current P-DATA-TF body not yet parsed
+        self.pdv_left = 0  # data bytes of the current PDV not yet taken
+        self.pdv_command = False
+        self.pdv_last = False
+        self.control_type = 0
+        self.control_left = 0
+        self.command = bytearray()
+        # the C-STORE being received
+        self.store_request: Command | None = None
+        self.store_context = 0
+        self.dataset: bytearray | None = None
+        self.fill = 0
+        self.discarded = 0
+        self.direct: memoryview | None = None
+        self.size_hint = 0  # the last object's size: objects of a series are alike
+        self.waiting = False  # an instance is being ingested: reading paused
+        self.established = False
+        self.closed = False
+        self.contexts: dict[int, PresentationContext] = {}
+        self.peer_max_pdu = 0
+        self.peer: Peer | None = None
+        self.calling_aet = ""
+        self.record: AssociationLog | None = None
+        self.activity = 0
+        self._seen = 0
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.receiver.associations.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.receiver.associations.discard(self)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self.direct = None
+        if self.established:
+            self.established = False
+            self.receiver.active -= 1
+            ACTIVE.dec()
+            if not self.waiting:
+                self._log_end()  # else once the instance in flight is answered
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self.direct = None  # a read that found nothing (EAGAIN) leaves its view behind
+        if (
+            self.state == _PDV_DATA
+            and not self.pdv_command
+            and self.dataset is not None
+            and self.start == self.end
+            and self.pdv_left >= DIRECT_MIN
+            and not self.discarded
+            and self._room(self.pdv_left)
+        ):
+            self.direct = memoryview(self.dataset)[self.fill : self.fill + self.pdv_left]
+            return self.direct
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif STAGE - self.end < 4096:  # move the unparsed tail (a few bytes) to the front
+            n = self.end - self.start
+            self.stage[:n] = bytes(self.view[self.start : self.end])
+            self.start, self.end = 0, n
+        return self.view[self.end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.activity += 1
+        if self.direct is not None:
+            # dropped, not released: the event loop may still hold it (uvloop
+            # does until this returns), so the object must not be resized here
+            self.direct = None
+            self.fill += nbytes
+            self.pdv_left -= nbytes
+            if self.pdv_left == 0:
+                self._pdv_done()
+            if not self.waiting:
+                self._parse()
+            return
+        self.end += nbytes
+        self._parse()
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    # -- negotiation -------------------------------------------------------------------------
+
+    async def negotiate(self, rq: A_ASSOCIATE) -> None:
+        """Answer the A-ASSOCIATE-RQ: the association limit, the peer table
+        and the called AE title as the pynetdicom listener checks them, with
+        the same A-ASSOCIATE-RJ reasons, then the presentation contexts."""
+        receiver = self.receiver
+        self.calling_aet = str(rq.calling_ae_title or "").strip()
+        if receiver.in_progress() >= receiver.max_associations:
+            receiver.refused("association-limit")
+            log.warning(
+                "association refused: dicom.max_associations (%d) associations in progress",
+                receiver.max_associations,
+                extra={"address": self.address, "limit": receiver.max_associations},
+            )
+            self._reject(rq, 0x02, 0x03, 0x02)  # transient, presentation: local limit exceeded
+            return
+        decision = receiver.peers.check(self.calling_aet, self.address)
+        if not decision.allowed:
+            await receiver.loop.run_in_executor(
+                receiver.executor,
+                refuse_peer,
+                receiver.archive,
+                decision,
+                self.calling_aet,
+                self.address,
+            )
+            self._reject(rq, 0x01, 0x01, 0x03)  # permanent, user: calling AE not recognised
+            return
+        if receiver.check_called_aet and str(rq.called_ae_title).strip() != receiver.aet:
+            self._reject(rq, 0x01, 0x01, 0x07)  # permanent, user: called AE not recognised
+            return
+        if self.closed:
+            return
+        self.peer = decision.peer
+        self.peer_max_pdu = rq.maximum_length_received or 0
+        supported = [PresentationContext()]
+        supported[0].abstract_syntax = Verification
+        supported[0].transfer_syntax = list(COMMAND_SYNTAXES)
+        result, _ = negotiate_unrestricted(rq.presentation_context_definition_list, supported, {})
+        self.contexts = {int(cx.context_id): cx for cx in result if cx.result == 0x00}
+        ac = A_ASSOCIATE()
+        ac.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+        ac.calling_ae_title = rq.calling_ae_title
+        ac.called_ae_title = rq.called_ae_title
+        ac.result = 0x00
+        ac.result_source = 0x01
+        ac.presentation_context_definition_results_list = result
+        ac.user_information = _acceptor_user_information(receiver.max_pdu)
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(ac)
+        self.established = True
+        receiver.active += 1
+        ASSOCIATIONS.labels("accepted").inc()
+        ACTIVE.inc()
+        self.record = AssociationLog(self.calling_aet, self.address, time.monotonic())
+        self._write(pdu.encode())
+        self._arm_watchdog()
+
+    def _reject(self, rq: A_ASSOCIATE, result: int, source: int, diagnostic: int) -> None:
+        if self.closed or self.transport is None:
+            return
+        rj = A_ASSOCIATE()
+        rj.result = result
+        rj.result_source = source
+        rj.diagnostic = diagnostic
+        pdu = A_ASSOCIATE_RJ()
+        pdu.from_primitive(rj)
+        self.state = _DONE
+        self._write(pdu.encode())
+        # as pynetdicom: the peer closes once it read the rejection (ARTIM otherwise)
+        self.receiver.loop.call_later(ARTIM, self._close)
+
+    # -- the byte stream ---------------------------------------------------------------------
+
+    def _parse(self) -> None:
+        stage, view = self.stage, self.view
+        while not self.waiting and not self.closed:
+            start, avail = self.start, self.end - self.start
+            state = self.state
+            if state == _PDV_DATA:
+                if not avail:
+                    return
+                take = avail if avail < self.pdv_left else self.pdv_left
+                self._take(view[start : start + take])
+                self.start = start + take
+                self.pdv_left -= take
+                if self.pdv_left == 0:
+                    self._pdv_done()
+            elif state == _PDV_HEADER:
+                if self.pdu_left < 6:
+                    return self.abort(0x06)  # a P-DATA-TF body that is no PDV
+                if avail < 6:
+                    return
+                item = int.from_bytes(view[start : start + 4], "big")
+                context_id, control = stage[start + 4], stage[start + 5]
+                self.start = start + 6
+                if item < 2 or item + 4 > self.pdu_left:
+                    return self.abort(0x06)
+                self.pdu_left -= item + 4
+                self.pdv_left = item - 2
+                self.pdv_command = bool(control & 1)
+                self.pdv_last = bool(control & 2)
+                if not self._pdv_begins(context_id):
+                    return
+                self.state = _PDV_DATA
+                if self.pdv_left == 0:
+                    self._pdv_done()
+            elif state == _PDU_HEADER:
+                if avail < 6:
+                    return
+                kind = stage[start]
+                length = int.from_bytes(view[start + 2 : start + 6], "big")
+                self.start = start + 6
+                if not self.established:
+                    return self.abort(0x02)
+                if kind == 0x04:
+                    if length > self.receiver.max_pdu + 6 or length < 6:
+                        # more than we announced (or nothing): bounded memory, abort
+                        return self.abort(0x06)
+                    self.pdu_left = length
+                    self.state = _PDV_HEADER
+                elif kind in (0x05, 0x07):
+                    if length > CONTROL_MAX:
+                        return self.abort(0x06)
+                    self.control_type, self.control_left = kind, length
+                    self.state = _CONTROL
+                elif kind in (0x01, 0x02, 0x03, 0x06):
+                    return self.abort(0x02)  # unexpected PDU
+                else:
+                    return self.abort(0x01)  # unrecognised PDU
+            elif state == _CONTROL:
+                if avail < self.control_left:
+                    return
+                self.start = start + self.control_left
+                return self._control(self.control_type)
+            else:  # _DONE: refused or released, whatever comes is ignored
+                self.start = self.end
+                return
+
+    def _pdv_begins(self, context_id: int) -> bool:
+        if context_id not in self.contexts:
+            self.abort(0x06)
+            return False
+        if self.pdv_command:
+            if self.dataset is not None or len(self.command) + self.pdv_left > COMMAND_MAX:
+                self.abort(0x06)
+                return False
+            self.command_context = context_id
+        elif self.dataset is None or context_id != self.store_context:
+            self.abort(0x06)  # a data set nobody announced, or on another context
+            return False
+        return True
+
+    def _take(self, data: memoryview) -> None:
+        if self.pdv_command:
+            self.command += data
+            return
+        n = len(data)
+        if self.discarded or not self._room(n):
+            self.discarded += n
+            return
+        assert self.dataset is not None
+        self.dataset[self.fill : self.fill + n] = data
+        self.fill += n
+
+    def _room(self, n: int) -> bool:
+        """Make room for ``n`` more bytes of the object; False beyond the
+        object size limit (the rest of it is then counted, not kept)."""
+        dataset = self.dataset
+        assert dataset is not None
+        need = self.fill + n
+        if need > self.receiver.max_object:
+            return False
+        if need > len(dataset):
+            grow = max(need, min(2 * len(dataset), self.receiver.max_object)) - len(dataset)
+            dataset.extend(bytes(grow))
+        return True
+
+    def _pdv_done(self) -> None:
+        self.state = _PDV_HEADER if self.pdu_left else _PDU_HEADER
+        if not self.pdv_last:
+            return
+        if self.pdv_command:
+            self._command_complete()
+        else:
+            self._dataset_complete()
+
+    def _control(self, kind: int) -> None:
+        self.state = _DONE
+        if kind == 0x05:  # A-RELEASE-RQ
+            if self.record is not None:
+                self.record.ended = "released"
+            self._write(_RELEASE_RP)
+            self.receiver.loop.call_later(ARTIM, self._close)
+        else:  # A-ABORT
+            if self.record is not None:
+                self.record.ended = "aborted"
+            self._close()
+
+    # -- DIMSE -------------------------------------------------------------------------------
+
+    def _command_complete(self) -> None:
+        try:
+            command = Command.read(self.command)
+        except ValueError:
+            return self.abort(0x06)  # not a command set
+        self.command = bytearray()
+        context = self.contexts[self.command_context]
+        if command.field == C_ECHO_RQ_FIELD:
+            OPERATIONS.labels("C-ECHO", "0x0000").inc()
+            rsp = echo_response(command.message_id)
+            self._send(rsp, self.command_context)
+            return
+        if command.field != C_STORE_RQ_FIELD or command.data_set_type == NO_DATASET:
+            return self.abort(0x02)  # not a service of this association
+        sop_class = UID(command.sop_class_uid)
+        sop_instance = UID(command.sop_instance_uid)
+        self.store_request = command
+        self.store_context = self.command_context
+        meta = b"\x00" * 128 + b"DICM"
+        meta += encode_file_meta(
+            create_file_meta(
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_instance,
+                transfer_syntax=UID(str(context.transfer_syntax[0])),
+            )
+        )
+        self.dataset = bytearray(max(len(meta) + self.size_hint, 64 * 1024))
+        self.dataset[: len(meta)] = meta
+        self.fill = len(meta)
+        self.discarded = 0
+
+    def _dataset_complete(self) -> None:
+        started = time.perf_counter()
+        dataset, request = self.dataset, self.store_request
+        assert dataset is not None and request is not None
+        self.dataset = None
+        self.store_request = None
+        affected = request.sop_instance_uid
+        data: bytes | IngestResult
+        if self.discarded:
+            size = self.fill + self.discarded
+            # the pipeline's own refusal of an object over the limit
+            data = IngestResult(
+                None,
+                code="too-large",
+                reason=f"the object is {size} bytes, over the limit of "
+                f"{self.receiver.max_object} (setting ingest.max_object_bytes)",
+            )
+        else:
+            self.size_hint = self.fill
+            # the pipeline takes bytes (immutable while it parses, hashes and
+            # stores them): one copy of the whole object, none per fragment
+            data = bytes(memoryview(dataset)[: self.fill])
+            del dataset
+        self.discarded = 0
+        self.waiting = True
+        assert self.transport is not None
+        self.transport.pause_reading()
+        receiver = self.receiver
+        source = peer_source(receiver.archive, self.peer, self.calling_aet, self.address)
+        future = receiver.loop.run_in_executor(
+            receiver.executor, store_instance, receiver.archive, data, source, affected, started
+        )
+        context = self.store_context
+        future.add_done_callback(lambda f: self._stored(f, request, context))
+
+    def _stored(self, future: asyncio.Future, request: Command, context_id: int) -> None:
+        self.waiting = False
+        try:
+            status, comment = future.result()
+        except Exception:  # noqa: BLE001 - store_instance answers failures itself
+            log.exception("lean C-STORE failed")
+            status, comment = 0xA700, "the archive could not process the instance"
+        if self.record is not None:
+            if status == 0x0000:
+                self.record.stored += 1
+            else:
+                self.record.store_failures += 1
+        if self.closed:
+            self._log_end()
+            return
+        self._send(store_response(request, status, comment), context_id)
+        assert self.transport is not None
+        self.transport.resume_reading()
+        self._parse()  # whatever arrived with the last PDU
+
+    def _send(self, command: bytes, context_id: int) -> None:
+        """A command set (no data set follows) in P-DATA-TF PDUs no longer
+        than the peer's maximum."""
+        self._write(p_data_pdus(command, context_id, self.peer_max_pdu))
+
+    # -- ending ------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def abort(self, reason: int) -> None:
+        """Send an A-ABORT (service provider, ``reason``) and close."""
+        if self.closed:
+            return
+        self.state = _DONE
+        if self.record is not None:
+            self.record.ended = "aborted"
+        self._write(_ABORT[reason])
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def _log_end(self) -> None:
+        if self.record is not None:
+            record, self.record = self.record, None
+            # the pynetdicom handlers' line, saying which path served it
+            log.info("association ended", extra={**record.fields(record.ended), "path": "lean"})
+
+    def _arm_watchdog(self) -> None:
+        """Abort an association silent for ``dicom.network_timeout`` (not
+        while we are ingesting: the wait is then ours)."""
+        period = min(5.0, self.receiver.network_timeout / 4)
+        idle = [0.0]
+
+        def check() -> None:
+            if self.closed:
+                return
+            if self.waiting or self.activity != self._seen:
+                self._seen, idle[0] = self.activity, 0.0
+            else:
+                idle[0] += period
+                if idle[0] >= self.receiver.network_timeout:
+                    log.warning(
+                        "DICOM association aborted: silent for dicom.network_timeout (%d s)",
+                        self.receiver.network_timeout,
+                        extra={"calling_aet": self.calling_aet, "address": self.address},
+                    )
+                    return self.abort(0x00)
+            self._watchdog = self.receiver.loop.call_later(period, check)
+
+        self._watchdog = self.receiver.loop.call_later(period, check)
+
+
+def _acceptor_user_information(max_pdu: int) -> list:
+    """Our maximum PDU length and implementation, as pynetdicom announces them."""
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    uid = ImplementationClassUIDNotification()
+    uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    return [length, uid, version]
+
+
+# -- DIMSE command sets ------------------------------------------------------------------------
+#
+# A command set is a handful of group 0000 elements in implicit VR little
+# endian.  Reading and writing them here costs a few microseconds where
+# pydicom's Dataset round trip (and pynetdicom's message classes on top of it)
+# cost a few hundred per C-STORE; tests check both encodings are the same bytes.
+
+_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+@dataclass(frozen=True)
+class Command:
+    """The fields of a request command set this path acts on."""
+
+    field: int
+    message_id: int
+    data_set_type: int
+    sop_class_uid: str
+    sop_instance_uid: str
+
+    @classmethod
+    def read(cls, data: bytes | bytearray) -> Command:
+        """Parse a command set; ValueError when it is not one."""
+        values: dict[int, bytes] = {}
+        pos, end = 0, len(data)
+        while pos < end:
+            if pos + 8 > end:
+                raise ValueError("a truncated element")
+            group, element, length = _ELEMENT.unpack_from(data, pos)
+            pos += 8
+            if group != 0 or pos + length > end:
+                raise ValueError("not a command set element")
+            values[element] = bytes(data[pos : pos + length])
+            pos += length
+
+        def us(element: int, default: int | None = None) -> int:
+            value = values.get(element)
+            if value is None or len(value) != 2:
+                if default is None:
+                    raise ValueError(f"no (0000,{element:04X})")
+                return default
+            return _US.unpack(value)[0]
+
+        def ui(element: int) -> str:
+            return values.get(element, b"").rstrip(b"\0 ").decode("ascii", "replace")
+
+        return cls(
+            field=us(0x0100),
+            message_id=us(0x0110, 0),
+            data_set_type=us(0x0800, NO_DATASET),
+            sop_class_uid=ui(0x0002),
+            sop_instance_uid=ui(0x1000),
+        )
+
+
+def _ui(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+def _command_set(elements: list[tuple[int, bytes]]) -> bytes:
+    body = b"".join(_ELEMENT.pack(0, element, len(value)) + value for element, value in elements)
+    return _ELEMENT.pack(0, 0x0000, 4) + len(body).to_bytes(4, "little") + body
+
+
+def store_response(request: Command, status: int, comment: str = "") -> bytes:
+    """The C-STORE-RSP command set answering ``request``."""
+    elements = [
+        (0x0002, _ui(request.sop_class_uid)),
+        (0x0100, _US.pack(0x8001)),
+        (0x0120, _US.pack(request.message_id)),
+        (0x0800, _US.pack(NO_DATASET)),
+        (0x0900, _US.pack(status)),
+    ]
+    if comment:
+        text = comment[:64].encode("ascii", "replace")
+        elements.append((0x0902, text + b" " if len(text) % 2 else text))
+    elements.append((0x1000, _ui(request.sop_instance_uid)))
+    return _command_set(elements)
+
+
+def echo_response(message_id: int) -> bytes:
+    """The C-ECHO-RSP command set (success) answering message ``message_id``."""
+    return _command_set(
+        [
+            (0x0002, _ui(Verification)),
+            (0x0100, _US.pack(0x8030)),
+            (0x0120, _US.pack(message_id)),
+            (0x0800, _US.pack(NO_DATASET)),
+            (0x0900, _US.pack(0x0000)),
+        ]
+    )
+
+
+def p_data_pdus(command: bytes, context_id: int, max_pdu: int) -> bytes:
+    """``command`` in P-DATA-TF PDUs of at most ``max_pdu`` bytes (0: no
+    limit), each one PDV, the last flagged as such."""
+    room = len(command) if max_pdu <= 0 else max(1, max_pdu - 6)
+    out = bytearray()
+    for start in range(0, len(command), room):
+        fragment = command[start : start + room]
+        last = start + room >= len(command)
+        out += b"\x04\x00" + (len(fragment) + 6).to_bytes(4, "big")
+        out += (len(fragment) + 2).to_bytes(4, "big")
+        out += bytes((context_id, 0x03 if last else 0x01)) + fragment
+    return bytes(out)
