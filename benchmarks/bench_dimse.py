@@ -21,7 +21,11 @@
 ``--receive`` chooses IMAG's C-STORE receive path (``dicom.lean_store``): the
 lean asyncio one, pynetdicom's, or both side by side (default).  Each C-STORE
 row also reports the server's CPU time per instance (user + system of the
-server process, read from /proc before and after the push).
+server process, read from /proc before and after the push) and its peak
+memory during the push: the peak RSS (VmHWM, reset through
+/proc/PID/clear_refs just before the push) of the server process plus that of
+each of its listener processes (``dicom.processes``), in MiB.  The memory of
+one large object received is measured by ``benchmarks.bench_big_store``.
 
 Extra IMAG settings also come from IMAG_BENCH_IMAG_ENV ("K=V K2=V2"); the
 PostgreSQL server from IMAG_BENCH_PG_URL (default
@@ -117,6 +121,46 @@ def cpu_seconds(pid: int) -> float | None:
             continue
         total += sum(cpu_seconds(int(child)) or 0.0 for child in children)
     return total
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (listener processes), as /proc lists them now."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            out += process_tree(int(child))
+    return out
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start the peak RSS (VmHWM) of ``pid`` and its descendants afresh from
+    their current RSS (Linux: ``5`` written to /proc/PID/clear_refs)."""
+    for p in process_tree(pid):
+        try:
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+        except OSError:  # not ours, or gone: its lifetime peak is reported
+            pass
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def memory_mib(pid: int, key: str = "VmHWM") -> float | None:
+    """``key`` (VmHWM: peak RSS; VmRSS: now) of ``pid`` plus its descendants, MiB."""
+    values = [_status_kib(p, key) for p in process_tree(pid)]
+    known = [v for v in values if v is not None]
+    return sum(known) / 1024 if known else None
 
 
 def echo(host: str, port: int, aet: str) -> bool:
@@ -267,6 +311,7 @@ class StoreResult:
     stored: int | None = None
     errors: list[str] = field(default_factory=list)
     cpu: float | None = None  #: server CPU seconds during the push
+    peak_rss: float | None = None  #: MiB, peak RSS of the server (+ listeners) during the push
 
     @property
     def cpu_ms_per_instance(self) -> float | None:
@@ -344,9 +389,12 @@ def measure_store(
     n = len(folders)
     progress(f"  {target.label}: C-STORE {expected} files over {n} association(s) ...")
     cpu_before = cpu_seconds(target.pid) if target.pid else None
+    if target.pid:
+        reset_peak_rss(target.pid)
     wall, problems = storescu(target, folders, logs, options)
     cpu_after = cpu_seconds(target.pid) if target.pid else None
     result = StoreResult(target.label, n, wall, expected, errors=problems)
+    result.peak_rss = memory_mib(target.pid) if target.pid else None
     if cpu_before is not None and cpu_after is not None:
         result.cpu = cpu_after - cpu_before
     try:
@@ -363,6 +411,7 @@ def measure_store(
         progress(
             f"  {target.label}: {wall:.2f} s, {expected / wall:.1f} inst/s"
             + (f", {cpu:.2f} ms CPU/inst" if cpu is not None else "")
+            + (f", peak RSS {result.peak_rss:.0f} MiB" if result.peak_rss is not None else "")
         )
     return result
 
@@ -655,8 +704,12 @@ def report(
     print("vs Orthanc = IMAG / Orthanc throughput at the same association count (>1: IMAG faster)")
     print("CPU ms/inst = the server process's user + system CPU time during the push / instances")
     print(
+        "peak RSS = the server's peak resident memory during the push, MiB (VmHWM reset "
+        "before it; listener processes added)"
+    )
+    print(
         f"{'archive':26} {'assoc':>5} {'wall s':>8} {'inst/s':>8} {'MB/s':>8} {'vs Orthanc':>10} "
-        f"{'CPU ms/inst':>11}"
+        f"{'CPU ms/inst':>11} {'peak RSS':>8}"
     )
     for r in stores:
         if not r.ok:
@@ -668,7 +721,8 @@ def report(
         print(
             f"{r.label:26} {r.associations:5} {r.wall:8.2f} {count / r.wall:8.1f} "
             f"{total_mb / r.wall:8.1f} {_ratio(ratio):>10} "
-            f"{(f'{cpu:.2f}' if cpu is not None else '-'):>11}"
+            f"{(f'{cpu:.2f}' if cpu is not None else '-'):>11} "
+            f"{(f'{r.peak_rss:.0f}' if r.peak_rss is not None else '-'):>8}"
         )
     if finds:
         print()

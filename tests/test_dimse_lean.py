@@ -198,7 +198,8 @@ def test_storescu_over_one_association_with_16kb_pdus_is_served_lean_and_stored_
     )
     assert run.returncode == 0 and "Store Failed" not in run.stdout, run.stdout
     assert_stored_as_sent(server, {uid_of(p): p for p in ct_files})
-    [line] = lean_lines(server)[before:]
+    # the association's line is written once the server saw the connection close
+    [line] = eventually(lambda: lean_lines(server)[before:], what="the association's log line")
     assert field(line, "stored") == str(len(ct_files))
     assert field(line, "outcome") == "released" and field(line, "calling_aet") == "MODALITY_A"
     # one audit entry per C-STORE, naming its instance, the sender and its site
@@ -303,6 +304,7 @@ def test_four_parallel_storescu_push_every_transfer_syntax_stored_bit_identical(
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0 and "Store Failed" not in out, out
     assert_stored_as_sent(server, mixed)
+    eventually(lambda: len(lean_lines(server)) >= before + 4, what="the associations' log lines")
     lines = lean_lines(server)[before:]
     assert len(lines) == 4
     assert sum(int(field(ln, "stored")) for ln in lines) == len(mixed)
@@ -327,7 +329,8 @@ def test_pynetdicom_scu_echoes_and_stores_objects_larger_than_a_4mib_pdu(lean: L
     finally:
         assoc.release()
         ae.shutdown()
-    [line] = lean_lines(server)[before:]
+    # the association's line is written once the server saw the connection close
+    [line] = eventually(lambda: lean_lines(server)[before:], what="the association's log line")
     assert field(line, "stored") == "2"
     store = open_store((server.data_dir / "objects").as_uri())
     try:
@@ -642,6 +645,7 @@ def test_an_object_over_the_size_limit_is_refused_out_of_resources_and_the_assoc
 ) -> None:
     big = ct_dataset(rows=256)  # 128 KiB of pixels, over the 64 KiB limit
     small = ct_dataset(rows=32, seed=3)
+    before = len(lean_lines(limited))
     ae, assoc = associate(limited)
     try:
         status = assoc.send_c_store(big)
@@ -654,7 +658,7 @@ def test_an_object_over_the_size_limit_is_refused_out_of_resources_and_the_assoc
     assert not indexed(limited, big.SOPInstanceUID)
     assert not stored_objects(limited, big.SOPInstanceUID)
     assert indexed(limited, small.SOPInstanceUID)
-    line = lean_lines(limited)[-1]
+    [line] = eventually(lambda: lean_lines(limited)[before:], what="the association's log line")
     assert (field(line, "stored"), field(line, "store_failures")) == ("1", "1")
 
 

@@ -14,6 +14,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -470,13 +471,14 @@ def peer_source(archive: Archive, peer: Peer | None, aet: str, address: str) -> 
 
 def store_instance(
     archive: Archive,
-    data: bytes | IngestResult,
+    data: bytes | Path | IngestResult,
     source: Source,
     affected_sop_instance_uid: str,
     started: float,
 ) -> tuple[int, str]:
-    """Ingest one C-STORE data set (a Part 10 byte string, or the refusal
-    already decided for it) and return the DIMSE status and ErrorComment
+    """Ingest one C-STORE data set (a Part 10 byte string, a Part 10 file
+    streamed from disk -- a large object the lean path spooled --, or the
+    refusal already decided for it) and return the DIMSE status and ErrorComment
     to answer with, once the instance is durable, indexed and audited.
 
     Each C-STORE has its own audit entry naming its SOP Instance UID.  For
@@ -493,7 +495,10 @@ def store_instance(
         result = data
     else:
         try:
-            result = archive.pipeline.ingest(data, source)
+            if isinstance(data, Path):
+                result = archive.pipeline.ingest_file(data, source)
+            else:
+                result = archive.pipeline.ingest(data, source)
         except Exception:  # noqa: BLE001 - the index or the store failed under us
             log.exception("C-STORE could not be processed")
             result = IngestResult(

@@ -41,10 +41,25 @@ pynetdicom server exactly as its ``process_request`` would have served it.
 Not on this path in this slice: **TLS** (``dicom.tls_cert``) and connections
 from **PROXY-protocol** balancers (``dicom.proxy_protocol``) stay on
 pynetdicom, whose code already does the handshake and the header within the
-associate timeout.  Large objects are still held whole in memory (as on
-pynetdicom); bytes beyond ``ingest.max_object_bytes`` are discarded as they
-arrive and the C-STORE is refused (0xA700), so one object never takes more
-memory than that limit.
+associate timeout.
+
+Large objects.  A data set is received in memory up to
+``ingest.stream_threshold``; once it passes that size, what was received and
+every further fragment go to a temporary file in the archive's spool folder
+(``<data_dir>/tmp``, where STOW-RS spools its parts too), written in
+:data:`SPOOL_CHUNK` pieces by the ingest threads while reading from that peer
+is paused (as it is while an instance is ingested), so the event loop never
+waits on the disk and one association holds at most the threshold (then one
+chunk) in memory, whatever the object's size.  The complete file goes to the
+pipeline's streaming entry point (``IngestPipeline.ingest_file``, through the
+same :func:`~archive.dimse.handlers.store_instance`) and is deleted once the
+C-STORE is answered, or as soon as the association is cut or aborted.  Each
+spool file is ``flock``-ed by the process writing it, so the files a killed
+process left are told apart from those live receivers (other listener
+processes) are writing: :func:`sweep_spool` deletes the former when a
+receiver starts or stops.  Bytes beyond ``ingest.max_object_bytes`` are
+discarded as they arrive (a spool file begun is deleted then) and the
+C-STORE is refused (0xA700).
 
 ``dicom.lean_store = false`` turns the path off (every association on
 pynetdicom).
@@ -54,13 +69,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import logging
+import os
 import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
@@ -120,6 +140,11 @@ CONTROL_MAX = 1024
 ARTIM = 5.0
 #: the data set of a C-STORE that has none
 NO_DATASET = 0x0101
+#: once a data set is spooled, the piece of it held in memory between two
+#: writes to the spool file
+SPOOL_CHUNK = 4 * 2**20
+#: the names of the lean path's spool files in ``<data_dir>/tmp``
+SPOOL_PREFIX = "dimse-"
 
 C_STORE_RQ_FIELD = 0x0001
 C_ECHO_RQ_FIELD = 0x0030
@@ -217,6 +242,12 @@ class LeanReceiver:
         self.max_pdu: int = config["dicom.max_pdu"]
         self.network_timeout: float = config["dicom.network_timeout"]
         self.max_object: int = config["ingest.max_object_bytes"]
+        threshold: int = config["ingest.stream_threshold"]
+        #: the most of one data set held in memory: beyond it, spooled to a file
+        #: (no spooling when the size limit comes first)
+        self.memory_cap = min(threshold, self.max_object)
+        self.spooling = threshold < self.max_object
+        self.spool_dir: Path = config.data_dir / "tmp"
         #: lean associations established (read by the pynetdicom slots)
         self.active = 0
         self.associations: set[LeanAssociation] = set()
@@ -231,6 +262,7 @@ class LeanReceiver:
         return type(self.loop).__module__.split(".")[0]
 
     def start(self) -> None:
+        sweep_spool(self.spool_dir)  # what a killed process left
         self._thread.start()
 
     def _run(self) -> None:
@@ -254,6 +286,7 @@ class LeanReceiver:
         self.executor.shutdown(wait=True)
         if not self.loop.is_running():
             self.loop.close()
+        sweep_spool(self.spool_dir)  # a spool file whose clean-up the stopped loop missed
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -345,6 +378,17 @@ class LeanReceiver:
         return self.active + self.elsewhere()
 
 
+_ZEROS = memoryview(bytes(2**20))
+
+
+def _grow(buffer: bytearray, size: int) -> None:
+    """Extend ``buffer`` to ``size`` bytes (zeros) a MiB at a time: extending
+    by ``bytes(n)`` would hold ``n`` more bytes for a moment, half again the
+    peak memory of a large object received in memory."""
+    while (short := size - len(buffer)) > 0:
+        buffer += _ZEROS[:short]
+
+
 def _consume(sock: socket.socket, n: int) -> None:
     """Read the ``n`` bytes peeked already (they are in the socket buffer)."""
     while n > 0:
@@ -352,6 +396,100 @@ def _consume(sock: socket.socket, n: int) -> None:
         if not chunk:
             raise OSError("closed")
         n -= len(chunk)
+
+
+class Spool:
+    """A spool file being written: its descriptor holds an exclusive
+    ``flock`` until the file is deleted, which tells :func:`sweep_spool` the
+    file is live.  Opened, written and dropped in the ingest threads."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd, name = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                break
+            os.close(fd)  # a sweep deleted it between its creation and our lock
+        self.fd: int | None = fd
+        self.path = Path(name)
+
+    def write(self, data: memoryview) -> None:
+        assert self.fd is not None
+        while data:
+            data = data[os.write(self.fd, data) :]
+
+    def drop(self) -> None:
+        """Delete the file (then release the lock)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def sweep_spool(folder: Path) -> int:
+    """Delete the lean path's spool files nobody holds: those of a process
+    killed while receiving (a live receiver's, in this or another listener
+    process, are locked and stay).  Returns how many were deleted."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(SPOOL_PREFIX)]
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        path = folder / name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()
+            removed += 1
+        except OSError:  # locked: being written; or already gone
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("left-over C-STORE spool files deleted", extra={"files": removed})
+    return removed
+
+
+def _spool_write(spool: Spool | None, folder: Path, data: memoryview) -> Spool:
+    """Write ``data`` to ``spool`` (begun in ``folder`` when None); in an
+    ingest thread."""
+    target = spool if spool is not None else Spool(folder)
+    try:
+        target.write(data)
+    except BaseException:
+        target.drop()
+        raise
+    return target
+
+
+def _store_spooled(
+    archive: Archive,
+    spool: Spool,
+    tail: memoryview,
+    source: Any,
+    affected: str,
+    started: float,
+) -> tuple[int, str]:
+    """Write the last piece of a spooled data set, ingest the file (streamed,
+    never loaded whole) and delete it; in an ingest thread."""
+    try:
+        data: Path | IngestResult
+        try:
+            spool.write(tail)
+            data = spool.path
+        except OSError:
+            log.exception("a C-STORE data set could not be spooled to disk")
+            data = IngestResult(
+                None, code="storage-error", reason="the archive could not spool the object"
+            )
+        return store_instance(archive, data, source, affected, started)
+    finally:
+        spool.drop()
 
 
 class LeanAssociation(asyncio.BufferedProtocol):
@@ -363,7 +501,8 @@ class LeanAssociation(asyncio.BufferedProtocol):
     :data:`DIRECT_MIN` bytes or more left, the socket is read straight into
     the object being received.  Reading pauses while an instance is being
     ingested (a peer without asynchronous operations sends nothing until it
-    has its response), which bounds the memory an association takes."""
+    has its response), which bounds the memory an association takes, and
+    while a piece of a large data set is written to its spool file."""
 
     def __init__(self, receiver: LeanReceiver, address: str) -> None:
         self.receiver = receiver
@@ -384,9 +523,13 @@ class LeanAssociation(asyncio.BufferedProtocol):
         # the C-STORE being received
         self.store_request: Command | None = None
         self.store_context = 0
-        self.dataset: bytearray | None = None
+        self.dataset: bytearray | None = None  # in memory (all, or the piece not yet spooled)
         self.fill = 0
-        self.discarded = 0
+        self.spool: Spool | None = None  # the file a large data set goes to
+        self.spooled = 0  # bytes of the data set in the spool file
+        self.flushing = False  # a piece is being written to the spool file: reading paused
+        self.discarded = 0  # refused data set: its size so far (nothing of it kept)
+        self.refusal = ""  # why: too-large, or storage-error (the spool file failed)
         self.direct: memoryview | None = None
         self.size_hint = 0  # the last object's size: objects of a series are alike
         self.waiting = False  # an instance is being ingested: reading paused
@@ -413,6 +556,8 @@ class LeanAssociation(asyncio.BufferedProtocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.direct = None
+        if self.spool is not None and not self.flushing:
+            self._drop_spool()  # a data set cut off (when flushing: once written)
         if self.established:
             self.established = False
             self.receiver.active -= 1
@@ -428,11 +573,14 @@ class LeanAssociation(asyncio.BufferedProtocol):
             and self.dataset is not None
             and self.start == self.end
             and self.pdv_left >= DIRECT_MIN
-            and not self.discarded
-            and self._room(self.pdv_left)
+            and not self.refusal
+            and not self.flushing
+            and self.spooled + self.fill + self.pdv_left <= self.receiver.max_object
         ):
-            self.direct = memoryview(self.dataset)[self.fill : self.fill + self.pdv_left]
-            return self.direct
+            room = min(self._space(self.pdv_left), self.pdv_left)
+            if room >= DIRECT_MIN:
+                self.direct = memoryview(self.dataset)[self.fill : self.fill + room]
+                return self.direct
         if self.start == self.end:
             self.start = self.end = 0
         elif STAGE - self.end < 4096:  # move the unparsed tail (a few bytes) to the front
@@ -537,14 +685,14 @@ class LeanAssociation(asyncio.BufferedProtocol):
 
     def _parse(self) -> None:
         stage, view = self.stage, self.view
-        while not self.waiting and not self.closed:
+        while not self.waiting and not self.flushing and not self.closed:
             start, avail = self.start, self.end - self.start
             state = self.state
             if state == _PDV_DATA:
                 if not avail:
                     return
                 take = avail if avail < self.pdv_left else self.pdv_left
-                self._take(view[start : start + take])
+                take = self._take(view[start : start + take])  # 0: written to disk first
                 self.start = start + take
                 self.pdv_left -= take
                 if self.pdv_left == 0:
@@ -614,30 +762,94 @@ class LeanAssociation(asyncio.BufferedProtocol):
             return False
         return True
 
-    def _take(self, data: memoryview) -> None:
+    def _take(self, data: memoryview) -> int:
+        """Keep ``data`` (part of a PDV); returns how much of it was taken:
+        less when the in-memory piece of the object is full and goes to the
+        spool file first (the rest is taken once it is written)."""
+        n = len(data)
         if self.pdv_command:
             self.command += data
-            return
-        n = len(data)
-        if self.discarded or not self._room(n):
-            self.discarded += n
-            return
-        assert self.dataset is not None
-        self.dataset[self.fill : self.fill + n] = data
-        self.fill += n
-
-    def _room(self, n: int) -> bool:
-        """Make room for ``n`` more bytes of the object; False beyond the
-        object size limit (the rest of it is then counted, not kept)."""
+            return n
+        if self.refusal or self.spooled + self.fill + n > self.receiver.max_object:
+            self._discard(n, "too-large")
+            return n
         dataset = self.dataset
         assert dataset is not None
-        need = self.fill + n
-        if need > self.receiver.max_object:
-            return False
-        if need > len(dataset):
-            grow = max(need, min(2 * len(dataset), self.receiver.max_object)) - len(dataset)
-            dataset.extend(bytes(grow))
-        return True
+        room = self._space(n)
+        if room == 0:
+            self._flush()
+            return 0
+        if room < n:
+            n, data = room, data[:room]
+        dataset[self.fill : self.fill + n] = data
+        self.fill += n
+        return n
+
+    def _space(self, n: int) -> int:
+        """Room for up to ``n`` more bytes in the in-memory piece of the
+        object, grown (up to ``memory_cap`` while nothing is spooled) when
+        short; 0: full, write it to the spool file first."""
+        dataset = self.dataset
+        assert dataset is not None
+        size, need = len(dataset), self.fill + n
+        if need > size and self.spool is None:
+            cap = max(self.receiver.memory_cap, size)
+            if size < cap:
+                _grow(dataset, min(max(need, 2 * size), cap))
+        return len(dataset) - self.fill
+
+    def _discard(self, n: int, why: str) -> None:
+        """Refuse the data set being received: count ``n`` more bytes of it
+        and keep none (memory released, a spool file deleted)."""
+        if not self.refusal:
+            self.discarded = self.spooled + self.fill
+            self.refusal = why
+            self.dataset = bytearray()
+            self.fill = self.spooled = 0
+            if self.spool is not None:
+                self._drop_spool()
+        self.discarded += n
+
+    def _flush(self) -> None:
+        """Write the in-memory piece of the data set to its spool file (begun
+        now if need be) in an ingest thread; reading waits meanwhile."""
+        assert self.transport is not None and self.dataset is not None
+        self.flushing = True
+        self.transport.pause_reading()
+        receiver, piece = self.receiver, memoryview(self.dataset)[: self.fill]
+        future = receiver.loop.run_in_executor(
+            receiver.executor, _spool_write, self.spool, receiver.spool_dir, piece
+        )
+        future.add_done_callback(lambda f: self._flushed(f, piece))
+
+    def _flushed(self, future: asyncio.Future, piece: memoryview) -> None:
+        self.flushing = False
+        written = len(piece)
+        del piece  # (not released: a traceback may still hold a slice of it)
+        try:
+            self.spool = future.result()
+        except Exception:  # noqa: BLE001 - the disk failed (full?): refuse this object
+            log.exception("a C-STORE data set could not be spooled to disk")
+            self.spool = None  # _spool_write deleted it
+            if not self.closed:
+                self._discard(0, "storage-error")
+        else:
+            self.spooled += written
+            self.fill = 0
+            if len(self.dataset or b"") != SPOOL_CHUNK:
+                self.dataset = bytearray(SPOOL_CHUNK)  # from now on, a chunk at a time
+        if self.closed:
+            if self.spool is not None:
+                self._drop_spool()
+            return
+        assert self.transport is not None
+        self.transport.resume_reading()
+        self._parse()
+
+    def _drop_spool(self) -> None:
+        spool, self.spool = self.spool, None
+        if spool is not None:
+            self.receiver.executor.submit(spool.drop)
 
     def _pdv_done(self) -> None:
         self.state = _PDV_HEADER if self.pdu_left else _PDU_HEADER
@@ -688,10 +900,11 @@ class LeanAssociation(asyncio.BufferedProtocol):
                 transfer_syntax=UID(str(context.transfer_syntax[0])),
             )
         )
-        self.dataset = bytearray(max(len(meta) + self.size_hint, 64 * 1024))
+        size = max(len(meta) + self.size_hint, 64 * 1024)
+        self.dataset = bytearray(max(min(size, self.receiver.memory_cap), len(meta)))
         self.dataset[: len(meta)] = meta
         self.fill = len(meta)
-        self.discarded = 0
+        self.spooled = self.discarded = 0
 
     def _dataset_complete(self) -> None:
         started = time.perf_counter()
@@ -700,31 +913,41 @@ class LeanAssociation(asyncio.BufferedProtocol):
         self.dataset = None
         self.store_request = None
         affected = request.sop_instance_uid
-        data: bytes | IngestResult
-        if self.discarded:
-            size = self.fill + self.discarded
+        receiver = self.receiver
+        source = peer_source(receiver.archive, self.peer, self.calling_aet, self.address)
+        spool, self.spool = self.spool, None
+        job: Callable[[], tuple[int, str]]
+        if self.refusal == "too-large":
             # the pipeline's own refusal of an object over the limit
-            data = IngestResult(
+            refused = IngestResult(
                 None,
                 code="too-large",
-                reason=f"the object is {size} bytes, over the limit of "
-                f"{self.receiver.max_object} (setting ingest.max_object_bytes)",
+                reason=f"the object is {self.discarded} bytes, over the limit of "
+                f"{receiver.max_object} (setting ingest.max_object_bytes)",
             )
+            job = partial(store_instance, receiver.archive, refused, source, affected, started)
+        elif self.refusal:
+            failed = IngestResult(
+                None, code=self.refusal, reason="the archive could not spool the object"
+            )
+            job = partial(store_instance, receiver.archive, failed, source, affected, started)
+        elif spool is not None:  # the last piece is written with the file's ingest
+            self.size_hint = self.spooled + self.fill
+            tail = memoryview(dataset)[: self.fill]
+            job = partial(_store_spooled, receiver.archive, spool, tail, source, affected, started)
         else:
             self.size_hint = self.fill
             # the pipeline takes bytes (immutable while it parses, hashes and
             # stores them): one copy of the whole object, none per fragment
-            data = bytes(memoryview(dataset)[: self.fill])
-            del dataset
-        self.discarded = 0
+            whole = bytes(memoryview(dataset)[: self.fill])
+            job = partial(store_instance, receiver.archive, whole, source, affected, started)
+        del dataset
+        self.discarded = self.spooled = self.fill = 0
+        self.refusal = ""
         self.waiting = True
         assert self.transport is not None
         self.transport.pause_reading()
-        receiver = self.receiver
-        source = peer_source(receiver.archive, self.peer, self.calling_aet, self.address)
-        future = receiver.loop.run_in_executor(
-            receiver.executor, store_instance, receiver.archive, data, source, affected, started
-        )
+        future = receiver.loop.run_in_executor(receiver.executor, job)
         context = self.store_context
         future.add_done_callback(lambda f: self._stored(f, request, context))
 
@@ -788,7 +1011,7 @@ class LeanAssociation(asyncio.BufferedProtocol):
         def check() -> None:
             if self.closed:
                 return
-            if self.waiting or self.activity != self._seen:
+            if self.waiting or self.flushing or self.activity != self._seen:
                 self._seen, idle[0] = self.activity, 0.0
             else:
                 idle[0] += period
