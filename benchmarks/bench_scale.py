@@ -443,14 +443,21 @@ def _identifier(keys: dict[str, str]) -> Dataset:
     return ds
 
 
-def _cfind(assoc: Any, ds: Dataset) -> int:
+def _cfind(assoc: Any, ds: Dataset, cancel_after: int | None = None) -> int:
+    """The matches of one C-FIND; past ``cancel_after`` a C-CANCEL stops it
+    (an answer of 10^5 rows is not what the figure is about)."""
     matches = 0
-    for status, _ in assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind):
+    model = StudyRootQueryRetrieveInformationModelFind
+    for status, _ in assoc.send_c_find(ds, model, msg_id=7):
         if not status:
             raise BenchError("C-FIND: no response")
         code = int(status.Status)
         if code in (0xFF00, 0xFF01):
             matches += 1
+            if cancel_after is not None and matches == cancel_after + 1:
+                assoc.send_c_cancel(7, query_model=model)
+        elif code == 0xFE00 and cancel_after is not None:
+            return matches  # canceled by us
         elif code != 0:
             raise BenchError(f"C-FIND status 0x{code:04X}")
     return matches
@@ -472,9 +479,16 @@ def measure_cfind(
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         ae.acse_timeout = 30
         ae.dimse_timeout = ae.network_timeout = 600
-        assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
-        if not assoc.is_established:
-            raise BenchError(f"C-FIND association of {calling} not established")
+
+        def connect(ae: AE = ae, calling: str = calling) -> Any:
+            assoc = ae.associate(
+                host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)]
+            )
+            if not assoc.is_established:
+                raise BenchError(f"C-FIND association of {calling} not established")
+            return assoc
+
+        assoc = connect()
         try:
             for spec in mix:
                 if spec.cfind is None:
@@ -482,17 +496,19 @@ def measure_cfind(
                 fig = Figure(spec.name, caller, "C-FIND")
                 chosen = picks[caller]
                 try:
-                    first = _cfind(assoc, _identifier(spec.cfind(chosen[0], 0)))
+                    if not assoc.is_established:  # the previous query lost it
+                        assoc = connect()
+                    first = _cfind(assoc, _identifier(spec.cfind(chosen[0], 0)), max_rows)
                     if first > max_rows:
-                        fig.error = f"{first} rows > --cfind-max-rows, not timed"
+                        fig.error = f"more than {max_rows} rows (--cfind-max-rows), not timed"
                     else:
                         for i in range(repeats):
                             ds = _identifier(spec.cfind(chosen[i % len(chosen)], i))
                             started = time.perf_counter()
                             fig.rows.append(_cfind(assoc, ds))
                             fig.times.append(time.perf_counter() - started)
-                except BenchError as exc:
-                    fig.error = str(exc)
+                except (BenchError, RuntimeError) as exc:  # RuntimeError: association lost
+                    fig.error = str(exc)[:200]
                 figures.append(fig)
         finally:
             if assoc.is_established:
