@@ -272,6 +272,22 @@ def open_link(context: BrowserContext, url: str) -> Page:
 def wait_ready(page: Page) -> None:
     page.wait_for_selector("body[data-ready=true]", timeout=WAIT_MS)
     wait_for_slice(page, 1)
+    wait_for_fit(page)
+
+
+def wait_for_fit(page: Page) -> None:
+    """Until the image is drawn at the image area's current size: the area
+    may change size once the thumbnails and the report have come (the page
+    then redraws), and a screenshot taken between the two is stretched."""
+    page.wait_for_function(
+        """() => {
+            const c = document.getElementById('canvas'), v = document.getElementById('view');
+            const r = window.devicePixelRatio || 1;
+            return c.dataset.size === Math.round(v.clientWidth * r) + 'x'
+                + Math.round(v.clientHeight * r);
+        }""",
+        timeout=WAIT_MS,
+    )
 
 
 def server_problems(watch: PageWatch) -> list[str]:

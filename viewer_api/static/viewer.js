@@ -142,6 +142,7 @@
     ctx.imageSmoothingQuality = "high";
     ctx.drawImage(bitmap, (w - dw) / 2 + state.panX * ratio, (h - dh) / 2 + state.panY * ratio, dw, dh);
     canvas.dataset.drawn = String(state.index + 1);
+    canvas.dataset.size = w + "x" + h;
   }
 
   async function show() {
@@ -413,12 +414,16 @@
       localStorage.setItem("imag.lang", lang);
       translate();
     });
+    // the image area changes size with the window, and also when the page
+    // around it does (thumbnails, the report): redraw at the new size then
     let resizing = null;
-    window.addEventListener("resize", () => {
+    const resized = () => {
       if (state.drawn) draw(state.drawn);
       clearTimeout(resizing);
       resizing = setTimeout(show, 200);
-    });
+    };
+    window.addEventListener("resize", resized);
+    if (window.ResizeObserver) new ResizeObserver(resized).observe($("view"));
   }
 
   /* ---------------------------------------------------------------- start */
