@@ -39,6 +39,20 @@ changes its bytes, not its content: a third digest, of the content
 another byte order or other pixel bytes are a conflict (see
 :func:`archive.index.catalog.same_object`).
 
+**Writing while hashing**: the object store key of an instance ends with its
+digest, yet a lone sender's new instance stored as received does not wait
+for it: its object is written and fsynced to a temporary file beside its
+final place by another thread (:meth:`storage.ObjectStore.stage`) while this
+one hashes it (the whole object's digest in a third thread; hashlib and file
+writes release the GIL), then renamed to its key and its folder fsynced.
+When there are as many instances in preparation as cores, each is prepared
+in its own thread as before: another thread would only add its cost.  The
+data set offset
+comes from the header parse (:attr:`archive.parse.Header.dataset_start`), not
+from a second read of the file meta.  Nothing is answered before both the
+object and the index row are durable, as before; a refusal or a failure
+after the write began removes the temporary file.
+
 **C-STORE audit**: an instance whose :class:`Source` names an ``origin`` gets
 its audit entry written by a commit hook, in the transaction of its index
 row, so no acknowledged instance can lack one (a crash loses both or neither)
@@ -55,7 +69,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from typing import BinaryIO
@@ -95,7 +109,7 @@ from archive.parse import (
 from archive.query import extra_attributes
 from archive.security.audit import AuditEntry, AuditLog, AuditUnavailable
 from archive.uids import object_key
-from storage import ObjectStore, StorageError
+from storage import ObjectStore, StagedPut, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -197,21 +211,30 @@ class Digests:
 HASH_CHUNK = 1 << 20
 
 
-def digests_of_bytes(data: bytes, start: int, transfer_syntax: str | None = None) -> Digests:
+def digests_of_bytes(
+    data: bytes,
+    start: int,
+    transfer_syntax: str | None = None,
+    pool: Executor | None = None,
+) -> Digests:
     """The digests of an object in memory whose data set starts at ``start``
     (the content digest too when its ``transfer_syntax`` is given).
 
     SHA-256 digests cannot be combined afterwards, so the data set bytes go
     through both hashes; the meta part is hashed once, and nothing is copied
-    (memoryview slices)."""
+    (memoryview slices).  With a ``pool``, the whole object's hash runs in
+    one of its threads while this one computes the other two: hashlib
+    releases the GIL on large buffers, so on a second core the answer of a
+    lone sender comes sooner (the CPU spent is the same)."""
     view = memoryview(data)
-    whole = hashlib.sha256(view[:start])
+    whole_of = hashlib.sha256
+    whole: Future[hashlib._Hash] | None = pool.submit(whole_of, view) if pool else None
     dataset = hashlib.sha256(view[start:])
-    whole.update(view[start:])
     content = None
     if transfer_syntax is not None:
         content = content_digest(BytesIO(data), start, transfer_syntax)
-    return Digests(whole.digest(), dataset.digest(), content)
+    whole_digest = (whole.result() if whole is not None else whole_of(view)).digest()
+    return Digests(whole_digest, dataset.digest(), content)
 
 
 def digests_of_file(fp: BinaryIO, start: int, transfer_syntax: str | None = None) -> Digests:
@@ -280,10 +303,19 @@ class IngestPipeline:
             if writer
             else None
         )
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        #: instances in :meth:`_prepare` now, and the cores they may share
+        self._busy = 0
+        self._cores = max(1, (os.cpu_count() or 1) - 1)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
     # -- first half: runs anywhere, in parallel --------------------------------------
 
@@ -297,7 +329,12 @@ class IngestPipeline:
             source,
             len(data),
             lambda: parse_header(data, Limits.from_config(self.config)),
-            lambda ts: digests_of_bytes(data, dataset_offset(BytesIO(data)), ts),
+            lambda header: digests_of_bytes(
+                data,
+                _start(header, lambda: BytesIO(data)),
+                header.transfer_syntax,
+                self._spare_pool(),
+            ),
             lambda key, body: self.store.put(key, data if body is None else body),
             data=data,
         )
@@ -313,8 +350,8 @@ class IngestPipeline:
         with fp:
             size = os.fstat(fp.fileno()).st_size
 
-            def digest(transfer_syntax: str) -> Digests:
-                return digests_of_file(fp, dataset_offset(fp), transfer_syntax)
+            def digest(header: Header) -> Digests:
+                return digests_of_file(fp, _start(header, lambda: fp), header.transfer_syntax)
 
             def put(key: str, body: bytes | None) -> None:
                 fp.seek(0)
@@ -330,12 +367,15 @@ class IngestPipeline:
         source: Source,
         size: int,
         header_of: Callable[[], Header],
-        digest_of: Callable[[str], Digests],
+        digest_of: Callable[[Header], Digests],
         put: Callable[[str, bytes | None], object],
         data: bytes | None = None,
     ) -> Prepared | IngestResult:
         started = time.perf_counter()
         uids: dict[str, str] = {}
+        staged: Future[StagedPut] | None = None
+        with self._pool_lock:
+            self._busy += 1
         try:
             if size > self.max_bytes:
                 raise Rejected(
@@ -361,7 +401,26 @@ class IngestPipeline:
                 raise Rejected(refusal.code, refusal.reason)
             ds = header.dataset
             who = self.identity.resolve(ds, source)
-            digests = digest_of(header.transfer_syntax)
+            target = self.target_for(source.site)
+            pool = self._spare_pool()
+            if (
+                pool is not None
+                and data is not None
+                and known is None
+                and target in (None, header.transfer_syntax)
+            ):
+                # A new instance stored as received: its object is written and
+                # fsynced by another thread while this one hashes it (hashlib
+                # and the write release the GIL); it gets its digest-derived
+                # name once both are done (:meth:`ObjectStore.stage`).
+                staged = pool.submit(
+                    self.store.stage,
+                    data,
+                    object_key(
+                        header.study_uid, header.series_uid, header.sop_instance_uid, "0" * 64
+                    ),
+                )
+            digests = digest_of(header)
             digest = digests.whole
             key = object_key(
                 header.study_uid, header.series_uid, header.sop_instance_uid, digest.hex()
@@ -400,7 +459,6 @@ class IngestPipeline:
                 return result
             fields = index_fields(ds, self.extra)
             stored_ts, body, original = header.transfer_syntax, None, None
-            target = self.target_for(source.site)
             if target and data is not None and target != header.transfer_syntax:
                 body = self._transcode(data, target, header)
                 if body is not None:
@@ -433,7 +491,11 @@ class IngestPipeline:
                 **fields,
             )
             try:
-                put(key, body)
+                if staged is not None:
+                    pending, staged = staged, None
+                    pending.result().commit(key)
+                else:
+                    put(key, body)
             except StorageError as exc:
                 raise Rejected("storage-error", f"the object could not be stored: {exc}") from None
         except Rejected as exc:
@@ -444,7 +506,27 @@ class IngestPipeline:
                 extra={"code": exc.code, "reason": exc.reason, "source": source.kind, **uids},
             )
             return result
+        finally:
+            if staged is not None:  # not committed: nothing may stay of it
+                _drop(staged)
+            with self._pool_lock:
+                self._busy -= 1
         return Prepared(record, source.kind, started)
+
+    def _spare_pool(self) -> ThreadPoolExecutor | None:
+        """The threads that write staged objects and hash whole objects, when
+        a core is likely idle (fewer instances in preparation than cores: a
+        lone sender); None when every core has an instance of its own to
+        prepare, where handing work to another thread only adds its cost."""
+        with self._pool_lock:
+            if self._busy > self._cores:
+                return None
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max(4, min(32, self.config["ingest.batch_size"])),
+                    thread_name_prefix="imag-ingest-write",
+                )
+            return self._pool
 
     def target_for(self, site: str) -> str | None:
         """The transfer syntax the site's policy stores in (None: as received)."""
@@ -642,6 +724,23 @@ class IndexWriter:
         except Exception:  # noqa: BLE001 - see the docstring
             log.warning("could not check a refused object's key", exc_info=True)
             return True
+
+
+def _start(header: Header, stream: Callable[[], BinaryIO]) -> int:
+    """Where the data set of a parsed object starts: what its parse read, or
+    (when the file meta was left to pydicom) :func:`dataset_offset` of it."""
+    if header.dataset_start is not None:
+        return header.dataset_start
+    return dataset_offset(stream())
+
+
+def _drop(staged: Future[StagedPut]) -> None:
+    """Remove a staged object that will not be committed (the instance was
+    refused or failed after its write began)."""
+    try:
+        staged.result().abort()
+    except StorageError:
+        pass  # nothing was written
 
 
 def ingest_result(record: InstanceRecord, result: CommitResult) -> IngestResult:

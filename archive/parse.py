@@ -81,6 +81,11 @@ class Header:
     series_uid: str
     #: declared decoded size of all frames (0: no pixel data), for callers that decode
     decoded_bytes: int = 0
+    #: where the data set starts in the object (after the File Meta Information
+    #: group, as :func:`dataset_offset` says), read by the parse so that the
+    #: ingest pipeline need not read the file meta again; None when the file
+    #: meta could not be read before pydicom's own parse
+    dataset_start: int | None = None
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -255,7 +260,7 @@ def parse_header(data: bytes, limits: Limits | None = None) -> Header:
     prefix = _prefix(io.BytesIO(data))
     if prefix is not None and prefix.syntax == DeflatedExplicitVRLittleEndian:
         body = inflate(memory_chunks(data, prefix.start), limits.max_inflated_bytes)
-        return _parse_inflated(_file_meta(data), body, limits)
+        return _starting(_parse_inflated(_file_meta(data), body, limits), prefix)
     if prefix is not None and prefix.syntax:
         check_nesting(
             Source(data),
@@ -264,7 +269,13 @@ def parse_header(data: bytes, limits: Limits | None = None) -> Header:
             max_depth=limits.max_sequence_depth,
             **_encoding(prefix.syntax),
         )
-    return _parse_whole(_read(io.BytesIO(data)), data, limits)
+    return _starting(_parse_whole(_read(io.BytesIO(data)), data, limits), prefix)
+
+
+def _starting(header: Header, prefix: _Prefix | None) -> Header:
+    """``header`` with the data set offset its file meta gave."""
+    header.dataset_start = prefix.start if prefix is not None else None
+    return header
 
 
 def _parse_inflated(meta: tuple[bytes, FileMetaDataset], body: bytes, limits: Limits) -> Header:
@@ -339,7 +350,7 @@ def parse_header_file(fp: BinaryIO, size: int, limits: Limits | None = None) -> 
     prefix = _prefix(fp)
     if prefix is not None and prefix.syntax == DeflatedExplicitVRLittleEndian:
         body = inflate(FileChunks(fp, prefix.start), limits.max_inflated_bytes)
-        return _parse_inflated(_file_meta(fp), body, limits)
+        return _starting(_parse_inflated(_file_meta(fp), body, limits), prefix)
     src = Source(fp=fp, size=size)
     if prefix is not None and prefix.syntax:
         check_nesting(
@@ -365,7 +376,7 @@ def parse_header_file(fp: BinaryIO, size: int, limits: Limits | None = None) -> 
             raise Rejected(
                 "truncated", "the image has Rows and Columns but no Pixel Data (truncated object?)"
             )
-        return _header(ds, ts)
+        return _starting(_header(ds, ts), prefix)
     little = UID(ts).is_little_endian if UID(ts).is_transfer_syntax else True
     element = pixel_element_at(src, start, little)
     if element.tag not in PIXEL_TAGS:
@@ -384,7 +395,7 @@ def parse_header_file(fp: BinaryIO, size: int, limits: Limits | None = None) -> 
             f"{element.tag & 0xFFFF:04X}) or what follows it ends at byte {end}, "
             f"the object has {size}",
         )
-    return header
+    return _starting(header, prefix)
 
 
 def _meta_checks(ds: FileDataset) -> str:

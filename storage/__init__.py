@@ -5,7 +5,14 @@ which instance. This package knows nothing of DICOM: a key is an opaque,
 validated path-like string and a value is bytes.
 """
 
-from storage.base import ObjectNotFound, ObjectStore, StorageError, validate_key
+from storage.base import ObjectNotFound, ObjectStore, StagedPut, StorageError, validate_key
 from storage.factory import open_store
 
-__all__ = ["ObjectNotFound", "ObjectStore", "StorageError", "open_store", "validate_key"]
+__all__ = [
+    "ObjectNotFound",
+    "ObjectStore",
+    "StagedPut",
+    "StorageError",
+    "open_store",
+    "validate_key",
+]

@@ -39,6 +39,31 @@ def validate_key(key: str) -> str:
     return key
 
 
+class StagedPut:
+    """An object written ahead of its key (see :meth:`ObjectStore.stage`).
+
+    This default keeps the data and stores it at :meth:`commit`; a backend
+    that can do better (the filesystem store writes and fsyncs it at once)
+    overrides it."""
+
+    def __init__(self, store: ObjectStore, data: bytes | BinaryIO | None) -> None:
+        self.store = store
+        self.data: bytes | BinaryIO | None = data
+
+    def commit(self, key: str) -> int:
+        """Store the object under ``key``, atomically and durably, as
+        :meth:`ObjectStore.put` does; return the number of bytes stored.
+        Once only, and never after :meth:`abort` (:class:`StorageError`)."""
+        data, self.data = self.data, None
+        if data is None:
+            raise StorageError(f"put {key!r}: the staged object was already committed or dropped")
+        return self.store.put(key, data)
+
+    def abort(self) -> None:
+        """Drop the staged object (it is never visible under any key)."""
+        self.data = None
+
+
 class ObjectStore(ABC):
     """Durable key → bytes store.
 
@@ -85,6 +110,17 @@ class ObjectStore(ABC):
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """Yield every key starting with ``prefix`` (no particular order);
         temporary files of unfinished puts are never yielded."""
+
+    def stage(self, data: bytes | BinaryIO, near: str) -> StagedPut:
+        """Start storing ``data`` before its key is known, for a key in the
+        same folder as ``near``; :meth:`StagedPut.commit` names it.
+
+        The ingest pipeline names objects by their digest: staging lets the
+        object be written (and made durable) while the digest is computed.
+        Nothing is visible under any key before the commit, and the commit
+        keeps :meth:`put`'s guarantees (atomic, durable when it returns)."""
+        validate_key(near)
+        return StagedPut(self, data)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default does nothing."""

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.base import ObjectNotFound, ObjectStore, StorageError, validate_key
+from storage.base import ObjectNotFound, ObjectStore, StagedPut, StorageError, validate_key
 
 #: Name prefix of in-flight writes; iter_keys skips such files, cleanup_temp removes stale ones.
 TEMP_PREFIX = ".tmp-"
@@ -117,6 +117,27 @@ class FilesystemStore(ObjectStore):
                     tmp.unlink()
                 except OSError:
                     pass
+
+    def stage(self, data: bytes | BinaryIO, near: str) -> StagedPut:
+        """Write ``data`` to a temporary file in ``near``'s folder and fsync it
+        now; the commit renames it to its key and fsyncs the folder (what
+        :meth:`put` does after its write).  Raises :class:`StorageError` when
+        the write fails."""
+        final = self.path_for(near)
+        tmp: Path | None = None
+        try:
+            fd, tmp = self._create_temp(final)
+            with os.fdopen(fd, "wb") as f:
+                written = _copy_into(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if tmp is not None:
+                _unlink_quietly(tmp)
+            raise StorageError(
+                f"stage near {near!r}: writing {final.parent} failed: {exc}"
+            ) from exc
+        return _StagedFile(self, tmp, written)
 
     def _create_temp(self, final: Path) -> tuple[int, Path]:
         """Create the folders and an exclusive temp file beside ``final``.
@@ -270,6 +291,49 @@ class FilesystemStore(ObjectStore):
             except OSError as exc:
                 raise StorageError(f"cleanup_temp: removing {path} failed: {exc}") from exc
         return removed
+
+
+class _StagedFile(StagedPut):
+    """A durable temporary file waiting for its key."""
+
+    def __init__(self, store: FilesystemStore, tmp: Path, written: int) -> None:
+        super().__init__(store, None)
+        self.fs = store
+        self.tmp: Path | None = tmp
+        self.written = written
+
+    def commit(self, key: str) -> int:
+        final = self.fs.path_for(key)
+        tmp = self.tmp
+        if tmp is None:
+            raise StorageError(f"put {key!r}: the staged object was already committed or dropped")
+        self.tmp = None
+        try:
+            if final.parent != tmp.parent:
+                self.fs._makedirs(final.parent)
+            os.replace(tmp, final)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise StorageError(f"put {key!r}: renaming to {final} failed: {exc}") from exc
+        try:
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            # as put: the object is in place but not known durable; the caller
+            # does not index it (imag verify reports it as an orphan)
+            raise StorageError(f"put {key!r}: syncing {final.parent} failed: {exc}") from exc
+        return self.written
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            _unlink_quietly(self.tmp)
+            self.tmp = None
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def _copy_into(data: bytes | bytearray | memoryview | BinaryIO, f: BinaryIO) -> int:

@@ -1,0 +1,171 @@
+"""The ingest pipeline writes a new instance's object while it hashes it
+(:meth:`storage.ObjectStore.stage`) and reads the data set offset from its
+one header parse: what it stores, indexes and answers stays what it was.
+
+The adversaries: a disk failing under the staged write, a failure after the
+write began, several senders racing with one new instance.  Each leaves no
+temporary file, no object and no index row that should not be there."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from archive import ingest as ingest_module
+from archive.identity import Source
+from archive.index import StoreOutcome
+from archive.parse import dataset_offset, parse_header, parse_header_file
+from archive.runtime import Archive
+from storage import ObjectStore, StorageError
+from storage.filesystem import TEMP_PREFIX, FilesystemStore
+from storage.s3 import S3Store
+from tests.dicomfiles import make_instance
+from tests.hostile import valid_objects
+
+SOURCE = Source(kind="import", site="SITE-A")
+
+
+def temporary_files(store: FilesystemStore) -> list[Path]:
+    """Every unfinished write left in a filesystem store."""
+    return [p for p in store.root.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+
+def snapshot(archive: Archive) -> tuple:
+    return archive.catalog.counts(), {k: archive.store.get(k) for k in archive.store.iter_keys()}
+
+
+def test_new_instances_are_stored_bit_identical_with_correct_digests_and_no_temporary_file(
+    archive: Archive,
+) -> None:
+    study, series = generate_uid(), generate_uid()
+    sent = [make_instance(study=study, series=series) for _ in range(5)]
+    for data in sent:
+        result = archive.pipeline.ingest(data, SOURCE)
+        assert result.ok and result.outcome is StoreOutcome.STORED
+        assert archive.store.get(result.object_key) == data
+        row = archive.catalog.find_instance(result.sop_instance_uid)
+        assert row.sha256 == hashlib.sha256(data).digest()
+        start = dataset_offset(io.BytesIO(data))
+        assert row.dataset_sha256 == hashlib.sha256(data[start:]).digest()
+    assert temporary_files(archive.store) == []
+    # the digests are what duplicate detection compares: a re-send is a duplicate
+    again = archive.pipeline.ingest(sent[0], SOURCE)
+    assert again.outcome is StoreOutcome.DUPLICATE
+
+
+def test_a_disk_failing_under_the_staged_write_refuses_and_stores_nothing(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    study = generate_uid()
+    archive.pipeline.ingest(make_instance(study=study), SOURCE)
+    before = snapshot(archive)
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    result = archive.pipeline.ingest(make_instance(study=study), SOURCE)
+    monkeypatch.undo()
+    assert not result.ok and result.code == "storage-error"
+    assert "could not be stored" in result.reason
+    assert snapshot(archive) == before
+    assert temporary_files(archive.store) == []
+
+
+def test_a_failure_after_the_write_began_removes_the_staged_object(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = snapshot(archive)
+
+    def broken(*args: object, **kwargs: object) -> dict:
+        raise RuntimeError("index attributes unreadable")
+
+    monkeypatch.setattr(ingest_module, "index_fields", broken)
+    with pytest.raises(RuntimeError, match="unreadable"):
+        archive.pipeline.ingest(make_instance(), SOURCE)
+    assert snapshot(archive) == before
+    assert temporary_files(archive.store) == []
+
+
+def test_senders_racing_with_one_new_instance_store_one_object(archive: Archive) -> None:
+    data = make_instance()
+    start = threading.Barrier(6)
+    results = []
+
+    def send() -> None:
+        start.wait()
+        results.append(archive.pipeline.ingest(data, SOURCE))
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.ok for r in results)
+    assert {r.object_key for r in results} == set(archive.store.iter_keys())
+    assert len(set(archive.store.iter_keys())) == 1
+    assert archive.catalog.counts()["instances"] == 1
+    assert temporary_files(archive.store) == []
+
+
+@pytest.mark.parametrize("label", sorted(valid_objects()))
+def test_the_header_parse_says_where_the_data_set_starts_in_every_framing(
+    label: str, tmp_path: Path
+) -> None:
+    data = valid_objects()[label]
+    expected = dataset_offset(io.BytesIO(data))
+    assert parse_header(data).dataset_start == expected
+    path = tmp_path / "object.dcm"
+    path.write_bytes(data)
+    with open(path, "rb") as fp:
+        assert parse_header_file(fp, len(data)).dataset_start == expected
+
+
+@pytest.fixture(
+    params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)],
+)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
+    if request.param == "filesystem":
+        s: ObjectStore = FilesystemStore(tmp_path / "objects")
+    else:
+        s = S3Store(
+            request.getfixturevalue("s3_bucket"),
+            prefix="staging",
+            endpoint_url=request.getfixturevalue("s3_env"),
+        )
+    yield s
+    s.close()
+
+
+def test_a_staged_object_is_invisible_until_committed_and_gone_when_dropped(
+    store: ObjectStore,
+) -> None:
+    data = os.urandom(300_000)
+    staged = store.stage(data, "1.2.3/4.5/6.0000.dcm")
+    assert list(store.iter_keys()) == []
+    assert staged.commit("1.2.3/4.5/6.abcd.dcm") == len(data)
+    assert store.get("1.2.3/4.5/6.abcd.dcm") == data
+    dropped = store.stage(b"never stored", "1.2.3/4.5/7.0000.dcm")
+    dropped.abort()
+    assert list(store.iter_keys()) == ["1.2.3/4.5/6.abcd.dcm"]
+    with pytest.raises(StorageError):
+        dropped.commit("1.2.3/4.5/7.abcd.dcm")
+    with pytest.raises(StorageError):
+        staged.commit("1.2.3/4.5/8.abcd.dcm")
+    assert list(store.iter_keys()) == ["1.2.3/4.5/6.abcd.dcm"]
+    if isinstance(store, FilesystemStore):
+        assert temporary_files(store) == []
+
+
+def test_a_staging_key_that_escapes_the_store_is_refused(store: ObjectStore) -> None:
+    with pytest.raises(ValueError, match="invalid object key"):
+        store.stage(b"x", "../../etc/passwd")
+    assert list(store.iter_keys()) == []
