@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,7 @@ from tests.dicomnet import (
     split_part10,
     storescu_profile,
 )
+from tests.processes import eventually
 from tests.s3server import StoreUnderTest, index_for_store
 
 # the DIMSE paths meet the store alike on any index: S3 on SQLite only here
@@ -746,12 +747,22 @@ def test_kill_9_during_a_four_association_push_loses_no_acknowledged_instance(
         else request.getfixturevalue("pg_url")
     )
     server = ImagServer(tmp_path / "imag", url, peers()).start()
+    done = kill_mid_push(server, paths)
+    assert_no_acknowledged_instance_lost(server, paths, done)
 
+
+def kill_mid_push(
+    server: ImagServer, paths: list[Path], before_kill: Callable[[], None] | None = None
+) -> set[str]:
+    """Push ``paths`` over four storescu associations, kill -9 the server once
+    60 are acknowledged (``before_kill`` runs just before), and return the
+    SOP Instance UIDs acknowledged."""
     acknowledged: list[Path] = []
     pushes = [push_verbosely(server, paths[n::4], acknowledged) for n in range(4)]
-    deadline = time.monotonic() + 60
-    while len(acknowledged) < 60 and time.monotonic() < deadline:
-        time.sleep(0.002)
+    eventually(lambda: len(acknowledged) >= 60, timeout=60, interval=0.002,
+               what="60 acknowledged instances")  # fmt: skip
+    if before_kill is not None:
+        before_kill()
     server.kill()
     for proc, reader in pushes:
         proc.wait(30)
@@ -760,7 +771,14 @@ def test_kill_9_during_a_four_association_push_loses_no_acknowledged_instance(
     uid_of = {p: str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
     done = {uid_of[p] for p in acknowledged}
     assert 0 < len(done) < len(paths), "the kill should land part-way through the push"
+    return done
 
+
+def assert_no_acknowledged_instance_lost(
+    server: ImagServer, paths: list[Path], done: set[str]
+) -> None:
+    """After a kill: every acknowledged instance is there with its whole
+    object, a re-send completes the series, and ``imag verify`` is clean."""
     server.start()  # same data folder, same index
     rows = index_rows(
         server, "SELECT sop_instance_uid, object_key, sha256, integrity FROM instances"

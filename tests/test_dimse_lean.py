@@ -19,7 +19,6 @@ import json
 import re
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,11 @@ from tests.dicomnet import (
 )
 from tests.processes import eventually
 from tests.test_dicom_pending import metric
-from tests.test_dimse import ct_dataset, push_verbosely
+from tests.test_dimse import (
+    assert_no_acknowledged_instance_lost,
+    ct_dataset,
+    kill_mid_push,
+)
 
 SUCCESS = 0x0000
 STORE_OK = 'service="C-STORE",status="0x0000"'
@@ -478,10 +481,8 @@ def test_one_association_limit_bounds_the_lean_and_the_pynetdicom_paths_together
         for ae, assoc in (lean_held, second):
             assoc.release()
             ae.shutdown()
-    deadline = time.monotonic() + 10
-    while limited.echoscu("MODALITY_B").returncode != 0:
-        assert time.monotonic() < deadline, "the server should accept again"
-        time.sleep(0.1)
+    eventually(lambda: limited.echoscu("MODALITY_B").returncode == 0, timeout=10, interval=0.1,
+               what="the server accepting again")  # fmt: skip
 
 
 # -- hostile input ----------------------------------------------------------------------------
@@ -587,10 +588,11 @@ def test_hostile_pdus_inside_a_lean_association_are_aborted_and_nothing_is_store
         limited, ds.SOPInstanceUID
     )
     assert limited.echoscu("MODALITY_B").returncode == 0  # still serving
-    deadline = time.monotonic() + 5
-    while not any(field(ln, "outcome") == "aborted" for ln in lean_lines(limited)[before:]):
-        assert time.monotonic() < deadline, "the association's log line should say aborted"
-        time.sleep(0.05)
+    eventually(
+        lambda: any(field(ln, "outcome") == "aborted" for ln in lean_lines(limited)[before:]),
+        timeout=5,
+        what="the association's log line saying aborted",
+    )
 
 
 @pytest.mark.parametrize("ending", ["truncated", "close", "abort"])
@@ -725,45 +727,12 @@ def test_kill_9_during_a_four_association_lean_push_loses_no_acknowledged_instan
     server = ImagServer(
         tmp_path / "imag", url, peers(), settings={"dicom": {"lean_store": True}}
     ).start()
-    acknowledged: list[Path] = []
-    pushes = [push_verbosely(server, paths[n::4], acknowledged) for n in range(4)]
-    deadline = time.monotonic() + 60
-    while len(acknowledged) < 60 and time.monotonic() < deadline:
-        time.sleep(0.002)
-    assert len(lean_lines(server)) >= 1  # the probe's echo: the lean path is serving
-    server.kill()
-    for proc, reader in pushes:
-        proc.wait(30)
-        reader.join(30)
-    assert any(proc.returncode != 0 for proc, _ in pushes), "the push should be cut short"
-    done = {uid_of(p) for p in acknowledged}
-    assert 0 < len(done) < len(paths), "the kill should land part-way through the push"
 
-    server.start()
-    rows = index_rows(
-        server, "SELECT sop_instance_uid, object_key, sha256, integrity FROM instances"
-    )
-    assert done <= {r[0] for r in rows}, "an acknowledged instance was lost"
-    store = open_store((server.data_dir / "objects").as_uri())
-    try:
-        for uid, key, sha256, integrity in rows:  # no row without its whole object
-            assert integrity == "ok"
-            assert hashlib.sha256(store.get(key)).digest() == bytes(sha256), uid
-    finally:
-        store.close()
-    resent: list[Path] = []
-    for proc, reader in [push_verbosely(server, paths[n::4], resent) for n in range(4)]:
-        assert proc.wait(60) == 0
-        reader.join(10)
-    assert sorted(resent) == sorted(paths)
-    assert server.stop() == 0, server.log()
-    repair = server.imag("verify", "--repair", "--json", "-q")
-    found = json.loads(repair.stdout)
-    assert (found["missing"], found["corrupt"]) == ([], []), found  # orphans may be left
-    final = server.imag("verify", "--json", "-q")
-    assert final.returncode == 0, final.stdout
-    report = json.loads(final.stdout)
-    assert report["clean"] and report["ok"] == len(paths)
+    def lean_is_serving() -> None:
+        assert len(lean_lines(server)) >= 1  # the probe's echo: the lean path is serving
+
+    done = kill_mid_push(server, paths, before_kill=lean_is_serving)
+    assert_no_acknowledged_instance_lost(server, paths, done)
 
 
 # -- the pieces, against pynetdicom's own encoding ---------------------------------------------
