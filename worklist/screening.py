@@ -524,7 +524,8 @@ class Screening:
             (AWAITING_L2, viewer.name, viewer.name, limit, offset),
         )
         exams = [_exam(r) for r in rows]
-        return [(e, self.worklist.get(e.request_uid or "", viewer)) for e in exams], int(total or 0)
+        requests = self.worklist.visible([e.request_uid or "" for e in exams], viewer)
+        return [(e, requests[e.request_uid or ""]) for e in exams], int(total or 0)
 
     def _held(self, study_uid: str, principal: Principal) -> tuple[Exam, Viewer]:
         viewer = self.second_reader(principal)
