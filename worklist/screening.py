@@ -101,13 +101,19 @@ class Rule:
     study_description: str = ""
     modality: str = "MG"
 
-    def matches(self, attrs: Mapping[str, Any], codes: list[str]) -> bool:
+    def matches_index(self, attrs: Mapping[str, Any]) -> bool:
+        """The keys the index answers (site, description, modality): a study
+        that fails them needs no header read for its procedure code."""
         modalities = attrs.get("modality") or []
         return (
             matches(self.site, attrs.get("site") or "")
             and matches(self.study_description, attrs.get("study_description") or "")
             and (not self.modality or any(matches(self.modality, m) for m in modalities))
-            and (not self.procedure_code or any(matches(self.procedure_code, c) for c in codes))
+        )
+
+    def matches(self, attrs: Mapping[str, Any], codes: list[str]) -> bool:
+        return self.matches_index(attrs) and (
+            not self.procedure_code or any(matches(self.procedure_code, c) for c in codes)
         )
 
 

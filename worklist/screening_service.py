@@ -66,7 +66,10 @@ def on_stable(archive: Archive, event: Event) -> None:
     attrs = stable_attrs(db, event.study_uid)
     if attrs is None:
         return
-    needs_codes = any(rule.procedure_code for rule in screening.settings.rules)
+    candidates = [r for r in screening.settings.rules if r.matches_index(attrs)]
+    if not candidates:
+        return  # most stable studies: decided from the index, no header read
+    needs_codes = any(rule.procedure_code for rule in candidates)
     codes = procedure_codes(archive, event.study_uid) if needs_codes else []
     rule = screening.rule_for(attrs, codes)
     if rule is None:
