@@ -193,6 +193,15 @@ class IngestResult:
         return cls(None, code=exc.code, reason=exc.reason, **uids)
 
 
+def too_large(size: int, limit: int) -> Rejected:
+    """The refusal of an object over ``ingest.max_object_bytes``: the
+    pipeline's, and a receiver's that discarded the bytes as they came."""
+    return Rejected(
+        "too-large",
+        f"the object is {size} bytes, over the limit of {limit} (setting ingest.max_object_bytes)",
+    )
+
+
 @dataclass(frozen=True)
 class Digests:
     """The two SHA-256 digests of an incoming object."""
@@ -378,11 +387,7 @@ class IngestPipeline:
             self._busy += 1
         try:
             if size > self.max_bytes:
-                raise Rejected(
-                    "too-large",
-                    f"the object is {size} bytes, over the limit of {self.max_bytes} "
-                    "(setting ingest.max_object_bytes)",
-                )
+                raise too_large(size, self.max_bytes)
             header = header_of()
             uids = {
                 "sop_instance_uid": header.sop_instance_uid,

@@ -114,7 +114,7 @@ from archive.dimse.handlers import (
 )
 from archive.dimse.peers import Peer, PeerTable
 from archive.dimse.services import COMMAND_SYNTAXES
-from archive.ingest import IngestResult
+from archive.ingest import IngestResult, too_large
 from archive.runtime import Archive
 
 try:  # a faster event loop where it is installed; asyncio's own otherwise
@@ -919,12 +919,7 @@ class LeanAssociation(asyncio.BufferedProtocol):
         job: Callable[[], tuple[int, str]]
         if self.refusal == "too-large":
             # the pipeline's own refusal of an object over the limit
-            refused = IngestResult(
-                None,
-                code="too-large",
-                reason=f"the object is {self.discarded} bytes, over the limit of "
-                f"{receiver.max_object} (setting ingest.max_object_bytes)",
-            )
+            refused = IngestResult.rejected(too_large(self.discarded, receiver.max_object))
             job = partial(store_instance, receiver.archive, refused, source, affected, started)
         elif self.refusal:
             failed = IngestResult(
