@@ -26,6 +26,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -37,7 +38,7 @@ from pydicom.uid import (
 from pynetdicom import AE, build_context
 from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (
     CTImageStorage,
@@ -45,7 +46,14 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from archive.dimse.lean import Command, echo_response, lean_request, p_data_pdus, store_response
+from archive.dimse.lean import (
+    Command,
+    echo_response,
+    file_meta,
+    lean_request,
+    p_data_pdus,
+    store_response,
+)
 from archive.index import open_database
 from archive.synthetic import StudySpec, generate_mixed_set, modality_preset, write_study
 from storage import open_store
@@ -786,6 +794,30 @@ def test_c_store_and_c_echo_responses_are_the_bytes_pynetdicom_sends(
     assert p_data_pdus(echo_response(9), 1, max_pdu) == pynetdicom_pdus(
         C_ECHO_RSP(), echo, 1, max_pdu
     )
+
+
+@pytest.mark.parametrize(
+    "sop_class, sop_instance, syntax",
+    [
+        (CTImageStorage, "1.2.3.4.5", "1.2.840.10008.1.2.1"),  # odd UID lengths: padded
+        (CTImageStorage, "1.2.3.4.56", "1.2.840.10008.1.2"),
+        ("1.2", "1.23", "1.2.840.10008.1.2.4.90"),
+        (CTImageStorage, "9" * 64, "1.2.840.10008.1.2.5"),  # the longest UID
+    ],
+)
+def test_the_stored_file_meta_is_the_bytes_pynetdicom_writes(
+    sop_class: str, sop_instance: str, syntax: str
+) -> None:
+    """Both receive paths store the same file for the same data set (so one
+    re-sent over the other path is the same object, not a conflict)."""
+    expected = encode_file_meta(
+        create_file_meta(
+            sop_class_uid=UID(sop_class),
+            sop_instance_uid=UID(sop_instance),
+            transfer_syntax=UID(syntax),
+        )
+    )
+    assert file_meta(sop_class, sop_instance, syntax) == b"\x00" * 128 + b"DICM" + expected
 
 
 @pytest.mark.parametrize(

@@ -87,7 +87,6 @@ from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import sop_class as sop_classes
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -892,14 +891,7 @@ class LeanAssociation(asyncio.BufferedProtocol):
         sop_instance = UID(command.sop_instance_uid)
         self.store_request = command
         self.store_context = self.command_context
-        meta = b"\x00" * 128 + b"DICM"
-        meta += encode_file_meta(
-            create_file_meta(
-                sop_class_uid=sop_class,
-                sop_instance_uid=sop_instance,
-                transfer_syntax=UID(str(context.transfer_syntax[0])),
-            )
-        )
+        meta = file_meta(sop_class, sop_instance, str(context.transfer_syntax[0]))
         size = max(len(meta) + self.size_hint, 64 * 1024)
         self.dataset = bytearray(max(min(size, self.receiver.memory_cap), len(meta)))
         self.dataset[: len(meta)] = meta
@@ -1092,6 +1084,42 @@ class Command:
 def _ui(uid: str) -> bytes:
     value = uid.encode("ascii")
     return value + b"\0" if len(value) % 2 else value
+
+
+def _sh(text: str) -> bytes:
+    value = text.encode("ascii")
+    return value + b" " if len(value) % 2 else value
+
+
+#: (0002,0001) File Meta Information Version: OB, 2 bytes, 00 01
+_META_VERSION = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
+#: (0002,0012) and (0002,0013): pynetdicom's implementation UID and version name
+_META_IMPLEMENTATION = b"".join(
+    struct.pack("<HH2sH", 0x0002, element, b"UI" if element == 0x0012 else b"SH", len(value))
+    + value
+    for element, value in (
+        (0x0012, _ui(PYNETDICOM_IMPLEMENTATION_UID)),
+        (0x0013, _sh(PYNETDICOM_IMPLEMENTATION_VERSION)),
+    )
+)
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, prefix and File Meta Information of a received object: the
+    bytes ``encode_file_meta(create_file_meta(...))`` gives (what the
+    pynetdicom path stores), written directly: building and encoding a
+    pydicom data set for it was ~6% of the receive path's CPU."""
+    body = bytearray(_META_VERSION)
+    for element, uid in (
+        (0x0002, sop_class_uid),
+        (0x0003, sop_instance_uid),
+        (0x0010, transfer_syntax),
+    ):
+        value = _ui(uid)
+        body += struct.pack("<HH2sH", 0x0002, element, b"UI", len(value)) + value
+    body += _META_IMPLEMENTATION
+    length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + length + bytes(body)
 
 
 def _command_set(elements: list[tuple[int, bytes]]) -> bytes:
