@@ -16,8 +16,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
+from pynetdicom.dsutils import encode_file_meta
 
 from archive import ingest as ingest_module
 from archive.identity import Source
@@ -53,12 +55,20 @@ def test_new_instances_are_stored_bit_identical_with_correct_digests_and_no_temp
         assert archive.store.get(result.object_key) == data
         row = archive.catalog.find_instance(result.sop_instance_uid)
         assert row.sha256 == hashlib.sha256(data).digest()
-        start = dataset_offset(io.BytesIO(data))
-        assert row.dataset_sha256 == hashlib.sha256(data[start:]).digest()
+        # stored as received: the data set and content digests are read back when needed
+        assert (row.dataset_sha256, row.content_sha256) == (None, None)
     assert temporary_files(archive.store) == []
-    # the digests are what duplicate detection compares: a re-send is a duplicate
+    # the digests are what duplicate detection compares: a re-send is a
+    # duplicate, and so is its data set under another file meta
     again = archive.pipeline.ingest(sent[0], SOURCE)
     assert again.outcome is StoreOutcome.DUPLICATE
+    meta = pydicom.dcmread(io.BytesIO(sent[1]), stop_before_pixels=True).file_meta
+    meta.ImplementationClassUID, meta.ImplementationVersionName = "1.2.3.4", "ANOTHER"
+    start = dataset_offset(io.BytesIO(sent[1]))
+    relayed = b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + sent[1][start:]
+    assert relayed != sent[1]
+    assert archive.pipeline.ingest(relayed, SOURCE).outcome is StoreOutcome.DUPLICATE
+    assert archive.catalog.counts()["instances"] == len(sent)
 
 
 def test_a_disk_failing_under_the_staged_write_refuses_and_stores_nothing(

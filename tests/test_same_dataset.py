@@ -165,7 +165,8 @@ def test_an_imported_instance_sent_again_by_storescu_is_a_duplicate_and_changes_
     assert imag_import(world, "A", data)["stored"] == 1
     key, whole, dataset = stored_row(world, sop)
     assert world.store.get(key) == data  # stored as imported, the foreign file meta with it
-    assert (bytes(whole), bytes(dataset)) == (sha(data), sha(data_set(data)))
+    # stored as received: only its whole digest now, the data set's when a comparison needs it
+    assert (bytes(whole), dataset) == (sha(data), None)
     before = world.snapshot()
     last = world.last_audit_id()
 
@@ -202,7 +203,7 @@ def test_an_instance_stored_by_c_store_is_already_stored_for_import_and_stow(
     key, whole, dataset = stored_row(world, sop)
     stored = world.store.get(key)
     assert stored != data and data_set(stored) == data_set(data)  # another file, one data set
-    assert bytes(dataset) == sha(data_set(data))
+    assert (bytes(whole), dataset) == (sha(stored), None)  # the data set's read back if needed
     meta = pydicom.dcmread(io.BytesIO(stored), stop_before_pixels=True).file_meta
     assert meta.ImplementationClassUID != FOREIGN_IMPLEMENTATION
     before = world.snapshot()
@@ -276,15 +277,18 @@ def test_a_different_data_set_under_the_uid_is_still_a_conflict(
     still_serving(world)
 
 
-def test_a_row_stored_before_data_set_digests_is_compared_by_its_whole_object_digest(
+def test_a_row_stored_without_data_set_digests_recognises_its_data_set_from_the_stored_object(
     world: World,
 ) -> None:
-    """An instance indexed before the dataset_sha256 column (NULL there): the
-    same bytes stay a duplicate; the same data set under a receiver's file
-    meta cannot be recognised and is a conflict, as before."""
+    """An instance whose row has no data set or content digest (indexed
+    before those columns, or stored as received, which now records only the
+    whole-object digest): the same bytes stay a duplicate, the same data set
+    under a receiver's file meta is recognised from the stored object and is
+    a duplicate too; another object under its SOP Instance UID (the
+    adversary: one value changed) is still a kept conflict."""
     study, series = generate_uid(), generate_uid()
-    data = foreign_file(study, series)
-    sop = str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)
+    sop = generate_uid()
+    data = foreign_file(study, series, sop)
     assert stow(world, "tech-a", data).status_code == 200
     world.db.execute(
         "UPDATE instances SET dataset_sha256 = NULL, content_sha256 = NULL "
@@ -295,10 +299,18 @@ def test_a_row_stored_before_data_set_digests_is_compared_by_its_whole_object_di
     last = world.last_audit_id()
     answer = stow(world, "tech-a", data)
     assert answer.status_code == 200, answer.text
-    assert "Received Store Response (Warning" in storescu(world, data)
-    first, second = world.audit_since(last)
+    assert "Received Store Response (Success)" in storescu(world, data)
+    assert "Received Store Response (Warning" in storescu(
+        world, foreign_file(study, series, sop, PatientName="OTHER^VALUE")
+    )
+    first, second, third = world.audit_since(last)
     assert (first["action"], first["outcome"], first["status"]) == ("stow.store", "allowed", 200)
-    assert (second["action"], second["status"], second["detail"]["code"]) == (
+    assert (second["action"], second["status"], second["detail"]["result"]) == (
+        "dicom.c-store",
+        0x0000,
+        "duplicate",
+    )
+    assert (third["action"], third["status"], third["detail"]["code"]) == (
         "dicom.c-store",
         0xB006,
         "conflict",
@@ -360,9 +372,10 @@ def test_the_upgrade_leaves_older_rows_without_a_data_set_digest_compared_as_bef
     make_config: Callable[..., Config], index_url: str
 ) -> None:
     """Migration 0010 adds the nullable column to an index of version 9 and
-    keeps its rows; an older row is then compared by its whole-object digest:
-    the same bytes are a duplicate, the same data set under a receiver's file
-    meta a conflict (there is no data set digest to compare)."""
+    keeps its rows; an older row whose object cannot be read (none in the
+    store here) is compared by its whole-object digest: the same bytes are a
+    duplicate, the same data set under a receiver's file meta a conflict
+    (there is no data set digest to compare, and none can be read)."""
     data = foreign_file(generate_uid(), generate_uid())
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     db = open_database(index_url)

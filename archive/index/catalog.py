@@ -320,6 +320,7 @@ class _Existing:
     site: str
     dataset_sha256: bytes | None = None
     content_sha256: bytes | None = None
+    stored_ts: str = ""
 
 
 class _Undo(Exception):
@@ -368,11 +369,23 @@ def _row_values(r: InstanceRecord) -> tuple:
     return tuple(getattr(r, column) for column in _ROW_COLUMNS)
 
 
-class Catalog:
-    """The archive's view of the index tables."""
+#: reads the data set and content digests of a stored object (its key, its
+#: transfer syntax); None when the object cannot be read
+StoredDigests = Callable[[str, str], "tuple[bytes | None, bytes | None] | None"]
 
-    def __init__(self, db: Database) -> None:
+
+class Catalog:
+    """The archive's view of the index tables.
+
+    ``stored_digests`` lets a commit compare an instance whose data set and
+    content digests were not computed at ingest (an object stored as
+    received gets only its whole-object digest, see :mod:`archive.ingest`)
+    with the row stored under its SOP Instance UID: the missing digests are
+    then read from the objects themselves, only in that rare case."""
+
+    def __init__(self, db: Database, stored_digests: StoredDigests | None = None) -> None:
         self.db = db
+        self.stored_digests = stored_digests
 
     # -- writes -----------------------------------------------------------------
 
@@ -438,7 +451,7 @@ class Catalog:
         creating = study is None or series is None
         existing = self._find_existing(r.sop_instance_uid) if creating else None
         if existing is not None:
-            decided = _decide(r, existing, on_conflict)
+            decided = _decide(r, existing, on_conflict, self.stored_digests)
             if decided is not None:
                 return decided  # nothing to create for an instance that will not be stored
         # Writes.  Creating a study or a series may still be refused when a
@@ -513,8 +526,8 @@ class Catalog:
     def _find_existing(self, sop_instance_uid: str) -> _Existing | None:
         row = self.db.query_one(
             "SELECT i.id, i.series_ref, i.object_key, i.size, i.sha256, i.original_sha256, "
-            "i.integrity, st.site, i.dataset_sha256, i.content_sha256 FROM instances i "
-            "JOIN series se ON se.id = i.series_ref "
+            "i.integrity, st.site, i.dataset_sha256, i.content_sha256, i.stored_ts "
+            "FROM instances i JOIN series se ON se.id = i.series_ref "
             "JOIN studies st ON st.id = se.study_ref WHERE i.sop_instance_uid = ?",
             (sop_instance_uid,),
         )
@@ -531,6 +544,7 @@ class Catalog:
             row[7],
             bytes(row[8]) if row[8] is not None else None,
             bytes(row[9]) if row[9] is not None else None,
+            row[10] or "",
         )
 
     def _patient(self, r: InstanceRecord, now: datetime) -> tuple[int, bool]:
@@ -677,7 +691,7 @@ class Catalog:
                 return stored, [(series_ref, 1, r.size)], row[0]
             existing = self._find_existing(r.sop_instance_uid)
             assert existing is not None
-            decided = _decide(r, existing, on_conflict)
+            decided = _decide(r, existing, on_conflict, self.stored_digests)
             if decided is not None:
                 raise _Undo(decided)
         db.execute(
@@ -842,25 +856,42 @@ def _refused(refusal: Refusal) -> CommitResult:
     return CommitResult(StoreOutcome.REFUSED, code=refusal.code, reason=refusal.reason)
 
 
-def _decide(r: InstanceRecord, existing: _Existing, on_conflict: str) -> CommitResult | None:
+def _decide(
+    r: InstanceRecord,
+    existing: _Existing,
+    on_conflict: str,
+    stored_digests: StoredDigests | None = None,
+) -> CommitResult | None:
     """What happens to ``r`` given the row already stored under its SOP
     Instance UID: refused (another site's), a duplicate (the same data set,
     whatever its file meta: :func:`same_object`), a kept conflict, or None
     when ``r`` replaces it (policy 'replace', or the stored object is
-    missing)."""
+    missing).  Digests either side lacks (objects stored as received) are
+    read from its object with ``stored_digests`` when the whole-object
+    digests differ."""
     if not may_write(r.may_write, existing.site):
         return _refused(foreign_instance(r.sop_instance_uid, r.may_write))
     received = r.original_sha256 or r.sha256
     healthy = existing.integrity == "ok"
     obsolete = r.object_key if r.object_key != existing.object_key else None
+    r_dataset, r_content = r.dataset_sha256, r.content_sha256
+    e_dataset, e_content = existing.dataset_sha256, existing.content_sha256
+    if healthy and stored_digests and received not in (existing.sha256, existing.original_sha256):
+        if r_dataset is None and r.original_sha256 is None:
+            r_dataset, r_content = stored_digests(r.object_key, r.stored_ts) or (None, None)
+        if e_dataset is None and existing.original_sha256 is None:
+            e_dataset, e_content = stored_digests(existing.object_key, existing.stored_ts) or (
+                None,
+                None,
+            )
     if healthy and same_object(
         received,
-        r.dataset_sha256,
+        r_dataset,
         existing.sha256,
         existing.original_sha256,
-        existing.dataset_sha256,
-        r.content_sha256,
-        existing.content_sha256,
+        e_dataset,
+        r_content,
+        e_content,
     ):
         return CommitResult(StoreOutcome.DUPLICATE, obsolete, existing.object_key)
     if healthy and on_conflict == "keep":
