@@ -31,10 +31,12 @@ so counts, limits and offsets are right by construction.
 
 **Order and pages.**  Answers come by insertion (row id); a study search
 matching StudyDate comes by date, then insertion (the order of the
-``(study_date, id)`` indexes).  A page (``limit``/``offset``) selects the
-page's ids first -- from the indexes and the tables its keys need, so that an
-offset skips index entries rather than joined rows -- then reads those rows
-(migrations 0018/0019 describe the indexes).
+``(study_date, id)`` indexes); one matching PatientName with a prefix or a
+whole name, by that name, then insertion (the studies' copies of their
+patient's names, migrations 0020/0021).  A page (``limit``/``offset``)
+selects the page's ids first -- from the indexes and the tables its keys
+need, so that an offset skips index entries rather than joined rows -- then
+reads those rows (migrations 0018/0019 describe the indexes).
 
 **Search by INS or regional identifier.**  When the query carries the identity
 provider (:attr:`Query.identity`) and an exact PatientID with an
@@ -154,13 +156,30 @@ _PATIENT_REF = re.compile(r"\bp\.")
 _ORDER = {"PATIENT": "p.id", "STUDY": "st.id", "SERIES": "se.id", "IMAGE": "i.id"}
 
 
+def _matches(query: Query, keyword: str) -> bool:
+    """Whether ``query`` matches on ``keyword`` (not universal matching)."""
+    return (query.keys.get(keyword) or "").strip() not in ("", "*")
+
+
 def _order(query: Query) -> str:
     """The order answers come in, stable across pages: insertion (the row
     id); a study search that matches StudyDate goes by date first, the order
     of the (study_date, id) indexes, so that its first page is read from the
-    index instead of sorting every study of the range."""
-    if query.level == "STUDY" and (query.keys.get("StudyDate") or "").strip() not in ("", "*"):
+    index instead of sorting every study of the range.  One that matches
+    PatientName (and not StudyDate) with a value that does not start with a
+    wildcard -- a prefix, an exact name -- goes by the patient's name as it
+    compares it (upper-cased, or folded for fuzzy matching), the order of
+    the (patient_name_norm, id) and (patient_name_fold, id) indexes, for the
+    same reason.  A contains-match (``*cote*``) stays in id order: walking a
+    name index for it reads every name sorted before the matches, walking
+    the studies in id order about page size / share of matches rows,
+    however large the table."""
+    if query.level == "STUDY" and _matches(query, "StudyDate"):
         return "st.study_date, st.id"
+    if query.level == "STUDY" and _matches(query, "PatientName"):
+        column, text = _study_patient_name(query.keys["PatientName"].strip(), query.fuzzy)
+        if not text.startswith(("*", "?")):
+            return f"{column}, st.id"
     return _ORDER[query.level]
 
 
@@ -377,6 +396,26 @@ def _match(sql: _Sql, attr: Attr, value: str, fuzzy: bool = False) -> None:
         sql.add(f"{column} = ?", value)
 
 
+def _study_patient_name(value: str, fuzzy: bool) -> tuple[str, str]:
+    """How a study search matches a PatientName value: on the study's copy
+    of its patient's upper-cased name, or of its folded name for fuzzy
+    matching (migrations 0020/0021: matching on the patient row left the
+    planner walking every study in id order, looking its patient up).
+    Returns (column, value to compare)."""
+    norm = normalise_pn(value) or ""
+    if fuzzy:
+        return "st.patient_name_fold", fold(norm) or ""
+    return "st.patient_name_norm", norm
+
+
+def _match_study_patient_name(sql: _Sql, value: str, fuzzy: bool) -> None:
+    column, text = _study_patient_name(value, fuzzy)
+    if _has_wildcard(text):
+        sql.add(f"{column} LIKE ? ESCAPE '!'", _like(text))
+    else:
+        sql.add(f"{column} = ?", text)
+
+
 _OWNER = {"SERIES": "se.id", "IMAGE": "i.id"}
 
 
@@ -513,6 +552,8 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
         if value and value != "*":
             if attr.extra is not None:
                 _match_extra(sql, attr, value)
+            elif keyword == "PatientName" and query.level == "STUDY":
+                _match_study_patient_name(sql, value, query.fuzzy)
             else:
                 _match(sql, attr, value, query.fuzzy)
 

@@ -286,6 +286,8 @@ STUDY_COLUMNS = (
     "total_bytes",
     "created_at",
     "updated_at",
+    "patient_name_norm",  # the patient's, copied (migrations 0020/0021)
+    "patient_name_fold",
 )
 SERIES_COLUMNS = (
     "id",
@@ -329,7 +331,7 @@ def _patient_row(p: Patient) -> tuple:
     )
 
 
-def _study_rows(s: Study) -> tuple[tuple, list[tuple], list[tuple]]:
+def _study_rows(s: Study, owner: Patient) -> tuple[tuple, list[tuple], list[tuple]]:
     series_rows, instance_rows = [], []
     total = 0
     for se in s.series:
@@ -374,6 +376,8 @@ def _study_rows(s: Study) -> tuple[tuple, list[tuple], list[tuple]]:
         total,
         NOW,
         NOW,
+        normalise_pn(owner.name),
+        fold(normalise_pn(owner.name)),
     )
     return study_row, series_rows, instance_rows
 
@@ -454,7 +458,7 @@ def load(
             studies, modalities, series, insts = [], [], [], []
             for n in rows:
                 one = study(seed, n, shape)
-                st, se, ins = _study_rows(one)
+                st, se, ins = _study_rows(one, patient(seed, one.patient))
                 modalities += [(one.id, m) for m in one.modalities.split("\\")]
                 studies.append(st)
                 series += se

@@ -8,9 +8,9 @@ the DICOM JSON model straight from the index rows (:mod:`dicomweb.qido_json`).
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.tag import Tag
@@ -307,9 +307,9 @@ def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohtt
             await deny_if_hidden(request, archive.db, None, query.keys)
         base = public_base(request) + request.app[PREFIX_KEY]
         body = to_json(rows, fields, base, level)
-        response = web.Response(
-            body=json.dumps(body).encode(), content_type="application/dicom+json"
-        )
+        # orjson: json.dumps of a 100-row answer (~90 KB, accents escaped)
+        # cost as much as the search's SQL (issue 17)
+        response = web.Response(body=orjson.dumps(body), content_type="application/dicom+json")
         if cut:
             response.headers.add(
                 "Warning",

@@ -594,7 +594,11 @@ class Catalog:
             "INSERT INTO studies (patient_ref, study_uid, study_date, study_time, "
             "accession_number, study_id, study_description, referring_physician_name, "
             "referring_physician_name_norm, referring_physician_name_fold, institution_name, site, "
-            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "created_at, updated_at, patient_name_norm, patient_name_fold) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            # the patient row's names, which may predate this instance's (0020/0021)
+            "(SELECT patient_name_norm FROM patients WHERE id = ?), "
+            "(SELECT patient_name_fold FROM patients WHERE id = ?)) "
             "ON CONFLICT (study_uid) DO NOTHING RETURNING id",
             (
                 patient_ref,
@@ -611,6 +615,8 @@ class Catalog:
                 r.site,
                 now,
                 now,
+                patient_ref,
+                patient_ref,
             ),
         )
         if row:
