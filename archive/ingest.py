@@ -444,10 +444,11 @@ class IngestPipeline:
             }
             # Ownership, before anything is written (checked again at commit).
             sites = source.may_write
-            refusal = self.catalog.refusal(header.study_uid, header.series_uid, sites)
+            refusal, known = self.catalog.admission(
+                header.study_uid, header.series_uid, header.sop_instance_uid, sites
+            )
             if refusal is not None:
                 raise Rejected(refusal.code, refusal.reason)
-            known = self.catalog.find_instance(header.sop_instance_uid)
             if known is not None and not may_write(sites, known.site):
                 refusal = foreign_instance(header.sop_instance_uid, sites)
                 raise Rejected(refusal.code, refusal.reason)

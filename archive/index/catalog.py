@@ -773,26 +773,38 @@ class Catalog:
         """The producing site a stored study belongs to (None: no such study)."""
         return self.db.scalar("SELECT site FROM studies WHERE study_uid = ?", (study_uid,))
 
-    def refusal(
-        self, study_uid: str, series_uid: str, sites: frozenset[str] | None
-    ) -> Refusal | None:
-        """Why an instance of ``study_uid`` / ``series_uid`` may not be added by
-        a sender writing for ``sites`` (None: any), or None.  One read, nothing
-        written: the pipeline's early refusal, before the object is stored
-        (:meth:`commit` checks again inside its transaction)."""
-        study_site, series_study, series_site = self.db.query_one(
+    def admission(
+        self,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        sites: frozenset[str] | None,
+    ) -> tuple[Refusal | None, StoredInstance | None]:
+        """Why an instance of ``study_uid`` / ``series_uid`` may not be added
+        by a sender writing for ``sites`` (None: any), or None; and the
+        instance already stored under ``sop_instance_uid``, or None.  One
+        read, nothing written: the pipeline's early refusal, before the
+        object is stored (:meth:`commit` checks again inside its
+        transaction), asked for every instance, where a second round trip
+        to PostgreSQL would cost more than either look-up."""
+        row = self.db.query_one(
             "SELECT (SELECT site FROM studies WHERE study_uid = ?), "
             "(SELECT st.study_uid FROM series se JOIN studies st ON st.id = se.study_ref "
             "WHERE se.series_uid = ?), "
             "(SELECT st.site FROM series se JOIN studies st ON st.id = se.study_ref "
-            "WHERE se.series_uid = ?)",
-            (study_uid, series_uid, series_uid),
+            "WHERE se.series_uid = ?), known.* "
+            f"FROM (SELECT 1 AS one) AS here LEFT JOIN ({_STORED_SELECT} "
+            "WHERE i.sop_instance_uid = ?) AS known ON 1 = 1",
+            (study_uid, series_uid, series_uid, sop_instance_uid),
         )
+        assert row is not None
+        study_site, series_study, series_site = row[:3]
+        known = _stored(row[3:]) if row[3] is not None else None
         if study_site is not None and not may_write(sites, study_site):
-            return foreign_study(study_uid, sites)
+            return foreign_study(study_uid, sites), known
         if series_study is not None and series_study != study_uid:
-            return foreign_series(series_uid, sites, series_site)
-        return None
+            return foreign_series(series_uid, sites, series_site), known
+        return None, known
 
     def references(self, object_key: str, sop_instance_uid: str) -> bool:
         """Whether an index row points at ``object_key``.  Keys embed the SOP
