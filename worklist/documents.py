@@ -22,16 +22,18 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-import highdicom as hd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from archive.uids import is_valid_uid
+
+if TYPE_CHECKING:  # imported where used: importing highdicom costs ~0.5 s at every start
+    import highdicom as hd
 
 # What the API refuses (ValueError -> 400) rather than renders: a chapter or an addendum
 # is at most 64 Ki characters (a long report is ~5,000; 64 Ki leaves room for pasted
@@ -243,6 +245,8 @@ def _check_evidence(evidence: Sequence[Dataset]) -> str:
 
 def _observer(signed: Signed, institution: str) -> hd.sr.ObservationContext:
     """TID 1001 / 1002 / 1003: the person who wrote and signed, by name and account."""
+    import highdicom as hd
+
     return hd.sr.ObservationContext(
         observer_person_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Person,
@@ -257,6 +261,8 @@ def _observer(signed: Signed, institution: str) -> hd.sr.ObservationContext:
 
 def _section(heading: Code, element: Code, text: str) -> hd.sr.ContainerContentItem:
     """A TID 2000 section: a heading CONTAINER holding the chapter's TEXT."""
+    import highdicom as hd
+
     section = hd.sr.ContainerContentItem(
         name=heading, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
@@ -277,6 +283,8 @@ def _addendum_section(
 ) -> hd.sr.ContainerContentItem:
     """An Addendum section with its own author and time (Observation DateTime differs
     from the document's Content Date/Time, so PS3.3 requires it on the item)."""
+    import highdicom as hd
+
     section = _section(HEADING_ADDENDUM, ELEMENT_ADDENDUM, addendum.text)
     section.ObservationDateTime = _dicom_date_time(addendum.signed.at, tz)[2]
     section.ContentSequence = hd.sr.ContentSequence(
@@ -288,6 +296,8 @@ def _addendum_section(
 def _report_tree(
     content: ReportContent, institution: str, tz: tzinfo
 ) -> hd.sr.ContainerContentItem:
+    import highdicom as hd
+
     root = hd.sr.ContainerContentItem(name=DOCUMENT_TITLE, template_id="2000")
     chapters = (
         (HEADING_INDICATIONS, ELEMENT_INDICATIONS, content.indications),
@@ -349,6 +359,8 @@ def structured_report(
     :data:`DEFAULT_VERIFYING_ORGANIZATION`. Comprehensive rather than Basic Text SR
     because highdicom builds the former through its public API; the content uses only
     what a Basic Text SR allows."""
+    import highdicom as hd
+
     _check_evidence(evidence)
     _check_uids(series_uid=series_uid, sop_instance_uid=sop_instance_uid)
     institution = _long_string("institution", institution)
@@ -404,6 +416,8 @@ def encapsulated_pdf(
 
     ``signed``: who validated the version this PDF renders and when (the report's
     signature, or its latest addendum's); it dates the document."""
+    import highdicom as hd
+
     _check_evidence(evidence)
     _check_uids(series_uid=series_uid, sop_instance_uid=sop_instance_uid)
     if request_uid:
