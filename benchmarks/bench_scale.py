@@ -233,9 +233,19 @@ class Server:
 
 
 @contextmanager
-def fresh_index(backend: str, tmp: Path, keep: bool) -> Iterator[str]:
+def fresh_index(backend: str, tmp: Path, keep: bool, reuse: str = "") -> Iterator[str]:
+    """A new index database, dropped after unless ``keep``; with ``reuse``,
+    that PostgreSQL database, created when missing and never dropped (it
+    is then loaded once: see :func:`loaded`)."""
     if backend == "sqlite":
         yield f"sqlite:///{tmp / 'index.db'}"
+        return
+    if reuse:
+        with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (reuse,))
+            if not found.fetchone():
+                conn.execute(f'CREATE DATABASE "{reuse}"')
+        yield PG_URL.rsplit("/", 1)[0] + "/" + reuse
         return
     name = f"imag_scale_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_URL, autocommit=True, connect_timeout=5) as conn:
@@ -248,6 +258,22 @@ def fresh_index(backend: str, tmp: Path, keep: bool) -> Iterator[str]:
         else:
             with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def loaded(url: str) -> int:
+    """The instance count a reused database was fully loaded for (0: not, or
+    a load that did not finish: it is started again, on a fresh database)."""
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            return int(conn.execute("SELECT instances FROM bench_scale_loaded").fetchone()[0])
+    except (psycopg.Error, TypeError):
+        return 0
+
+
+def mark_loaded(url: str, instances: int) -> None:
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute("CREATE TABLE bench_scale_loaded (instances bigint)")
+        conn.execute("INSERT INTO bench_scale_loaded VALUES (%s)", (instances,))
 
 
 def _imag(env: dict[str, str], *args: str) -> str:
@@ -298,8 +324,9 @@ def running_imag(index_url: str, tmp: Path) -> Iterator[Server]:
         "IMAG_DICOM_PORT": str(dicom_port),
         "IMAG_LOG_LEVEL": "WARNING",
     }
-    _imag(env, "user", "add", "scale-site", "--role", "radiologist", "--site", SITE)
-    _imag(env, "user", "add", "scale-admin", "--role", "admin")
+    if "scale-site" not in _imag(env, "user", "list"):  # a reused database has them
+        _imag(env, "user", "add", "scale-site", "--role", "radiologist", "--site", SITE)
+        _imag(env, "user", "add", "scale-admin", "--role", "admin")
     tokens = {
         "site": _imag(env, "token", "create", "scale-site").strip().splitlines()[0],
         "admin": _imag(env, "token", "create", "scale-admin").strip().splitlines()[0],
@@ -594,8 +621,13 @@ def report(
 ) -> None:
     print(
         f"\n== {label}: {shape.instances:,} instances, {shape.studies:,} studies, "
-        f"{shape.patients:,} patients; bulk load {load_seconds:.0f} s "
-        f"({shape.instances / max(load_seconds, 1e-9):,.0f} instances/s)"
+        f"{shape.patients:,} patients; "
+        + (
+            f"bulk load {load_seconds:.0f} s "
+            f"({shape.instances / max(load_seconds, 1e-9):,.0f} instances/s)"
+            if load_seconds >= 0
+            else "loaded by an earlier run (--reuse)"
+        )
     )
     print(
         f"{'query':34} {'caller':6} {'service':8} {'p50 ms':>8} {'p99 ms':>8} {'rows':>6}"
@@ -622,10 +654,21 @@ def report(
 def run_backend(backend: str, args: argparse.Namespace) -> list[Figure]:
     tmp = Path(tempfile.mkdtemp(prefix=f"imag-scale-{backend}-"))
     try:
-        with fresh_index(backend, tmp, args.keep) as url:
-            progress(f"{backend}: bulk-loading {args.instances:,} instances ...")
+        with fresh_index(backend, tmp, args.keep, args.reuse if backend != "sqlite" else "") as url:
             started = time.monotonic()
-            shape = scale_data.load(url, args.instances, SEED, progress)
+            if args.reuse and backend != "sqlite" and loaded(url) == args.instances:
+                progress(f"{backend}: reusing {args.reuse}, {args.instances:,} instances loaded")
+                shape = scale_data.Shape(args.instances)
+                started = float("inf")  # no load time to report
+            else:
+                if args.reuse and backend != "sqlite":  # unfinished, or another size: anew
+                    with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as conn:
+                        conn.execute(f'DROP DATABASE IF EXISTS "{args.reuse}" WITH (FORCE)')
+                        conn.execute(f'CREATE DATABASE "{args.reuse}"')
+                progress(f"{backend}: bulk-loading {args.instances:,} instances ...")
+                shape = scale_data.load(url, args.instances, SEED, progress)
+                if args.reuse and backend != "sqlite":
+                    mark_loaded(url, args.instances)
             load_seconds = time.monotonic() - started
             site_share = dict(scale_data.SITES)[SITE] / sum(w for _, w in scale_data.SITES)
             deep = min(10_000, int(shape.studies * site_share / 2) // 100 * 100)
@@ -644,11 +687,13 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[Figure]:
             finally:
                 db.close()
             with running_imag(url, tmp) as server:
-                progress(f"{backend}: QIDO-RS, {args.repeats} repetitions per query and caller")
-                figures = measure_qido(
-                    server.host, server.http_port, server.base, server.tokens, mix, picks,
-                    args.repeats,
-                )  # fmt: skip
+                figures = []
+                if not args.no_qido:
+                    progress(f"{backend}: QIDO-RS, {args.repeats} repetitions per query and caller")
+                    figures += measure_qido(
+                        server.host, server.http_port, server.base, server.tokens, mix, picks,
+                        args.repeats,
+                    )  # fmt: skip
                 if not args.no_cfind:
                     progress(f"{backend}: C-FIND")
                     figures += measure_cfind(
@@ -693,9 +738,11 @@ def orthanc_figures(
         orthanc_load.load(server.http_url, shape, SEED, progress)
         host, port = server.http_url.removeprefix("http://").split(":")
         admin = {"admin": picks["admin"]}
-        progress(f"Orthanc: QIDO-RS, {args.repeats} repetitions per query")
-        figures = measure_qido(host, int(port), "/dicom-web", {"admin": ""}, mix, admin,
-                               args.repeats)  # fmt: skip
+        figures = []
+        if not args.no_qido:
+            progress(f"Orthanc: QIDO-RS, {args.repeats} repetitions per query")
+            figures += measure_qido(host, int(port), "/dicom-web", {"admin": ""}, mix, admin,
+                                    args.repeats)  # fmt: skip
         if not args.no_cfind:
             progress("Orthanc: C-FIND")
             figures += measure_cfind(
@@ -714,8 +761,15 @@ def main() -> int:
     parser.add_argument("--cfind-repeats", type=int, default=10)
     parser.add_argument("--cfind-max-rows", type=int, default=1000)
     parser.add_argument("--no-cfind", action="store_true")
+    parser.add_argument("--no-qido", action="store_true", help="C-FIND only")
     parser.add_argument("--orthanc", action="store_true", help="Orthanc side by side (<= 10^5)")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL database")
+    parser.add_argument(
+        "--reuse",
+        default="",
+        metavar="DB",
+        help="PostgreSQL database to load once and time again later (kept; e.g. a 10^7 load)",
+    )
     args = parser.parse_args()
     for backend in args.backends.split(","):
         run_backend(backend.strip(), args)
