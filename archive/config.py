@@ -405,8 +405,9 @@ SETTINGS: list[Setting] = [
         "dicom.lean_store",
         True,
         _bool,
-        "serve associations proposing only storage and verification on the lean asyncio "
-        "receive path (archive.dimse.lean); others, TLS and PROXY-protocol ones on pynetdicom",
+        "serve associations proposing only storage, verification and C-FIND on the lean asyncio "
+        "receive path (archive.dimse.lean), TLS and PROXY-protocol ones included; others on "
+        "pynetdicom",
     ),
     Setting(
         "dicom.network_timeout",

@@ -17,6 +17,11 @@
     python -m benchmarks.bench_dimse --count 1000
     python -m benchmarks.bench_dimse --backends sqlite --imag-env IMAG_DICOM_MAX_PDU=1MiB
     python -m benchmarks.bench_dimse --backends sqlite --receive lean,pynetdicom --no-find
+    python -m benchmarks.bench_dimse --backends sqlite --tls --count 200
+
+``--tls`` pushes over mutual TLS (a throwaway CA signs the archives' and
+storescu's certificates; IMAG with ``dicom.tls_cert``/``tls_ca``, Orthanc with
+its ``DicomTls*`` options, storescu ``+tls``); the C-FIND part is then left out.
 
 ``--receive`` chooses IMAG's C-STORE receive path (``dicom.lean_store``): the
 lean asyncio one, pynetdicom's, or both side by side (default).  Each C-STORE
@@ -103,6 +108,7 @@ class Target:
     instances: Callable[[], int]  # what the archive reports holding
     log_tail: Callable[[], str]  # the end of the server's log
     pid: int = 0  # the server process, for its CPU time (0: not measured)
+    tls: tuple[str, ...] = ()  # dcmtk options reaching it over TLS (empty: plain)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -163,13 +169,45 @@ def memory_mib(pid: int, key: str = "VmHWM") -> float | None:
     return sum(known) / 1024 if known else None
 
 
-def echo(host: str, port: int, aet: str) -> bool:
+def echo(host: str, port: int, aet: str, tls: tuple[str, ...] = ()) -> bool:
     run = subprocess.run(
-        [dcmtk("echoscu"), "-aec", aet, "-aet", CALLING_AET, "-to", "5", host, str(port)],
+        [dcmtk("echoscu"), "-aec", aet, "-aet", CALLING_AET, "-to", "5", *tls, host, str(port)],
         capture_output=True,
         timeout=30,
     )
     return run.returncode == 0
+
+
+@dataclass(frozen=True)
+class Tls:
+    """``--tls``: what each archive is given, and the storescu/echoscu options."""
+
+    imag_env: dict[str, str]
+    orthanc_config: dict[str, object]
+    client: tuple[str, ...]
+
+
+def make_tls(folder: Path) -> Tls:
+    """A throwaway CA, a server certificate for 127.0.0.1 (both archives) and
+    a client certificate it signed (storescu); every side verifies the other."""
+    from tests.test_tls import make_pki  # the tests' PKI: only when --tls
+
+    pki = make_pki(folder)
+    return Tls(
+        imag_env={
+            "IMAG_DICOM_TLS_CERT": str(pki.server.cert),
+            "IMAG_DICOM_TLS_KEY": str(pki.server.key),
+            "IMAG_DICOM_TLS_CA": str(pki.ca),
+        },
+        orthanc_config={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(pki.server.cert),
+            "DicomTlsPrivateKey": str(pki.server.key),
+            "DicomTlsTrustedCertificates": str(pki.ca),
+            "DicomTlsRemoteCertificateRequired": True,
+        },
+        client=("+tls", str(pki.client.key), str(pki.client.cert), "+cf", str(pki.ca)),
+    )
 
 
 def _tail(path: Path, chars: int = 3000) -> str:
@@ -181,7 +219,11 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 @contextmanager
 def running_imag(
-    tmp: Path, backend: str, extra_env: dict[str, str], receive: str = "lean"
+    tmp: Path,
+    backend: str,
+    extra_env: dict[str, str],
+    receive: str = "lean",
+    tls: Tls | None = None,
 ) -> Iterator[Target]:
     """A fresh `imag serve` (new data folder, new index database), stopped and removed after."""
     data_dir = Path(tempfile.mkdtemp(prefix=f"imag-{backend}-", dir=tmp))
@@ -209,7 +251,8 @@ def running_imag(
             "IMAG_LOG_LEVEL": "WARNING",
             "IMAG_DICOM_LEAN_STORE": RECEIVE[receive],
         }
-        env |= extra_env
+        env |= extra_env | (tls.imag_env if tls else {})
+        client_tls = tls.client if tls else ()
         aet = env.get("IMAG_DICOM_AET", "IMAG")
         logf = open(log_path, "w")  # noqa: SIM115 - open while IMAG runs
         proc = subprocess.Popen(
@@ -221,7 +264,7 @@ def running_imag(
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
-        while not echo("127.0.0.1", dicom_port, aet):
+        while not echo("127.0.0.1", dicom_port, aet, client_tls):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(
                     f"IMAG did not answer C-ECHO (exit code {proc.poll()}):\n{_tail(log_path)}"
@@ -249,6 +292,7 @@ def running_imag(
             instances,
             lambda: _tail(log_path),
             proc.pid,
+            client_tls,
         )
         if proc.poll() is not None:
             raise BenchError(f"IMAG exited early ({proc.returncode}):\n{_tail(log_path)}")
@@ -275,8 +319,8 @@ def running_imag(
 
 
 @contextmanager
-def running_orthanc() -> Iterator[Target]:
-    with orthanc.running_orthanc() as server:
+def running_orthanc(tls: Tls | None = None) -> Iterator[Target]:
+    with orthanc.running_orthanc(tls.orthanc_config if tls else None) as server:
 
         def instances() -> int:
             with urllib.request.urlopen(server.http_url + "/statistics", timeout=60) as resp:
@@ -290,9 +334,10 @@ def running_orthanc() -> Iterator[Target]:
             instances,
             server.log_tail,
             server.pid,
+            tls.client if tls else (),
         )
         deadline = time.monotonic() + 30
-        while not echo(target.host, target.port, target.aet):
+        while not echo(target.host, target.port, target.aet, target.tls):
             if time.monotonic() > deadline:
                 raise BenchError(f"Orthanc did not answer C-ECHO:\n{server.log_tail()}")
             time.sleep(0.2)
@@ -351,6 +396,7 @@ def storescu(
             log_path = logs / f"storescu-{i}.log"
             with open(log_path, "w") as out:
                 cmd = [dcmtk("storescu"), "-aec", target.aet, "-aet", CALLING_AET, "+sd", *options]
+                cmd += target.tls
                 cmd += [target.host, str(target.port), str(folder)]
                 procs.append(
                     (
@@ -807,6 +853,9 @@ def main() -> int:
         help="IMAG C-STORE receive paths, dicom.lean_store on/off (lean,pynetdicom)",
     )
     parser.add_argument("--no-find", action="store_true", help="C-STORE only (no C-FIND part)")
+    parser.add_argument(
+        "--tls", action="store_true", help="C-STORE over mutual TLS (implies --no-find)"
+    )
     parser.add_argument("--find-repeats", type=int, default=50, help="C-FIND queries per kind")
     parser.add_argument("--findscu-repeats", type=int, default=5, help="one-shot findscu runs")
     parser.add_argument(
@@ -820,6 +869,7 @@ def main() -> int:
         help="extra IMAG setting for every IMAG started (repeatable; also IMAG_BENCH_IMAG_ENV)",
     )
     args = parser.parse_args()
+    args.no_find = args.no_find or args.tls
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if unknown := set(backends) - set(BACKEND_LABEL):
         parser.error(f"unknown backend(s) {sorted(unknown)}; known: sqlite, postgresql")
@@ -874,6 +924,7 @@ def _run(
     extra_mb = sum(f.stat().st_size for f in extra_files) / 1e6
     splits = {n: split_files(files, n, tmp / f"split{n}") for n in associations}
     queries = build_queries(args.count, specs)
+    tls = make_tls(tmp / "pki") if args.tls else None
 
     header = [
         f"# bench_dimse: {args.count} CT slices 512x512 16-bit explicit VR LE, {total_mb:.1f} MB; "
@@ -882,6 +933,7 @@ def _run(
         f"# C-FIND archive content: the CT series + {len(specs)} small studies "
         f"({len(extra_files)} instances, {extra_mb:.1f} MB, mixed modalities, explicit VR LE)",
         "# IMAG extra env: " + (" ".join(f"{k}={v}" for k, v in extra_env.items()) or "(none)"),
+        "# transport: " + ("mutual TLS (storescu +tls, RSA 2048)" if tls else "plain TCP"),
     ]
     stores: list[StoreResult] = []
     finds: list[FindResult] = []
@@ -889,7 +941,7 @@ def _run(
     logs = tmp / "logs"
     for backend, receive in [(b, r) for b in backends for r in args.receive]:
         s, f, n = bench_archive(
-            lambda b=backend, r=receive: running_imag(tmp, b, extra_env, r),
+            lambda b=backend, r=receive: running_imag(tmp, b, extra_env, r, tls),
             f"{BACKEND_LABEL[backend]} {receive}",
             splits,
             args.count,
@@ -906,7 +958,7 @@ def _run(
         version = subprocess.run(["Orthanc", "--version"], capture_output=True, text=True)
         header.append(f"# Orthanc: {version.stdout.splitlines()[0] if version.stdout else '?'}")
         s, f, n = bench_archive(
-            running_orthanc,
+            lambda: running_orthanc(tls),
             "Orthanc",
             splits,
             args.count,

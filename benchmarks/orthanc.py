@@ -77,6 +77,9 @@ def running_orthanc(extra: dict | None = None, auth: str = "") -> Iterator[Ortha
         "DicomAlwaysAllowGet": True,
         "DicomAlwaysAllowMove": True,
         "StableAge": 3600,
+        # C-FIND answers whole, as IMAG's (0: no limit; a 1,000-row answer is timed)
+        "LimitFindResults": 0,
+        "LimitFindInstances": 0,
         "SaveJobs": False,
         "LogLevel": "default",
     } | (extra or {})

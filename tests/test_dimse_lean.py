@@ -3,8 +3,9 @@
 dcmtk's storescu (one and four associations, 16 KB PDUs, implicit, explicit,
 big endian, deflated and compressed syntaxes) and pynetdicom (4 MiB PDUs)
 push to a real ``imag serve``; every object must come back bit-identical,
-each association's log line must say the lean path served it, and an
-association proposing C-FIND must still be served by pynetdicom.  The
+each association's log line must say the lean path served it (C-FIND
+too: tests/test_dimse_lean_find.py), and an association proposing C-GET
+must still be served by pynetdicom.  The
 adversaries: strangers (the same A-ASSOCIATE-RJ reasons as pynetdicom's),
 more associations than allowed (one limit over both paths), noise, a PDU
 claiming gigabytes, a data set cut off, an object over the size limit, and a
@@ -43,6 +44,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     Verification,
 )
 
@@ -357,8 +359,8 @@ def test_pynetdicom_scu_echoes_and_stores_objects_larger_than_a_4mib_pdu(lean: L
         store.close()
 
 
-def test_an_association_proposing_c_find_is_served_by_pynetdicom(
-    lean: Lean, ct_files: list[Path]
+def test_an_association_proposing_c_get_is_served_by_pynetdicom_and_c_find_alone_lean(
+    lean: Lean, ct_files: list[Path], tmp_path: Path
 ) -> None:
     server = lean.server
     push = run_tool(
@@ -380,12 +382,19 @@ def test_an_association_proposing_c_find_is_served_by_pynetdicom(
     )
     assert run.returncode == 0, run.stdout
     assert len(answers) == 1
-    assert len(lean_lines(server)) == lean_before
-    [line] = pynetdicom_lines(server)[pyn_before:]
+    eventually(lambda: len(lean_lines(server)) > lean_before, timeout=10, what="C-FIND's line")
+    [line] = lean_lines(server)[lean_before:]
     assert field(line, "found") == "1"
+    run, received = server.getscu(
+        "MODALITY_A", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.3"}, tmp_path
+    )
+    assert run.returncode == 0, run.stdout
+    assert received == {}
+    assert len(lean_lines(server)) == lean_before + 1
+    eventually(lambda: len(pynetdicom_lines(server)) > pyn_before, timeout=10, what="C-GET's")
     # and a C-ECHO alone is the lean path's
     assert server.echoscu("MODALITY_B").returncode == 0
-    assert len(lean_lines(server)) == lean_before + 1
+    eventually(lambda: len(lean_lines(server)) == lean_before + 2, timeout=10, what="echo's")
 
 
 # -- who may associate ------------------------------------------------------------------------
@@ -452,8 +461,8 @@ def test_one_association_limit_bounds_the_lean_and_the_pynetdicom_paths_together
     limited: ImagServer,
 ) -> None:
     lean_held = associate(limited)  # storage: lean
-    find = run_tool(
-        "findscu",
+    get = run_tool(
+        "getscu",
         "-S",
         "-aec",
         SERVER_AET,
@@ -461,24 +470,30 @@ def test_one_association_limit_bounds_the_lean_and_the_pynetdicom_paths_together
         "MODALITY_A",
         "-k",
         "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID=1.2.3",
         HOST,
         str(limited.dicom_port),
     )  # served by pynetdicom while the lean one is held: two in progress at most
-    assert find.returncode == 0, find.stdout
+    assert get.returncode == 0, get.stdout
     second = associate(limited)
     try:
         over_lean = limited.echoscu("MODALITY_B")  # a third, for the lean path
         assert over_lean.returncode != 0
         assert "Local Limit Exceeded" in over_lean.stdout, over_lean.stdout
         over_pyn = run_tool(
-            "findscu",
+            "movescu",  # (getscu does not print the rejection's reason)
             "-S",
             "-aec",
             SERVER_AET,
             "-aet",
             "MODALITY_A",
+            "-aem",
+            "MODALITY_A",
             "-k",
             "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID=1.2.3",
             HOST,
             str(limited.dicom_port),
         )  # a third, for pynetdicom: the lean ones count there too
@@ -829,7 +844,7 @@ def test_bytes_that_are_no_command_set_are_refused(garbage: bytes) -> None:
         Command.read(garbage)
 
 
-def test_only_storage_and_verification_requests_are_taken_by_the_lean_path() -> None:
+def test_only_storage_verification_and_c_find_requests_are_taken_by_the_lean_path() -> None:
     def rq(*contexts: object, calling: str = "MODALITY_A") -> bytes:
         return capture_associate_rq(calling, list(contexts))
 
@@ -838,7 +853,9 @@ def test_only_storage_and_verification_requests_are_taken_by_the_lean_path() -> 
     assert lean_request(rq(store, build_context(Verification)), frozenset()) is not None
     assert lean_request(rq(private), frozenset()) is not None  # private: stored as received
     find = build_context(StudyRootQueryRetrieveInformationModelFind)
-    assert lean_request(rq(store, find), frozenset()) is None  # query: pynetdicom's
+    assert lean_request(rq(store, find), frozenset()) is not None  # C-FIND: lean_find's
+    get = build_context(StudyRootQueryRetrieveInformationModelGet)
+    assert lean_request(rq(store, find, get), frozenset()) is None  # C-GET: pynetdicom's
     # a storage class another service claims is not the lean path's either
     assert lean_request(rq(store), frozenset({CTImageStorage})) is None
     assert lean_request(b"\x01\x00\x00\x00\x00\x10" + b"\xff" * 16, frozenset()) is None

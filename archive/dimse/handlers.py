@@ -12,8 +12,8 @@ import logging
 import socket
 import time
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from archive.dimse.peers import Decision, Peer, PeerTable
 from archive.identity import Source
 from archive.index.catalog import Origin
 from archive.ingest import DIMSE_STATUS, IngestResult, store_audit_entry
-from archive.query import QueryError, extra_attributes, search
+from archive.query import Query, QueryError, extra_attributes, search
 from archive.retrieve import StoredObject, hidden_studies, locate, read
 from archive.runtime import Archive
 from archive.security.audit import AuditEntry, AuditUnavailable
@@ -270,52 +270,27 @@ class DicomServices:
         return ds
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[Any, Dataset | None]]:
+        """C-FIND on pynetdicom: the query, audit and statuses of :func:`plan_find`
+        (the lean path's C-FIND uses them too), one identifier per match."""
         started = time.perf_counter()
-        scope = self._scope(event)
-        try:
-            query, tags = query_from_identifier(
-                event.identifier, scope, extra_attributes(self.archive.config)
-            )
-            query.identity = self.archive.identity  # PatientID may be an INS or a regional ID
-            rows = search(self.archive.db, query)
-        except QueryError as exc:
-            try:
-                self._audit(
-                    event, "dicom.c-find", "failed", status=0xA900, detail={"error": str(exc)}
-                )
-            except AuditUnavailable:
-                yield _audit_refusal("C-FIND", 0xA700), None
-                return
-            OPERATIONS.labels("C-FIND", "0xA900").inc()
-            yield _failure(0xA900, str(exc)), None
+        requestor = event.assoc.requestor
+        plan = plan_find(
+            self.archive,
+            lambda: event.identifier,
+            self._peer(event),
+            requestor.ae_title.strip(),
+            requestor.address,
+        )
+        if plan.query is None:
+            yield _failure(plan.status, plan.comment), None
             return
-        study = query.keys.get("StudyInstanceUID")
-        study = study if study and "\\" not in study else None
-        outcome, detail = "allowed", {}
-        # no match for a look-up by UID of a study outside the peer's scope:
-        # answered "no match" all the same, audited as denied with that study
-        hidden = [] if rows else hidden_studies(self.archive.db, query.keys, scope)
-        if hidden:
-            outcome, study = "denied", (hidden[0] if len(hidden) == 1 else None)
-            detail = {"studies": hidden} if len(hidden) > 1 else {}
-        try:
-            self._audit(
-                event,
-                "dicom.c-find",
-                outcome,
-                study_uid=study,
-                detail={"level": query.level, "keys": query.keys, "results": len(rows), **detail},
-            )
-        except AuditUnavailable:
-            yield _audit_refusal("C-FIND", 0xA700), None  # before any match leaves
-            return
-        for row in rows:
+        for row in plan.rows:
             if event.is_cancelled:
                 OPERATIONS.labels("C-FIND", "0xFE00").inc()
                 yield 0xFE00, None
                 return
             self._count(event, "found")
-            yield 0xFF00, answer(row, tags, query.level, self.aet)
+            yield 0xFF00, answer(row, plan.tags, plan.query.level, self.aet)
         OPERATIONS.labels("C-FIND", "0x0000").inc()
         OPERATION_SECONDS.labels("C-FIND").observe(time.perf_counter() - started)
 
@@ -524,6 +499,92 @@ def store_instance(
     if status == 0x0000:
         return 0x0000, ""
     return status, STORE_COMMENT.get(code, reason)[:64]
+
+
+@dataclass
+class FindPlan:
+    """What a C-FIND answers, decided once for both receive paths: the
+    matches (``query`` set, ``rows`` to answer one by one, then success) or
+    a failure to answer alone (``query`` None: ``status``, ``comment``)."""
+
+    status: int = 0xFF00
+    comment: str = ""
+    query: Query | None = None
+    #: the identifier's element tags, in order (see :func:`query_from_identifier`)
+    tags: list = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def plan_find(
+    archive: Archive,
+    identifier: Callable[[], Dataset],
+    peer: Peer | None,
+    aet: str,
+    address: str,
+) -> FindPlan:
+    """Decode the C-FIND identifier (``identifier()``), search in the peer's
+    site scope and write the request's one audit entry; the failures are
+    counted here (``OPERATIONS``), the matches by the caller as it sends them.
+
+    A query the archive cannot answer as asked -- an identifier that does
+    not decode included -- is 0xA900 with the reason as ErrorComment; a
+    look-up by UID of a study outside the peer's scope is "no match",
+    audited as denied naming that study; when the audit entry cannot be
+    written nothing is answered but 0xA700.  pynetdicom's handler and the
+    lean asyncio path both call this, so they answer alike."""
+    scope = None if peer is None else peer.scope
+    try:
+        try:
+            query, tags = query_from_identifier(
+                identifier(), scope, extra_attributes(archive.config)
+            )
+        except QueryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - hostile bytes: pydicom decodes lazily
+            raise QueryError(f"the identifier cannot be decoded: {exc}") from exc
+        query.identity = archive.identity  # PatientID may be an INS or a regional ID
+        rows = search(archive.db, query)
+    except QueryError as exc:
+        try:
+            audit_peer(
+                archive,
+                aet,
+                address,
+                peer,
+                "dicom.c-find",
+                "failed",
+                status=0xA900,
+                detail={"error": str(exc)},
+            )
+        except AuditUnavailable:
+            OPERATIONS.labels("C-FIND", "0xA700").inc()
+            return FindPlan(0xA700, AUDIT_REFUSAL)
+        OPERATIONS.labels("C-FIND", "0xA900").inc()
+        return FindPlan(0xA900, str(exc)[:64])
+    study = query.keys.get("StudyInstanceUID")
+    study = study if study and "\\" not in study else None
+    outcome, detail = "allowed", {}
+    # no match for a look-up by UID of a study outside the peer's scope:
+    # answered "no match" all the same, audited as denied with that study
+    hidden = [] if rows else hidden_studies(archive.db, query.keys, scope)
+    if hidden:
+        outcome, study = "denied", (hidden[0] if len(hidden) == 1 else None)
+        detail = {"studies": hidden} if len(hidden) > 1 else {}
+    try:
+        audit_peer(
+            archive,
+            aet,
+            address,
+            peer,
+            "dicom.c-find",
+            outcome,
+            study_uid=study,
+            detail={"level": query.level, "keys": query.keys, "results": len(rows), **detail},
+        )
+    except AuditUnavailable:
+        OPERATIONS.labels("C-FIND", "0xA700").inc()
+        return FindPlan(0xA700, AUDIT_REFUSAL)  # before any match leaves
+    return FindPlan(query=query, tags=tags, rows=rows)
 
 
 def refuse_peer(archive: Archive, decision: Decision, calling_aet: str, address: str) -> None:

@@ -27,21 +27,33 @@ ones pynetdicom would send).
 
 Dispatch.  The pynetdicom listener still accepts every connection (its
 pending-connection limit and associate timeout apply as before) and hands
-plain-TCP ones to :meth:`LeanReceiver.handoff`.  The receiver peeks at the
+it to :meth:`LeanReceiver.handoff`.  The receiver peeks at the
 A-ASSOCIATE-RQ (``MSG_PEEK``, at most :data:`RQ_MAX` bytes, within what is
 left of ``dicom.associate_timeout``) without consuming it.  Only a request
-whose every proposed abstract syntax is Verification or a storage SOP class
-(standard, private or unknown: what pynetdicom would accept as storage) and
-that carries no role selection, user identity or asynchronous operations
-item is served here.  Anything else -- query/retrieve, worklist, storage
+whose every proposed abstract syntax is Verification, a storage SOP class
+(standard, private or unknown: what pynetdicom would accept as storage) or a
+C-FIND query model (answered by :mod:`archive.dimse.lean_find`) and that
+carries no role selection, user identity or asynchronous operations item is
+served here.  Anything else -- C-GET, C-MOVE, worklist, storage
 commitment, a request we cannot decode, noise, a connection closed or silent
 before its request -- goes back, untouched (nothing read from it), to the
 pynetdicom server exactly as its ``process_request`` would have served it.
 
-Not on this path in this slice: **TLS** (``dicom.tls_cert``) and connections
-from **PROXY-protocol** balancers (``dicom.proxy_protocol``) stay on
-pynetdicom, whose code already does the handshake and the header within the
-associate timeout.
+TLS and balancers.  A connection from a **PROXY-protocol** balancer
+(``dicom.proxy_protocol``) first has its header read here (the parser of
+:mod:`archive.dimse.proxyprotocol`, on the event loop): the client it names
+is the address the peer table, the audit trail and the logs see; a
+connection without a valid header is closed, as pynetdicom's listener closes
+it.  With **TLS** (``dicom.tls_cert``) the handshake is asyncio's (the
+listener's context: client certificates verified as ``dicom.tls_ca`` says),
+then the A-ASSOCIATE-RQ is read through it (it cannot be peeked at): a lean
+request is served on that TLS transport, with everything above (spooling
+included); any other is relayed, decrypted, over a local socket pair to
+pynetdicom, which serves the other end as a plain connection (the bytes
+read first written into it) under the peer's own address.  Header,
+handshake and request all fall within ``dicom.associate_timeout`` (a
+handshake failed or too late is logged "DICOM TLS handshake failed" and
+counted, as pynetdicom's listener did).
 
 Large objects.  A data set is received in memory up to
 ``ingest.stream_threshold``; once it passes that size, what was received and
@@ -73,6 +85,7 @@ import fcntl
 import logging
 import os
 import socket
+import ssl
 import struct
 import tempfile
 import threading
@@ -102,6 +115,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.sop_class import Verification
 
+from archive.dimse import proxyprotocol
 from archive.dimse.handlers import (
     ACTIVE,
     ASSOCIATIONS,
@@ -110,6 +124,12 @@ from archive.dimse.handlers import (
     peer_source,
     refuse_peer,
     store_instance,
+)
+from archive.dimse.lean_find import (
+    C_CANCEL_RQ_FIELD,
+    C_FIND_RQ_FIELD,
+    FIND_MODELS,
+    Find,
 )
 from archive.dimse.peers import Peer, PeerTable
 from archive.dimse.services import COMMAND_SYNTAXES
@@ -176,8 +196,9 @@ def storage_like(uid: UID) -> bool:
 
 def lean_request(pdu: bytes, claimed: frozenset[str]) -> A_ASSOCIATE | None:
     """The decoded A-ASSOCIATE-RQ ``pdu`` when the lean path serves it (only
-    Verification and storage contexts, none ``claimed`` by another service,
-    no negotiation item it does not handle); None: pynetdicom's."""
+    Verification, storage and C-FIND contexts -- :mod:`archive.dimse.lean_find`
+    --, none ``claimed`` by another service, no negotiation item it does not
+    handle); None: pynetdicom's."""
     if len(pdu) < 6 or pdu[0] != 0x01:
         return None
     try:
@@ -197,7 +218,7 @@ def lean_request(pdu: bytes, claimed: frozenset[str]) -> A_ASSOCIATE | None:
         uid = UID(str(cx.abstract_syntax))
         if uid in claimed:
             return None
-        if uid != Verification and not storage_like(uid):
+        if uid != Verification and uid not in FIND_MODELS and not storage_like(uid):
             return None
     if any(isinstance(item, _NOT_LEAN_ITEMS) for item in primitive.user_information):
         return None
@@ -207,8 +228,10 @@ def lean_request(pdu: bytes, claimed: frozenset[str]) -> A_ASSOCIATE | None:
 class LeanReceiver:
     """The asyncio event loop (in its own thread) serving lean associations.
 
-    ``handback(sock, address)`` gives a connection that is not for this path
-    to the pynetdicom server; ``elsewhere()`` counts the associations in
+    ``handback(sock, address, prepared)`` gives a connection that is not for
+    this path to the pynetdicom server (``prepared``: its PROXY header and TLS
+    handshake are done here); ``ssl_context`` (``dicom.tls_cert``): every
+    connection is TLS; ``elsewhere()`` counts the associations in
     progress there, so that ``dicom.max_associations`` bounds both paths
     together; ``claimed`` are the abstract syntaxes another DICOM service
     serves (never here); ``refused(reason)`` counts a refused association
@@ -224,8 +247,9 @@ class LeanReceiver:
         pending: Any,
         max_associations: int,
         elsewhere: Callable[[], int],
-        handback: Callable[[socket.socket, Any], None],
+        handback: Callable[[socket.socket, Any, bool], None],
         refused: Callable[[str], None],
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         config = archive.config
         self.archive = archive
@@ -237,6 +261,7 @@ class LeanReceiver:
         self.max_associations = max_associations
         self.elsewhere = elsewhere
         self.handback = handback
+        self.ssl_context = ssl_context
         self.check_called_aet: bool = config["dicom.check_called_aet"]
         self.max_pdu: int = config["dicom.max_pdu"]
         self.network_timeout: float = config["dicom.network_timeout"]
@@ -289,12 +314,41 @@ class LeanReceiver:
 
     # -- dispatch ----------------------------------------------------------------------------
 
-    def handoff(self, sock: socket.socket, address: Any) -> None:
-        """Called from the accepting thread: look at the connection here."""
-        self.loop.call_soon_threadsafe(self._spawn, sock, address)
+    def handoff(self, sock: socket.socket, address: Any, *, proxied: bool = False) -> None:
+        """Called from the accepting thread: look at the connection here
+        (``proxied``: from a balancer, it starts with a PROXY header)."""
+        self.loop.call_soon_threadsafe(self._spawn, sock, address, proxied)
 
-    def _spawn(self, sock: socket.socket, address: Any) -> None:
-        self.loop.create_task(self._dispatch(sock, address))
+    def _spawn(self, sock: socket.socket, address: Any, proxied: bool) -> None:
+        self.loop.create_task(self._open(sock, address, proxied))
+
+    async def _open(self, sock: socket.socket, address: Any, proxied: bool) -> None:
+        """What comes before the A-ASSOCIATE-RQ, in the order a balancer and
+        TLS put it: the PROXY header naming the client (who the peer table
+        and the logs see from then on), then the TLS handshake; all of it
+        within what is left of ``dicom.associate_timeout``."""
+        if proxied:
+            try:
+                sock.setblocking(False)
+                client = await asyncio.wait_for(
+                    proxyprotocol.read_header_async(sock, self.loop),
+                    self.pending.remaining(sock),
+                )
+            except (proxyprotocol.ProxyHeaderError, OSError) as exc:  # TimeoutError too
+                self.refused("proxy-header")
+                log.warning(
+                    proxyprotocol.NO_HEADER,
+                    extra={"peer": _host(address), "error": str(exc) or "timed out"},
+                )
+                self.pending.done(sock)
+                sock.close()
+                return
+            if client is not None:
+                address = client  # the modality, as the balancer saw it
+        if self.ssl_context is not None:
+            await self._dispatch_tls(sock, address, self.ssl_context)
+        else:
+            await self._dispatch(sock, address)
 
     async def _dispatch(self, sock: socket.socket, address: Any) -> None:
         try:
@@ -305,7 +359,7 @@ class LeanReceiver:
             primitive = None
         if primitive is None:
             sock.setblocking(True)
-            self.handback(sock, address)
+            self.handback(sock, address, True)
             return
         assert pdu is not None
         try:
@@ -329,6 +383,127 @@ class LeanReceiver:
         except Exception:  # noqa: BLE001 - one association's failure stops only it
             log.exception("lean DICOM association negotiation failed")
             assoc.abort(0x00)
+
+    async def _dispatch_tls(
+        self, sock: socket.socket, address: Any, context: ssl.SSLContext
+    ) -> None:
+        """A TLS connection: the handshake here (asyncio's TLS, ``context``
+        verifying client certificates as ``dicom.tls_ca`` says), then its
+        A-ASSOCIATE-RQ read (it cannot be peeked at through TLS).  A lean
+        request goes on here on the same TLS transport; any other is relayed,
+        decrypted, over a local socket pair to pynetdicom, which is handed
+        the other end as a plain connection (the bytes read written first),
+        with the peer's address for its peer table and logs."""
+        peer = _host(address)
+        deadline = self.loop.time() + self.pending.remaining(sock)
+        opening = _Opening(self.loop)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            self.pending.done(sock)
+            sock.close()
+            return
+        handshake = asyncio.ensure_future(
+            self.loop.connect_accepted_socket(
+                lambda: opening,
+                sock,
+                ssl=context,
+                ssl_handshake_timeout=self.pending.timeout + 1,  # a backstop
+            )
+        )
+        await asyncio.wait({handshake}, timeout=deadline - self.loop.time())
+        if not handshake.done():  # logged before the connection is closed
+            self.refused("associate-timeout")
+            log.warning(
+                "DICOM TLS handshake failed",
+                extra={"peer": peer, "error": "not done within dicom.associate_timeout"},
+            )
+            self.pending.done(sock)
+            handshake.cancel()  # which closes the connection
+            await asyncio.wait({handshake})
+            sock.close()
+            return
+        try:
+            transport, _ = handshake.result()
+        except Exception as exc:  # noqa: BLE001 - ssl.SSLError, a reset, EOF, ...
+            log.warning("DICOM TLS handshake failed", extra={"peer": peer, "error": str(exc)})
+            self.pending.done(sock)
+            sock.close()
+            return
+        try:
+            await asyncio.wait_for(opening.ready, max(0.0, deadline - self.loop.time()))
+        except TimeoutError:
+            self.refused("associate-timeout")
+            log.warning(
+                "DICOM connection closed: no A-ASSOCIATE-RQ within dicom.associate_timeout (%d s)",
+                self.pending.timeout,
+                extra={"address": peer},
+            )
+            self.pending.done(sock)
+            transport.abort()
+            return
+        self.pending.done(sock)
+        if opening.lost:
+            return  # closed (or cut to make room) before its request
+        pdu = opening.request()
+        try:
+            primitive = lean_request(pdu, self.claimed) if pdu else None
+        except Exception:  # noqa: BLE001 - whatever went wrong, pynetdicom decides
+            log.exception("lean DICOM dispatch failed")
+            primitive = None
+        if primitive is None:
+            await self._relay(transport, bytes(opening.data), address)
+            return
+        assert pdu is not None
+        assoc = LeanAssociation(self, peer)
+        transport.set_protocol(assoc)
+        assoc.connection_made(transport)
+        try:
+            await assoc.negotiate(primitive)
+        except Exception:  # noqa: BLE001 - one association's failure stops only it
+            log.exception("lean DICOM association negotiation failed")
+            assoc.abort(0x00)
+        early = memoryview(opening.data)[len(pdu) :]
+        while early and not assoc.closed:  # sent before our answer: as if read now
+            room = assoc.get_buffer(len(early))
+            n = min(len(room), len(early))
+            if n == 0:
+                assoc.abort(0x02)
+                break
+            room[:n] = early[:n]
+            assoc.buffer_updated(n)
+            early = early[n:]
+        if not (assoc.closed or assoc.waiting or assoc.flushing):
+            transport.resume_reading()
+
+    async def _relay(self, transport: asyncio.Transport, first: bytes, address: Any) -> None:
+        """Serve the TLS connection on ``transport`` on pynetdicom: what it
+        sends (``first``: what was read of it already), decrypted, goes over a
+        local socket pair to pynetdicom, and what pynetdicom answers comes
+        back encrypted.  Each side's reading pauses while the other side's
+        writing is behind (a C-GET is not buffered whole here)."""
+        ours, theirs = socket.socketpair()
+        remote, local = _Pipe(), _Pipe()
+        remote.other, local.other = local, remote
+        transport.set_protocol(remote)
+        remote.connection_made(transport)
+        try:
+            await self.loop.connect_accepted_socket(lambda: local, ours)
+        except OSError:
+            transport.abort()
+            ours.close()
+            theirs.close()
+            return
+        assert local.transport is not None
+        if remote.lost:  # gone while the relay was being set up
+            local.transport.close()
+            theirs.close()
+            return
+        local.transport.write(first)
+        theirs.setblocking(True)
+        self.handback(theirs, address, True)
+        transport.resume_reading()
 
     async def _peek_request(self, sock: socket.socket) -> bytes | None:
         """The whole A-ASSOCIATE-RQ, peeked (not consumed); None when it is
@@ -375,6 +550,100 @@ class LeanReceiver:
 
     def in_progress(self) -> int:
         return self.active + self.elsewhere()
+
+
+def _host(address: Any) -> str:
+    return str(address[0]) if isinstance(address, tuple) else str(address)
+
+
+class _Opening(asyncio.Protocol):
+    """The start of a TLS connection, decrypted, until it holds a whole
+    A-ASSOCIATE-RQ or cannot be one (another PDU, noise, longer than
+    :data:`RQ_MAX`); then reading pauses and :attr:`ready` is set (also when
+    the connection is lost first)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.data = bytearray()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.lost = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if self.ready.done():
+            return
+        head = self.data
+        if head[0] != 0x01 or (
+            len(head) >= 6
+            and (
+                int.from_bytes(head[2:6], "big") > RQ_MAX
+                or len(head) >= 6 + int.from_bytes(head[2:6], "big")
+            )
+        ):
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.ready.set_result(None)
+
+    def request(self) -> bytes | None:
+        """The A-ASSOCIATE-RQ PDU read, or None (not one we look at)."""
+        head = self.data
+        if len(head) < 6 or head[0] != 0x01:
+            return None
+        length = int.from_bytes(head[2:6], "big")
+        if length > RQ_MAX or len(head) < 6 + length:
+            return None
+        return bytes(head[: 6 + length])
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of the relay between a TLS connection and the local socket
+    pynetdicom serves: what arrives here is written to the other side, whose
+    back-pressure pauses reading here; an end here ends the other side (once
+    what it has to write is written)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Pipe | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.other is not None and self.other.transport is not None
+        self.other.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self._end_other()
+        return False  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._end_other()
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+    def _end_other(self) -> None:
+        other = self.other.transport if self.other is not None else None
+        if other is not None and not other.is_closing():
+            other.close()
 
 
 _ZEROS = memoryview(bytes(2**20))
@@ -542,6 +811,9 @@ class LeanAssociation(asyncio.BufferedProtocol):
         self.activity = 0
         self._seen = 0
         self._watchdog: asyncio.TimerHandle | None = None
+        #: the C-FIND being received or answered (archive.dimse.lean_find)
+        self.find: Find | None = None
+        self.write_paused = False
 
     # -- asyncio callbacks -------------------------------------------------------------------
 
@@ -552,6 +824,8 @@ class LeanAssociation(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.receiver.associations.discard(self)
+        if self.find is not None:
+            self.find.resume()  # to notice it is gone
         if self._watchdog is not None:
             self._watchdog.cancel()
         self.direct = None
@@ -607,6 +881,18 @@ class LeanAssociation(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         return False  # close
 
+    def pause_writing(self) -> None:
+        self.write_paused = True  # a C-FIND answer waits for the peer to read
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.find is not None:
+            self.find.resume()
+
+    def writable(self) -> bool:
+        """Responses may still be sent (not closed, released or aborted)."""
+        return not self.closed and self.state != _DONE
+
     # -- negotiation -------------------------------------------------------------------------
 
     async def negotiate(self, rq: A_ASSOCIATE) -> None:
@@ -643,9 +929,12 @@ class LeanAssociation(asyncio.BufferedProtocol):
             return
         self.peer = decision.peer
         self.peer_max_pdu = rq.maximum_length_received or 0
-        supported = [PresentationContext()]
-        supported[0].abstract_syntax = Verification
-        supported[0].transfer_syntax = list(COMMAND_SYNTAXES)
+        supported = []
+        for abstract_syntax in (Verification, *sorted(FIND_MODELS)):
+            cx = PresentationContext()
+            cx.abstract_syntax = abstract_syntax
+            cx.transfer_syntax = list(COMMAND_SYNTAXES)
+            supported.append(cx)
         result, _ = negotiate_unrestricted(rq.presentation_context_definition_list, supported, {})
         self.contexts = {int(cx.context_id): cx for cx in result if cx.result == 0x00}
         ac = A_ASSOCIATE()
@@ -751,11 +1040,20 @@ class LeanAssociation(asyncio.BufferedProtocol):
         if context_id not in self.contexts:
             self.abort(0x06)
             return False
+        find = self.find
         if self.pdv_command:
-            if self.dataset is not None or len(self.command) + self.pdv_left > COMMAND_MAX:
+            if (
+                self.dataset is not None
+                or (find is not None and find.receiving)
+                or len(self.command) + self.pdv_left > COMMAND_MAX
+            ):
                 self.abort(0x06)
                 return False
             self.command_context = context_id
+        elif find is not None and find.receiving:
+            if context_id != find.context_id:
+                self.abort(0x06)
+                return False
         elif self.dataset is None or context_id != self.store_context:
             self.abort(0x06)  # a data set nobody announced, or on another context
             return False
@@ -768,6 +1066,9 @@ class LeanAssociation(asyncio.BufferedProtocol):
         n = len(data)
         if self.pdv_command:
             self.command += data
+            return n
+        if self.find is not None and self.find.receiving:
+            self.find.take(data)
             return n
         if self.refusal or self.spooled + self.fill + n > self.receiver.max_object:
             self._discard(n, "too-large")
@@ -856,6 +1157,8 @@ class LeanAssociation(asyncio.BufferedProtocol):
             return
         if self.pdv_command:
             self._command_complete()
+        elif self.find is not None and self.find.receiving:
+            self.find.identifier_complete()
         else:
             self._dataset_complete()
 
@@ -880,6 +1183,29 @@ class LeanAssociation(asyncio.BufferedProtocol):
             return self.abort(0x06)  # not a command set
         self.command = bytearray()
         context = self.contexts[self.command_context]
+        if command.field == C_CANCEL_RQ_FIELD:
+            if self.find is not None and self.find.message_id == command.responded_to:
+                self.find.cancel()
+            return None  # pynetdicom too ignores a C-CANCEL of nothing in progress
+        if self.find is not None:
+            # no asynchronous operations were negotiated: a request while an
+            # answer is being sent breaks the protocol
+            return self.abort(0x02)
+        if command.field == C_FIND_RQ_FIELD:
+            if (
+                str(context.abstract_syntax) not in FIND_MODELS
+                or command.data_set_type == NO_DATASET
+            ):
+                return self.abort(0x02)  # not a service of this context
+            self.find = Find(
+                self,
+                command.message_id,
+                command.sop_class_uid,
+                self.command_context,
+                UID(str(context.transfer_syntax[0])),
+                self._found,
+            )
+            return None
         if command.field == C_ECHO_RQ_FIELD:
             OPERATIONS.labels("C-ECHO", "0x0000").inc()
             rsp = echo_response(command.message_id)
@@ -958,6 +1284,11 @@ class LeanAssociation(asyncio.BufferedProtocol):
         self.transport.resume_reading()
         self._parse()  # whatever arrived with the last PDU
 
+    def _found(self, find: Find) -> None:
+        """A C-FIND answered: the next request may be read."""
+        if self.find is find:
+            self.find = None
+
     def _send(self, command: bytes, context_id: int) -> None:
         """A command set (no data set follows) in P-DATA-TF PDUs no longer
         than the peer's maximum."""
@@ -998,7 +1329,8 @@ class LeanAssociation(asyncio.BufferedProtocol):
         def check() -> None:
             if self.closed:
                 return
-            if self.waiting or self.flushing or self.activity != self._seen:
+            querying = self.find is not None and self.find.querying
+            if self.waiting or self.flushing or querying or self.activity != self._seen:
                 self._seen, idle[0] = self.activity, 0.0
             else:
                 idle[0] += period
@@ -1045,6 +1377,8 @@ class Command:
     data_set_type: int
     sop_class_uid: str
     sop_instance_uid: str
+    #: MessageIDBeingRespondedTo (of a C-CANCEL-RQ)
+    responded_to: int = 0
 
     @classmethod
     def read(cls, data: bytes | bytearray) -> Command:
@@ -1078,6 +1412,7 @@ class Command:
             data_set_type=us(0x0800, NO_DATASET),
             sop_class_uid=ui(0x0002),
             sop_instance_uid=ui(0x1000),
+            responded_to=us(0x0120, 0),
         )
 
 

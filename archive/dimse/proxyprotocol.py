@@ -15,16 +15,27 @@ Specification: https://www.haproxy.org/download/2.6/doc/proxy-protocol.txt
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import struct
+from collections.abc import Generator
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107  # the longest v1 line, CRLF included
+#: logged (a warning) when a connection from a balancer is closed for want of a header
+NO_HEADER = (
+    "DICOM connection from a load balancer (dicom.proxy_protocol) closed: no valid PROXY "
+    "protocol header; configure it with send-proxy or send-proxy-v2"
+)
 
 
 class ProxyHeaderError(ValueError):
     """The connection did not start with a valid PROXY protocol header."""
+
+
+#: what the parser asks for (how many bytes) and is sent (exactly that many)
+_Parser = Generator[int, bytes, "tuple[str, int] | None"]
 
 
 def _exactly(sock: socket.socket, n: int) -> bytes:
@@ -42,20 +53,59 @@ def read_header(sock: socket.socket) -> tuple[str, int] | None:
     the client's (address, port), or None for a connection the balancer made
     on its own behalf (v2 LOCAL, v1 UNKNOWN: a health check) -- then the
     socket's own address stands.  Reads are bounded by the socket's timeout."""
-    start = _exactly(sock, 12)  # both versions' shortest header is longer
+    parser = _header()
+    try:
+        wanted = next(parser)
+        while True:
+            wanted = parser.send(_exactly(sock, wanted))
+    except StopIteration as done:
+        return done.value
+
+
+async def read_header_async(
+    sock: socket.socket, loop: asyncio.AbstractEventLoop
+) -> tuple[str, int] | None:
+    """:func:`read_header` for a non-blocking socket on an event loop (the
+    lean receive path): the same parser, the socket read with
+    ``loop.sock_recv`` exactly as far as the header goes.  The caller bounds
+    the time it takes (``asyncio.wait_for``)."""
+
+    async def exactly(n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            chunk = await loop.sock_recv(sock, n - len(data))
+            if not chunk:
+                raise ProxyHeaderError("the connection closed inside the PROXY header")
+            data += chunk
+        return bytes(data)
+
+    parser = _header()
+    try:
+        wanted = next(parser)
+        while True:
+            wanted = parser.send(await exactly(wanted))
+    except StopIteration as done:
+        return done.value
+
+
+def _header() -> _Parser:
+    """The header parser, whatever reads the bytes: it yields how many it
+    needs next and is sent exactly that many (so nothing past the header is
+    ever read); returns what :func:`read_header` returns."""
+    start = yield 12  # both versions' shortest header is longer
     if start == V2_SIGNATURE:
-        return _v2(sock)
+        return (yield from _v2())
     if start.startswith(b"PROXY "):
-        return _v1(sock, start)
+        return (yield from _v1(start))
     raise ProxyHeaderError("no PROXY protocol header (v1 or v2) at the start of the connection")
 
 
-def _v1(sock: socket.socket, start: bytes) -> tuple[str, int] | None:
+def _v1(start: bytes) -> _Parser:
     line = bytearray(start)
     while not line.endswith(b"\r\n"):
         if len(line) >= V1_MAX:
             raise ProxyHeaderError("PROXY v1 header longer than 107 bytes")
-        line += _exactly(sock, 1)
+        line += yield 1
     try:
         fields = line[:-2].decode("ascii").split(" ")
     except UnicodeDecodeError:
@@ -75,11 +125,11 @@ def _v1(sock: socket.socket, start: bytes) -> tuple[str, int] | None:
     return str(address), port
 
 
-def _v2(sock: socket.socket) -> tuple[str, int] | None:
-    version_command, family, length = struct.unpack("!BBH", _exactly(sock, 4))
+def _v2() -> _Parser:
+    version_command, family, length = struct.unpack("!BBH", (yield 4))
     if version_command >> 4 != 2:
         raise ProxyHeaderError(f"unsupported PROXY v2 version {version_command >> 4}")
-    body = _exactly(sock, length)  # addresses, then TLVs we do not need
+    body = yield length  # addresses, then TLVs we do not need
     command = version_command & 0x0F
     if command == 0x0:  # LOCAL: the balancer's own connection
         return None

@@ -27,6 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from archive import plugins
 from archive.dimse import proxyprotocol
 from archive.dimse.lean import LeanReceiver
+from archive.dimse.lean_find import FIND_MODELS
 from archive.dimse.peers import PeerTable
 from archive.dimse.services import bindings
 from archive.runtime import Archive
@@ -174,13 +175,19 @@ class ReusePortServer(ThreadedAssociationServer):
     (closed at once beyond its limit).  With TLS, the handshake runs in the
     connection's own thread, within the associate timeout: pynetdicom does it
     in the accept loop, without a timeout, so one TCP connection that never
-    sends a ClientHello would stop the listener accepting anyone."""
+    sends a ClientHello would stop the listener accepting anyone.  With the
+    lean receive path on, every connection goes to it first (its PROXY header
+    and TLS handshake done there, on asyncio) and comes back, ready, when it
+    is not for it."""
 
     pending: PendingConnections | None = None
-    #: the lean receive path (``dicom.lean_store``): plain-TCP connections not
-    #: from a balancer are handed to it, and come back when not for it
+    #: the lean receive path (``dicom.lean_store``): every connection is handed
+    #: to it, and comes back (:meth:`serve_on_pynetdicom`) when not for it
     lean: LeanReceiver | None = None
     _spawn_lock = threading.Lock()
+    #: connections the lean path handed back with their PROXY header read and
+    #: their TLS done (then a local relay of the decrypted stream): not again
+    _prepared: set[Any] = set()
     #: the load balancers whose connections start with a PROXY protocol
     #: header naming the client (``dicom.proxy_protocol``); empty: none
     balancers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -192,7 +199,7 @@ class ReusePortServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client_socket, address = self.socket.accept()
-        if self.ssl_context and not self._from_balancer(address):
+        if self.ssl_context and self.lean is None and not self._from_balancer(address):
             # a balancer's PROXY header comes before the TLS handshake: its
             # connections are wrapped in their own thread, once it is read
             client_socket = self.ssl_context.wrap_socket(
@@ -209,13 +216,8 @@ class ReusePortServer(ThreadedAssociationServer):
         if self.pending is not None and not self.pending.admit(request, peer):
             self.shutdown_request(request)
             return
-        if (
-            self.lean is not None
-            and type(request) is socket.socket
-            and not self.ssl_context
-            and not self._from_balancer(client_address)
-        ):
-            self.lean.handoff(request, client_address)
+        if self.lean is not None and type(request) is socket.socket:
+            self.lean.handoff(request, client_address, proxied=self._from_balancer(client_address))
             return
         self.serve_on_pynetdicom(request, client_address)
 
@@ -223,10 +225,14 @@ class ReusePortServer(ThreadedAssociationServer):
         self,
         request: socket.socket | tuple[bytes, socket.socket],
         client_address: tuple[str, int] | str,
+        prepared: bool = False,
     ) -> None:
         """Serve a connection in a pynetdicom thread of its own (also called
-        by the lean receiver's thread, for connections that are not for it)."""
+        by the lean receiver's thread for connections that are not for it,
+        ``prepared``: their PROXY header and TLS handshake are done)."""
         with self._spawn_lock:
+            if prepared:
+                self._prepared.add(request)
             super().process_request(request, client_address)
 
     def process_request_thread(
@@ -241,15 +247,19 @@ class ReusePortServer(ThreadedAssociationServer):
             # (pynetdicom's reader would wait for the rest for ever).
             wait = self.pending.remaining(request) if self.pending else self.ae.acse_timeout
             request.settimeout(wait)
+        with self._spawn_lock:
+            prepared = request in self._prepared
+            self._prepared.discard(request)
+        if prepared:
+            super().process_request_thread(request, client_address)
+            return
         if isinstance(request, socket.socket) and self._from_balancer(client_address):
             try:
                 client = proxyprotocol.read_header(request)
             except (proxyprotocol.ProxyHeaderError, OSError) as exc:
                 CONNECTIONS_REFUSED.labels("proxy-header").inc()
                 log.warning(
-                    "DICOM connection from a load balancer (dicom.proxy_protocol) closed: "
-                    "no valid PROXY protocol header; configure it with send-proxy or "
-                    "send-proxy-v2",
+                    proxyprotocol.NO_HEADER,
                     extra={"peer": client_address[0], "error": str(exc)},
                 )
                 if self.pending is not None:
@@ -397,12 +407,14 @@ class DicomServer:
         self.ae.require_called_aet = config["dicom.check_called_aet"]
         services = plugins.listed("imag_dicom_services", config=config)
         #: abstract syntaxes some service serves: never on the lean path
-        #: (only Verification and storage are, as pynetdicom would store them)
+        #: (only Verification and storage are, as pynetdicom would store them,
+        #: and the core's C-FIND, which the lean path answers as it does)
         self.claimed: set[str] = set()
         for service in services:
             for abstract_syntax, syntaxes in service.contexts:
                 self.ae.add_supported_context(abstract_syntax, syntaxes)
-                if str(abstract_syntax) != Verification:
+                lean_find = service.name == "core" and str(abstract_syntax) in FIND_MODELS
+                if str(abstract_syntax) != Verification and not lean_find:
                     self.claimed.add(str(abstract_syntax))
         self.peers = PeerTable(config["dicom.peers"], config["dicom.accept_unknown"])
         self.service_handlers = bindings(services, archive, self.peers, self.aet)
@@ -441,7 +453,7 @@ class DicomServer:
             ssl_context=ssl_context,
         )
         self._server.pending = self.pending  # before it accepts anyone
-        if config["dicom.lean_store"] and ssl_context is None:
+        if config["dicom.lean_store"]:
             server = self._server
             self.lean = LeanReceiver(
                 self.archive,
@@ -453,6 +465,7 @@ class DicomServer:
                 elsewhere=lambda: AssociationSlots.in_progress(self.ae),
                 handback=server.serve_on_pynetdicom,  # type: ignore[attr-defined]
                 refused=lambda reason: CONNECTIONS_REFUSED.labels(reason).inc(),
+                ssl_context=ssl_context,
             )
             self.slots.elsewhere = lambda: self.lean.active if self.lean else 0
             self.lean.start()
