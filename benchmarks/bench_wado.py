@@ -13,7 +13,13 @@ connection to each:
   of ``--repeats`` more (cached);
 * series retrieval (``GET .../series/{uid}``, ``multipart/related;
   type="application/dicom"``, the stored transfer syntax): the body read
-  whole, MB/s, best and median of ``--repeats``.
+  whole, MB/s, best and median of ``--repeats``, and the server's CPU time
+  per GB sent (user + system, from /proc: less sensitive than the rate to
+  what else the machine runs).
+
+Both servers run side by side and their requests alternate (IMAG, Orthanc,
+IMAG, ...), so a burst of other work on a shared machine weighs on both
+rather than on whichever was measured during it.
 
 Issue 17's targets: metadata <= 300 ms cached and <= 3 s cold; retrieval >= 1x
 Orthanc's MB/s.
@@ -24,17 +30,21 @@ Orthanc's MB/s.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import requests
 
 from archive.synthetic import StudySpec, modality_preset, write_study
 from benchmarks import orthanc
+from benchmarks.bench_dimse import cpu_seconds
 from benchmarks.bench_viewer import running_imag
 
 ACCEPT_SERIES = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -44,42 +54,65 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def timed(call: Callable[[], int]) -> tuple[float, int]:
+def server_pid(port: int) -> int:
+    """The process listening on ``port`` on loopback (0: not found)."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            return conn.pid or 0
+    return 0
+
+
+@dataclass
+class Server:
+    """One archive under test: its DICOMweb root, an HTTP session, its process."""
+
+    name: str
+    base: str
+    http: requests.Session
+    pid: int
+    cold_ms: float = 0.0
+    cached: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)
+    cpu_per_gb: list[float] = field(default_factory=list)
+    mb: float = 0.0
+
+
+def metadata(server: Server, study: str) -> float:
     started = time.perf_counter()
-    size = call()
-    return time.perf_counter() - started, size
+    answer = server.http.get(f"{server.base}/studies/{study}/metadata", timeout=600,
+                             headers={"Accept": "application/dicom+json"})  # fmt: skip
+    answer.raise_for_status()
+    answer.json()
+    return time.perf_counter() - started
 
 
-def figures(http: requests.Session, base: str, study: str, series: str, repeats: int) -> dict:
-    """Metadata cold and cached, series retrieval MB/s, from ``base`` (the
-    DICOMweb root)."""
+def retrieve(server: Server, study: str, series: str) -> None:
+    """One series retrieval: its rate, and the server's CPU time per GB."""
+    cpu = cpu_seconds(server.pid) if server.pid else None
+    started = time.perf_counter()
+    answer = server.http.get(f"{server.base}/studies/{study}/series/{series}", timeout=600,
+                             headers={"Accept": ACCEPT_SERIES}, stream=True)  # fmt: skip
+    answer.raise_for_status()
+    size = sum(len(chunk) for chunk in answer.iter_content(1 << 20))
+    seconds = time.perf_counter() - started
+    server.mb = size / 1e6
+    server.rates.append(size / seconds / 1e6)
+    after = cpu_seconds(server.pid) if server.pid else None
+    if cpu is not None and after is not None:
+        server.cpu_per_gb.append((after - cpu) / (size / 1e9))
 
-    def metadata() -> int:
-        answer = http.get(f"{base}/studies/{study}/metadata", timeout=600,
-                          headers={"Accept": "application/dicom+json"})  # fmt: skip
-        answer.raise_for_status()
-        return len(answer.json())
 
-    def retrieve() -> int:
-        answer = http.get(f"{base}/studies/{study}/series/{series}", timeout=600,
-                          headers={"Accept": ACCEPT_SERIES}, stream=True)  # fmt: skip
-        answer.raise_for_status()
-        return sum(len(chunk) for chunk in answer.iter_content(1 << 20))
-
-    cold, count = timed(metadata)
-    cached = [timed(metadata)[0] for _ in range(repeats)]
-    rates, size = [], 0
+def measure(servers: list[Server], study: str, series: str, repeats: int) -> None:
+    """Metadata cold (each server's first request) and cached, then the
+    series retrieval, the servers' requests alternating."""
+    for server in servers:
+        server.cold_ms = metadata(server, study) * 1000
     for _ in range(repeats):
-        seconds, size = timed(retrieve)
-        rates.append(size / seconds / 1e6)
-    return {
-        "instances": count,
-        "cold_ms": cold * 1000,
-        "cached_ms": statistics.median(cached) * 1000,
-        "mb": size / 1e6,
-        "best_mbs": max(rates),
-        "median_mbs": statistics.median(rates),
-    }
+        for server in servers:
+            server.cached.append(metadata(server, study) * 1000)
+    for _ in range(repeats):
+        for server in servers:
+            retrieve(server, study, series)
 
 
 def main() -> int:
@@ -89,6 +122,14 @@ def main() -> int:
     parser.add_argument("--no-orthanc", action="store_true")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="imag-bench-wado-"))
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the study: 526 MB by default
+    return 0
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
     spec = StudySpec(
         patient_id="WADO-1",
         patient_name="BENCH^WADO",
@@ -98,50 +139,49 @@ def main() -> int:
     progress(f"writing {args.instances} CT slices ...")
     paths = write_study(spec, tmp / "study")
     study, series = spec.study_uid, spec.series[0].series_uid
-    table: list[tuple[str, dict]] = []
     progress("IMAG: importing ...")
-    with running_imag(tmp, {"study": tmp / "study"}, {"IMAG_STORE_AS": "as-received"}) as (
-        url,
-        token,
-    ):
+    with ExitStack() as stack:
+        url, token = stack.enter_context(
+            running_imag(tmp, {"study": tmp / "study"}, {"IMAG_STORE_AS": "as-received"})
+        )
         http = requests.Session()
         http.headers["Authorization"] = f"Bearer {token}"
-        progress("IMAG: measuring ...")
-        table.append(("IMAG", figures(http, url + "/dicom-web", study, series, args.repeats)))
-    if not args.no_orthanc and orthanc.available() and orthanc.dicomweb_plugin():
-        extra = {
-            "Plugins": [orthanc.dicomweb_plugin()],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        }
-        with orthanc.running_orthanc(extra) as server:
+        port = int(url.rsplit(":", 1)[1])
+        servers = [Server("IMAG", url + "/dicom-web", http, server_pid(port))]
+        if not args.no_orthanc and orthanc.available() and orthanc.dicomweb_plugin():
+            extra = {
+                "Plugins": [orthanc.dicomweb_plugin()],
+                "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            }
+            other = stack.enter_context(orthanc.running_orthanc(extra))
             progress("Orthanc: uploading ...")
             http = requests.Session()
             for path in paths:
-                http.post(server.http_url + "/instances", data=path.read_bytes(),
+                http.post(other.http_url + "/instances", data=path.read_bytes(),
                           timeout=300).raise_for_status()  # fmt: skip
-            progress("Orthanc: measuring ...")
-            table.append(
-                (
-                    "Orthanc",
-                    figures(http, server.http_url + "/dicom-web", study, series, args.repeats),
-                )  # fmt: skip
+            servers.append(Server("Orthanc", other.http_url + "/dicom-web", http, other.pid))
+        else:
+            print(
+                "Orthanc: not measured (install the Debian orthanc and orthanc-dicomweb packages)"
             )
-    else:
-        print("Orthanc: not measured (install the Debian orthanc and orthanc-dicomweb packages)")
-    print(f"\n{args.instances} CT slices in one series, {table[0][1]['mb']:.0f} MB")
+        progress("measuring ...")
+        measure(servers, study, series, args.repeats)
+    print(f"\n{args.instances} CT slices in one series, {servers[0].mb:.0f} MB")
     print(f"{'archive':8} {'metadata cold ms':>17} {'cached ms':>10} {'series MB/s best':>17} "
-          f"{'median':>7}")  # fmt: skip
-    for name, f in table:
-        print(f"{name:8} {f['cold_ms']:>17.0f} {f['cached_ms']:>10.0f} {f['best_mbs']:>17.0f} "
-              f"{f['median_mbs']:>7.0f}")  # fmt: skip
-    if len(table) == 2:
-        imag, other = table[0][1], table[1][1]
+          f"{'median':>7} {'CPU s/GB':>9}")  # fmt: skip
+    for f in servers:
+        cpu = f"{statistics.median(f.cpu_per_gb):9.2f}" if f.cpu_per_gb else f"{'-':>9}"
+        print(f"{f.name:8} {f.cold_ms:>17.0f} {statistics.median(f.cached):>10.0f} "
+              f"{max(f.rates):>17.0f} {statistics.median(f.rates):>7.0f} {cpu}")  # fmt: skip
+    if len(servers) == 2:
+        imag, other = servers
+        ratio = statistics.median(imag.rates) / statistics.median(other.rates)
         print(
-            f"IMAG/Orthanc: metadata cold {imag['cold_ms'] / other['cold_ms']:.2f}x the time, "
-            f"cached {imag['cached_ms'] / other['cached_ms']:.2f}x; "
-            f"retrieval {imag['median_mbs'] / other['median_mbs']:.2f}x the rate"
+            f"IMAG/Orthanc: metadata cold {imag.cold_ms / other.cold_ms:.2f}x the time, "
+            f"cached {statistics.median(imag.cached) / statistics.median(other.cached):.2f}x; "
+            f"retrieval {ratio:.2f}x the rate"
         )
-    return 0
+    print(f"load average: {Path('/proc/loadavg').read_text().split()[:3]}")
 
 
 if __name__ == "__main__":

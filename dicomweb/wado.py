@@ -45,7 +45,7 @@ from archive.retrieve import StoredObject, UnreadableObject, locate, open_header
 from archive.runtime import Archive
 from archive.security.http import audit_of, deny_if_hidden, require, scope_of
 from archive.web import ARCHIVE, problem, public_base
-from dicomweb import PREFIX_KEY
+from dicomweb import PREFIX_KEY, stored
 from dicomweb.accept import NotAcceptable, dicom_transfer_syntax, matches, parse_accept, wants
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,8 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         f"application/dicom; transfer-syntax={first}" if single else "application/dicom",
         single=single,
     )
+    if all(target in ("*", item.transfer_syntax) for item in items):
+        return await _send_as_stored(request, parts, items, base)
     for item in items:
         ts = item.transfer_syntax if target == "*" else target
         try:
@@ -322,6 +324,39 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
         except Exception as exc:  # noqa: BLE001 - after the status: cut, never a wrong answer
             return parts.abort(f"instance {item.sop_instance_uid}", exc)
     return await parts.finish()
+
+
+async def _send_as_stored(
+    request: web.Request, parts: _Parts, items: list[StoredObject], base: str
+) -> web.StreamResponse:
+    """Instances that need no conversion: their stored bytes, with a
+    Content-Length and, on a plain connection, sendfile (:mod:`dicomweb.stored`)."""
+    archive = request.app[ARCHIVE]
+    if parts.single:
+        (item,) = items
+        parts.response.headers["Content-Location"] = meta.instance_url(item).replace(
+            meta.BASE, base
+        )
+        heads = [b""]
+        after = end = b""
+    else:
+        heads = [
+            multipart.part_head(
+                parts.boundary,
+                f"application/dicom; transfer-syntax={item.transfer_syntax}",
+                meta.instance_url(item).replace(meta.BASE, base),
+            )
+            for item in items
+        ]
+        after, end = multipart.PART_END, multipart.closing(parts.boundary)
+    parts.response.content_length = stored.content_length(items, heads, len(after)) + len(end)
+    try:
+        await stored.send(request, parts.response, archive.store, items, heads, after, end)
+    except (ConnectionError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - after the status: cut, never a wrong answer
+        return parts.abort("an instance as stored", exc)
+    return parts.response
 
 
 # --------------------------------------------------------------------------- metadata
