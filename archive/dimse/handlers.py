@@ -533,6 +533,10 @@ def plan_find(
     written nothing is answered but 0xA700.  pynetdicom's handler and the
     lean asyncio path both call this, so they answer alike."""
     scope = None if peer is None else peer.scope
+
+    def audit(outcome: str, **fields: Any) -> None:
+        audit_peer(archive, aet, address, peer, "dicom.c-find", outcome, **fields)
+
     try:
         try:
             query, tags = query_from_identifier(
@@ -546,16 +550,7 @@ def plan_find(
         rows = search(archive.db, query)
     except QueryError as exc:
         try:
-            audit_peer(
-                archive,
-                aet,
-                address,
-                peer,
-                "dicom.c-find",
-                "failed",
-                status=0xA900,
-                detail={"error": str(exc)},
-            )
+            audit("failed", status=0xA900, detail={"error": str(exc)})
         except AuditUnavailable:
             OPERATIONS.labels("C-FIND", "0xA700").inc()
             return FindPlan(0xA700, AUDIT_REFUSAL)
@@ -571,12 +566,7 @@ def plan_find(
         outcome, study = "denied", (hidden[0] if len(hidden) == 1 else None)
         detail = {"studies": hidden} if len(hidden) > 1 else {}
     try:
-        audit_peer(
-            archive,
-            aet,
-            address,
-            peer,
-            "dicom.c-find",
+        audit(
             outcome,
             study_uid=study,
             detail={"level": query.level, "keys": query.keys, "results": len(rows), **detail},
