@@ -554,7 +554,7 @@ class _Recorder:
         self.dialect = db.dialect
         self.seen: list[tuple[str, list[Any]]] = []
 
-    def query(self, sql: str, params: Any = ()) -> list:
+    def query(self, sql: str, params: Any = (), **options: Any) -> list:
         self.seen.append((sql, list(params)))
         return []
 

@@ -265,16 +265,15 @@ def to_json(rows: list[dict[str, Any]], fields: list[str], base_url: str, level:
     """The DICOM JSON answers of a search: each row's fields (a field the
     index does not hold, present and empty), its InstanceAvailability and
     RetrieveURL; built straight from the row values (:mod:`dicomweb.qido_json`)."""
-    build = AnswerBuilder(fields, lambda keyword, row: keyword in ATTRIBUTES or keyword in row)
-    out = []
+    own = []
     for row in rows:
         url = f"{base_url}/studies/{row.get('StudyInstanceUID')}"
         if level in ("SERIES", "IMAGE") and row.get("SeriesInstanceUID"):
             url += f"/series/{row['SeriesInstanceUID']}"
         if level == "IMAGE":
             url += f"/instances/{row['SOPInstanceUID']}"
-        out.append(build({**row, "InstanceAvailability": "ONLINE", "RetrieveURL": url}))
-    return out
+        own.append({"InstanceAvailability": "ONLINE", "RetrieveURL": url})
+    return AnswerBuilder(fields, ATTRIBUTES.__contains__).answers(rows, own)
 
 
 def _handler(level: str, path_params: tuple[str, ...]):  # noqa: ANN202 - aiohttp handler

@@ -140,3 +140,82 @@ def test_the_query_mix_pages_through_indexes_on_postgresql(pg_url: str) -> None:
         assert bad == []
     finally:
         db.close()
+
+
+@pytest.fixture(scope="module")
+def pg_studies_of_a_larger_archive(pg_admin_url: str):
+    """The patients and studies of a 10^6-instance archive (10^5 studies;
+    no series or instance rows), bulk-loaded through the real schema and
+    vacuumed as autovacuum would: the size at which a study search's plan
+    is the one it keeps as the archive grows (at 10^4 studies, reading a
+    whole site's part of a name index is still the cheapest way)."""
+    from tests.pgserver import fresh_database  # a plugin module: imported by pytest first
+
+    with fresh_database(pg_admin_url, "imag_scale") as url:
+        scale_data.load(url, 1_000_000, SEED, report=lambda text: None, studies_only=True)
+        yield url
+
+
+#: the page-of-ids scans that stop once the page is full: an index in id order,
+#: read alone (the names are in it, migration 0022)
+_WALKS = (
+    "Index Only Scan using studies_by_site_id ",
+    "Index Only Scan using studies_by_id_names ",
+)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("fuzzy", [False, True], ids=["plain", "fuzzy"])
+@pytest.mark.parametrize("scope", [None, Scope.of(["CHU_NORD"])], ids=["admin", "site"])
+def test_a_name_contains_match_pages_by_walking_ids_or_from_the_trigram_index(
+    pg_studies_of_a_larger_archive: str, fuzzy: bool, scope: Scope | None
+) -> None:
+    """A contains-match (``*lefevre*``) pages in id order: its page of ids
+    comes from a walk of an index in that order, index only, that stops at
+    the page (a common name), or from the trigram index (a rare one) --
+    never from a name b-tree read whole and sorted, nor from the table read
+    whole, which grow with the archive (at 10^6 instances a site-bound
+    ``*lefevre*`` read 30,000 entries of (site, patient_name_fold, id):
+    15 ms), nor from studies_pkey reading each study's row for its name."""
+    db = open_database(pg_studies_of_a_larger_archive)
+    try:
+        bad = []
+        names = ["*lefèvre*", "*côté*", "*müller*", "*hébert*", "*martin*", "*a*", "*zzz*"]
+        for name in names:
+            params = {"PatientName": name} | ({"fuzzymatching": "true"} if fuzzy else {})
+            plan = plan_of(db, "/studies", params, scope)
+            nodes = plan.split(" ", 1)[1].split("; ")
+            trigram = any(n.startswith("Bitmap Index Scan on ") and "_trgm" in n for n in nodes)
+            for node in (n for n in nodes if n.endswith(" st_1")):
+                if not (node.startswith(_WALKS) or (node.startswith("Bitmap Heap") and trigram)):
+                    bad.append(f"{name}: {plan}")
+        assert bad == []
+    finally:
+        db.close()
+
+
+@pytest.mark.postgres
+def test_a_name_pattern_search_is_planned_for_its_pattern_each_time(pg_url: str) -> None:
+    """psycopg prepares a statement run five times on a connection, and
+    PostgreSQL may then run one generic plan whatever the values: after a
+    run of ``*lefevre*`` (a walk of ids that stops at the page) a rare
+    ``*trepanier*`` walked a whole site instead of reading the trigram index
+    (at 10^6 instances 48 ms instead of 11).  A search matching a LIKE
+    pattern is therefore never prepared; the others still are."""
+    from archive.index import upgrade
+
+    db = open_database(pg_url)
+    try:
+        upgrade(db)
+        site = Scope.of(["CHU_NORD"])
+        by_name = _qido("STUDY", {"PatientName": "*lefevre*", "fuzzymatching": "true"}, site)
+        by_id = _qido("STUDY", {"PatientID": "PAT-1"}, site)
+        for _ in range(8):
+            search(db, by_name)
+            search(db, by_id)
+        with db.connection() as conn:  # the pool's one connection, which ran them
+            prepared = [r[0] for r in conn.execute("SELECT statement FROM pg_prepared_statements")]
+        assert not [s for s in prepared if " LIKE " in s]
+        assert [s for s in prepared if "p.patient_id = " in s]
+    finally:
+        db.close()

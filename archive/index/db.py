@@ -237,8 +237,18 @@ class Database:
             text = _PLACEHOLDER.sub("%s", text)
         return text
 
-    def _run(self, sql: str, params: Sequence[Any], fetch: Callable[[Any], Any]) -> Any:
+    def _run(
+        self,
+        sql: str,
+        params: Sequence[Any],
+        fetch: Callable[[Any], Any],
+        prepare: bool | None = None,
+    ) -> Any:
         """Run one statement and ``fetch`` its result.
+
+        ``prepare``: psycopg's (None: prepared once run five times on a
+        connection; False: never, so that PostgreSQL plans it for its
+        values each time -- see :meth:`query`).  SQLite ignores it.
 
         Outside a transaction, a read (SELECT) whose connection turns out to
         have been lost is run once more on a fresh connection: it changed
@@ -247,24 +257,32 @@ class Database:
         is unknown.  (A connection already dead when it was borrowed is
         replaced before anything is sent, see :meth:`_alive`.)"""
         text, values = self.sql(sql), _adapt(params, self.dialect)
+        options = {} if prepare is None or self.dialect == "sqlite" else {"prepare": prepare}
         current = getattr(self._local, "conn", None)
         if current is not None:
-            return fetch(current.execute(text, values))
+            return fetch(current.execute(text, values, **options))
         with self.connection() as conn:
             try:
-                return fetch(conn.execute(text, values))
+                return fetch(conn.execute(text, values, **options))
             except psycopg.OperationalError:
                 if not (self._lost(conn) and _is_read(sql)):
                     raise
         INDEX_READS_RETRIED.inc()
         with self.connection() as conn:
-            return fetch(conn.execute(text, values))
+            return fetch(conn.execute(text, values, **options))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         self._run(sql, params, lambda cur: None)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        return self._run(sql, params, lambda cur: list(cur.fetchall()))
+    def query(
+        self, sql: str, params: Sequence[Any] = (), *, prepare: bool | None = None
+    ) -> list[tuple]:
+        """The rows of a read.  ``prepare=False`` for a statement whose best
+        plan depends on its values (a LIKE pattern: a rare name is best
+        found from a trigram index, a common one by walking ids): psycopg
+        prepares a statement run five times on a connection, and PostgreSQL
+        may then keep one generic plan for every value."""
+        return self._run(sql, params, lambda cur: list(cur.fetchall()), prepare)
 
     def query_one(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
         return self._run(sql, params, lambda cur: cur.fetchone())
