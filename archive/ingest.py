@@ -435,6 +435,14 @@ class IngestPipeline:
         try:
             if size > self.max_bytes:
                 raise too_large(size, self.max_bytes)
+            early = self._spare_pool() if data is not None else None
+            if early is not None and self.target_for(source.site) is None:
+                # Stored as received (no policy re-encodes this site's objects):
+                # the object is written and fsynced by another thread while
+                # this one parses and checks it (the write and the fsync
+                # release the GIL).  Dropped if the object is refused or
+                # already stored.
+                staged = early.submit(self.store.stage, data, STAGING_NEAR)
             header = header_of()
             uids = {
                 "sop_instance_uid": header.sop_instance_uid,
@@ -455,7 +463,7 @@ class IngestPipeline:
             ds = header.dataset
             who = self.identity.resolve(ds, source)
             target = self.target_for(source.site)
-            pool = self._spare_pool()
+            pool = self._spare_pool() if staged is None else None
             if (
                 pool is not None
                 and data is not None
@@ -552,7 +560,7 @@ class IngestPipeline:
                 **fields,
             )
             try:
-                if staged is not None:
+                if staged is not None and body is None:
                     pending, staged = staged, None
                     pending.result().commit(key)
                 else:
@@ -679,6 +687,11 @@ class IngestPipeline:
         if result.outcome is None:
             INGEST_REJECTED.labels(result.code).inc()
         INGEST_SECONDS.labels(kind).observe(time.perf_counter() - started)
+
+
+#: Where an object written before its header is read waits for its key: a
+#: key no instance can have (not a UID), in a folder of its own.
+STAGING_NEAR = "incoming/object"
 
 
 class IndexWriter:

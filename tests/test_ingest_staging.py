@@ -126,6 +126,58 @@ def test_senders_racing_with_one_new_instance_store_one_object(archive: Archive)
     assert temporary_files(archive.store) == []
 
 
+def test_a_new_object_is_written_while_its_header_is_parsed(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The staged write starts before the header parse ends (the parse waits
+    here until the write has begun; it would wait for ever -- the timeout --
+    if the write began only after it)."""
+    writing = threading.Event()
+    stage = archive.store.stage
+
+    def watched_stage(data: bytes, near: str):  # noqa: ANN202 - a StagedPut
+        writing.set()
+        return stage(data, near)
+
+    def parse_once_writing(data: bytes, limits: object = None):  # noqa: ANN202 - a Header
+        assert writing.wait(10), "the object was not being written while its header was parsed"
+        return parse_header(data, limits)
+
+    monkeypatch.setattr(archive.store, "stage", watched_stage)
+    monkeypatch.setattr(ingest_module, "parse_header", parse_once_writing)
+    data = make_instance()
+    result = archive.pipeline.ingest(data, SOURCE)
+    assert result.outcome is StoreOutcome.STORED
+    assert archive.store.get(result.object_key) == data
+    assert temporary_files(archive.store) == []
+
+
+@pytest.mark.parametrize("label", ["truncated", "foreign site", "duplicate"])
+def test_an_object_written_before_it_was_refused_or_found_stored_leaves_no_file(
+    archive: Archive, label: str
+) -> None:
+    """The adversaries of the early write: a truncated object, another site's
+    instance, a re-send.  The write began before the parse decided; nothing of
+    it stays."""
+    study = generate_uid()
+    stored = make_instance(study=study)
+    archive.pipeline.ingest(stored, SOURCE)
+    before = snapshot(archive)
+    if label == "truncated":
+        data, source = make_instance(study=study)[:-100], SOURCE
+    elif label == "foreign site":
+        data, source = make_instance(study=study), Source(kind="import", site="SITE-B")
+    else:
+        data, source = stored, SOURCE
+    result = archive.pipeline.ingest(data, source)
+    if label == "duplicate":
+        assert result.outcome is StoreOutcome.DUPLICATE
+    else:
+        assert not result.ok
+    assert snapshot(archive) == before
+    assert temporary_files(archive.store) == []
+
+
 @pytest.mark.parametrize("label", sorted(valid_objects()))
 def test_the_header_parse_says_where_the_data_set_starts_in_every_framing(
     label: str, tmp_path: Path
