@@ -429,7 +429,7 @@ class Find:
             self.assoc.peer_max_pdu,
             command=True,
         )
-        self.resume()
+        self._batch()  # the first batch now: the request has just been read whole
 
     def resume(self) -> None:
         """Write the next batch of matches soon (the loop reads in between:
@@ -474,24 +474,30 @@ class Find:
             size += len(pending) + len(identifier) + 12
             i += 1
         self.next_row = i
+        done = bool(status) or i >= len(rows)  # status: a failure (SUCCESS is 0)
+        if done:
+            # the last matches and the final response leave in one write
+            # (one segment for a small answer, read by the peer at once)
+            if status == SUCCESS:
+                OPERATION_SECONDS.labels("C-FIND").observe(time.perf_counter() - self.started)
+            OPERATIONS.labels("C-FIND", f"0x{status:04X}").inc()
+            out.append(self._final_pdus(status))
         if out:
             assoc._write(b"".join(out))
             assoc.activity += 1
             if assoc.record is not None:
                 assoc.record.found += i - first
-        if status:
-            OPERATIONS.labels("C-FIND", f"0x{status:04X}").inc()
-            return self._final(status)
-        if i >= len(rows):
-            OPERATIONS.labels("C-FIND", "0x0000").inc()
-            OPERATION_SECONDS.labels("C-FIND").observe(time.perf_counter() - self.started)
-            return self._final(SUCCESS)
+        if done:
+            return self._gone()
         self.resume()
+
+    def _final_pdus(self, status: int, comment: str = "") -> bytes:
+        command = find_response(self.sop_class_uid, self.message_id, status, comment)
+        return pdus(command, self.context_id, self.assoc.peer_max_pdu, True)
 
     def _final(self, status: int, comment: str = "") -> None:
         if self.assoc.writable():
-            command = find_response(self.sop_class_uid, self.message_id, status, comment)
-            self.assoc._write(pdus(command, self.context_id, self.assoc.peer_max_pdu, True))
+            self.assoc._write(self._final_pdus(status, comment))
         self._gone()
 
     def _gone(self) -> None:
