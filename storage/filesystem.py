@@ -98,25 +98,26 @@ class FilesystemStore(ObjectStore):
 
     def put(self, key: str, data: bytes | BinaryIO) -> int:
         final = self.path_for(key)
-        tmp: Path | None = None
         try:
-            fd, tmp = self._create_temp(final)
+            tmp, written = self._write_temp(final, data)
+        except OSError as exc:
+            raise StorageError(f"put {key!r}: writing {final} failed: {exc}") from exc
+        return _StagedFile(self, tmp, written).commit(key)
+
+    def _write_temp(self, final: Path, data: bytes | BinaryIO) -> tuple[Path, int]:
+        """``data`` written and fsynced to a new temporary file beside
+        ``final``, removed again when that fails (the first half of
+        :meth:`put`, and all of :meth:`stage`)."""
+        fd, tmp = self._create_temp(final)
+        try:
             with os.fdopen(fd, "wb") as f:
                 written = _copy_into(data, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, final)
-            tmp = None
-            _fsync_dir(final.parent)
-            return written
-        except OSError as exc:
-            raise StorageError(f"put {key!r}: writing {final} failed: {exc}") from exc
-        finally:
-            if tmp is not None:
-                try:
-                    tmp.unlink()
-                except OSError:
-                    pass
+        except BaseException:  # the source may fail too (a reader that raises)
+            _unlink_quietly(tmp)
+            raise
+        return tmp, written
 
     def stage(self, data: bytes | BinaryIO, near: str) -> StagedPut:
         """Write ``data`` to a temporary file in ``near``'s folder and fsync it
@@ -124,16 +125,9 @@ class FilesystemStore(ObjectStore):
         :meth:`put` does after its write).  Raises :class:`StorageError` when
         the write fails."""
         final = self.path_for(near)
-        tmp: Path | None = None
         try:
-            fd, tmp = self._create_temp(final)
-            with os.fdopen(fd, "wb") as f:
-                written = _copy_into(data, f)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp, written = self._write_temp(final, data)
         except OSError as exc:
-            if tmp is not None:
-                _unlink_quietly(tmp)
             raise StorageError(
                 f"stage near {near!r}: writing {final.parent} failed: {exc}"
             ) from exc
