@@ -11,6 +11,7 @@ imports them: imports point inward and no cycle forms.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -54,3 +55,25 @@ def public_base(request: web.Request) -> str:
         if not has_port and sockname and sockname[1] not in (80, 443):
             host = f"{host}:{sockname[1]}"
     return f"{proto}://{host}"
+
+
+class StreamedAnswer(web.StreamResponse):
+    """A response written piece by piece that answers HEAD with its headers
+    alone.
+
+    aiohttp sends whatever a handler writes to a ``StreamResponse``, for HEAD
+    too, and with neither a length nor chunked framing: the client then
+    reads those bytes as the start of its next answer on the connection.
+    Handlers that can tell the answer's headers without producing its body
+    return right after :meth:`prepare` for HEAD (:attr:`head`); the others
+    write as for GET and nothing leaves."""
+
+    head: bool = False
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        self.head = request.method == "HEAD"
+        return await super().prepare(request)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.head:
+            await super().write(data)

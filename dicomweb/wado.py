@@ -44,7 +44,7 @@ from archive.query import QueryError
 from archive.retrieve import StoredObject, UnreadableObject, locate, open_header
 from archive.runtime import Archive
 from archive.security.http import audit_of, deny_if_hidden, require, scope_of
-from archive.web import ARCHIVE, problem, public_base
+from archive.web import ARCHIVE, StreamedAnswer, problem, public_base
 from dicomweb import PREFIX_KEY, stored
 from dicomweb.accept import NotAcceptable, dicom_transfer_syntax, matches, parse_accept, wants
 
@@ -162,7 +162,7 @@ class _Parts:
         self.single = single
         self.boundary = multipart.new_boundary()
         self.count = 0
-        self.response = web.StreamResponse(
+        self.response = StreamedAnswer(
             headers={
                 "Content-Type": part_type
                 if single
@@ -441,10 +441,13 @@ async def metadata(request: web.Request) -> web.StreamResponse:
                 texts[series] = found.text
     if warnings:
         audit_of(request).detail["warnings"] = len(warnings)
-    response = web.StreamResponse(headers={"Content-Type": "application/dicom+json"})
+    response = StreamedAnswer(headers={"Content-Type": "application/dicom+json"})
     for name, value in _warning_headers(warnings):
         response.headers.add(name, value)
     await response.prepare(request)
+    if response.head:
+        await response.write_eof()
+        return response
     await response.write(b"[")
     first = True
     for series in series_list:

@@ -22,7 +22,7 @@ from archive.codecs import encode_as, producible
 from archive.query import QueryError
 from archive.retrieve import locate
 from archive.security.http import deny_if_hidden, require, scope_of
-from archive.web import ARCHIVE, problem
+from archive.web import ARCHIVE, StreamedAnswer, problem
 from dicomweb.wado import CHUNK, OBJECT_ERRORS, check_conversions, open_image, refusal
 
 RENDERED = ("image/jpeg", "image/png", "image/gif")
@@ -85,8 +85,12 @@ async def wado(request: web.Request) -> web.StreamResponse:
                 406, "Not Acceptable", f"cannot send this instance in transfer syntax {target}"
             )
         if target == item.transfer_syntax:  # as stored: streamed
-            response = web.StreamResponse(headers={"Content-Type": "application/dicom"})
+            response = StreamedAnswer(headers={"Content-Type": "application/dicom"})
             response.content_length = item.size
+            if request.method == "HEAD":
+                await response.prepare(request)
+                await response.write_eof()
+                return response
             stream = await asyncio.to_thread(archive.store.open, item.object_key)
             try:
                 await response.prepare(request)

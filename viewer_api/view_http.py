@@ -38,7 +38,7 @@ from archive.query import QueryError
 from archive.retrieve import StoredObject, UnreadableObject, locate, open_header
 from archive.security.http import audit_of, deny_if_hidden, principal_of, require, scope_of
 from archive.uids import is_valid_uid
-from archive.web import ARCHIVE, problem
+from archive.web import ARCHIVE, StreamedAnswer, problem
 from dicomweb.wado import OBJECT_ERRORS, refusal
 from viewer_api import reduced
 from viewer_api.mammography import VIEWS, mammography_layout
@@ -335,6 +335,18 @@ async def download(request: web.Request) -> web.StreamResponse:
     if summary is None or not items:
         return await _not_here(request, {"StudyInstanceUID": study}, "STUDY")
     audit_of(request).detail["instances"] = len(items)
+    response = StreamedAnswer(
+        headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="{zip_name(summary["study"])}"',
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+        }
+    )
+    if request.method == "HEAD":  # the headers of the download, nothing built
+        await response.prepare(request)
+        await response.write_eof()
+        return response
     config = archive.config
     pipe = Pipe()
     builder = asyncio.ensure_future(
@@ -347,14 +359,6 @@ async def download(request: web.Request) -> web.StreamResponse:
             max_bytes=config["dicomweb.max_built_bytes"],
             header_limits=_header_limits(request),
         )
-    )
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "application/zip",
-            "Content-Disposition": f'attachment; filename="{zip_name(summary["study"])}"',
-            "Cache-Control": "no-store",
-            "X-Content-Type-Options": "nosniff",
-        }
     )
     finished = False
     try:
