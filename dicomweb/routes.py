@@ -16,6 +16,7 @@ def setup(app: web.Application, archive: Archive) -> None:
     """Add the DICOMweb sub-application to the archive's HTTP app."""
     # STOW-RS bodies are streamed part by part with their own limits
     sub = web.Application(client_max_size=archive.config["ingest.max_object_bytes"])
+    stow.sweep_spool(archive.config.data_dir / "tmp")  # what a killed imag serve left
     sub[ARCHIVE] = archive
     sub[PREFIX_KEY] = PREFIX
     qido.add_routes(sub)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import tempfile
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -35,8 +33,10 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydicom.dataset import Dataset
 
+from archive import spoolfiles
 from archive.identity import Source
 from archive.security.http import audit_of, principal_of, require
+from archive.spoolfiles import Spool
 from archive.uids import is_valid_uid
 from archive.web import ARCHIVE, problem, public_base
 from dicomweb import PREFIX_KEY
@@ -88,14 +88,24 @@ async def _within(awaitable: Awaitable[T], seconds: float) -> T:
         ) from None
 
 
+#: the STOW-RS spool files in ``<data_dir>/tmp`` (:mod:`archive.spoolfiles`)
+SPOOL_PREFIX = "stow-"
+
+
+def sweep_spool(folder: Path) -> int:
+    """Delete the STOW-RS spool files a killed ``imag serve`` left (those of a
+    live upload, in this or another process, are locked and stay)."""
+    return spoolfiles.sweep(folder, SPOOL_PREFIX, "STOW-RS")
+
+
 async def _read_part(
     part: BodyPartReader, limit: int, spool_above: int, folder: Path, timeout: float = 60
-) -> bytes | Path:
-    """The part's bytes, or past ``spool_above`` bytes a temporary file holding
-    them (large objects are never held in memory)."""
+) -> bytes | Spool:
+    """The part's bytes, or past ``spool_above`` bytes a spool file holding
+    them (large objects are never held in memory), which the caller drops."""
     chunks: list[bytes] = []
     size = 0
-    spool = None
+    spool: Spool | None = None
     try:
         while chunk := await _within(part.read_chunk(1 << 20), timeout):
             size += len(chunk)
@@ -105,11 +115,8 @@ async def _read_part(
                     pass
                 raise _TooLarge(size)
             if spool is None and size > spool_above:
-                folder.mkdir(parents=True, exist_ok=True)
-                spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below
-                    dir=folder, prefix="stow-", delete=False
-                )
-                await asyncio.to_thread(spool.writelines, chunks)
+                spool = await asyncio.to_thread(Spool, folder, SPOOL_PREFIX)
+                await asyncio.to_thread(spool.write, b"".join(chunks))
                 chunks = []
             if spool is not None:
                 await asyncio.to_thread(spool.write, chunk)
@@ -119,12 +126,10 @@ async def _read_part(
             raise _Cut(f"the body ended after {size} bytes of a part, before its delimiter")
     except BaseException:
         if spool is not None:
-            spool.close()
-            os.unlink(spool.name)
+            spool.drop()
         raise
     if spool is not None:
-        spool.close()
-        return Path(spool.name)
+        return spool
     return b"".join(chunks)
 
 
@@ -220,10 +225,12 @@ async def store(request: web.Request) -> web.Response:
                 failed.append(_failed("", "", FAILURE["too-large"]))
                 continue
             try:
-                result = await _ingest(archive, data, source, study_in_path)
+                result = await _ingest(
+                    archive, data.path if isinstance(data, Spool) else data, source, study_in_path
+                )
             finally:
-                if isinstance(data, Path):
-                    data.unlink(missing_ok=True)
+                if isinstance(data, Spool):
+                    await asyncio.to_thread(data.drop)
             if result.study_uid:
                 studies[result.study_uid] = None
             if result.ok:

@@ -81,13 +81,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import fcntl
 import logging
-import os
 import socket
 import ssl
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -115,6 +112,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.sop_class import Verification
 
+from archive import spoolfiles
 from archive.dimse import proxyprotocol
 from archive.dimse.handlers import (
     ACTIVE,
@@ -666,61 +664,19 @@ def _consume(sock: socket.socket, n: int) -> None:
         n -= len(chunk)
 
 
-class Spool:
-    """A spool file being written: its descriptor holds an exclusive
-    ``flock`` until the file is deleted, which tells :func:`sweep_spool` the
-    file is live.  Opened, written and dropped in the ingest threads."""
+class Spool(spoolfiles.Spool):
+    """A C-STORE data set's spool file (:class:`archive.spoolfiles.Spool`).
+    Opened, written and dropped in the ingest threads."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd, name = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-", dir=folder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_nlink:
-                break
-            os.close(fd)  # a sweep deleted it between its creation and our lock
-        self.fd: int | None = fd
-        self.path = Path(name)
-
-    def write(self, data: memoryview) -> None:
-        assert self.fd is not None
-        while data:
-            data = data[os.write(self.fd, data) :]
-
-    def drop(self) -> None:
-        """Delete the file (then release the lock)."""
-        fd, self.fd = self.fd, None
-        if fd is not None:
-            self.path.unlink(missing_ok=True)
-            os.close(fd)
+        super().__init__(folder, SPOOL_PREFIX)
 
 
 def sweep_spool(folder: Path) -> int:
     """Delete the lean path's spool files nobody holds: those of a process
     killed while receiving (a live receiver's, in this or another listener
     process, are locked and stay).  Returns how many were deleted."""
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith(SPOOL_PREFIX)]
-    except OSError:
-        return 0
-    removed = 0
-    for name in names:
-        path = folder / name
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink()
-            removed += 1
-        except OSError:  # locked: being written; or already gone
-            pass
-        finally:
-            os.close(fd)
-    if removed:
-        log.info("left-over C-STORE spool files deleted", extra={"files": removed})
-    return removed
+    return spoolfiles.sweep(folder, SPOOL_PREFIX, "C-STORE")
 
 
 def _spool_write(spool: Spool | None, folder: Path, data: memoryview) -> Spool:
