@@ -25,7 +25,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from archive.dimse.lean import SPOOL_PREFIX, Spool, sweep_spool
+from archive.dimse.lean import SPOOL_PREFIX
 from archive.index import open_database
 from storage import open_store
 from tests.audittrail import AuditCursor
@@ -286,23 +286,6 @@ def test_a_spool_file_left_by_a_kill_9_is_deleted_at_the_next_start(tmp_path: Pa
         eventually(lambda: not spool_files(imag), what="the spool file deleted")
     finally:
         assert imag.stop() == 0, imag.log()
-
-
-def test_a_sweep_deletes_only_the_spool_files_nobody_is_writing(tmp_path: Path) -> None:
-    """Listener processes share the spool folder: one starting must not delete
-    what another is receiving (it holds a lock on its file), only leftovers."""
-    live = Spool(tmp_path)
-    live.write(memoryview(b"being received"))
-    stale = tmp_path / f"{SPOOL_PREFIX}12345-left"
-    stale.write_bytes(b"a killed process's")
-    stow = tmp_path / "stow-abcd"
-    stow.write_bytes(b"not the lean path's")
-    assert sweep_spool(tmp_path) == 1
-    assert live.path.exists() and not stale.exists() and stow.exists()
-    assert live.path.read_bytes() == b"being received"
-    live.drop()
-    assert not live.path.exists()
-    assert sweep_spool(tmp_path / "absent") == 0
 
 
 def test_two_large_objects_in_a_row_on_one_association_are_each_stored_bit_identical(

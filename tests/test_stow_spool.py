@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import io
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.dataset import FileDataset
 
+from archive.dimse import lean
 from archive.spoolfiles import Spool
 from dicomweb.stow import SPOOL_PREFIX, sweep_spool
 from tests.dicomfiles import make_instance
@@ -70,18 +73,30 @@ def test_a_stow_spool_file_left_by_a_kill_9_is_deleted_at_the_next_start(tmp_pat
         assert server.stop() == 0, server.log()
 
 
-def test_a_sweep_deletes_only_the_stow_spool_files_nobody_holds(tmp_path: Path) -> None:
-    """Another process sharing the data folder may be receiving: its locked
-    file stays; the lean C-STORE path's files are not STOW-RS's to sweep."""
-    live = Spool(tmp_path, SPOOL_PREFIX)
-    live.write(b"being uploaded")
-    stale = tmp_path / f"{SPOOL_PREFIX}12345-left"
+@pytest.mark.parametrize(
+    ("prefix", "sweep", "other"),
+    [
+        (SPOOL_PREFIX, sweep_spool, lean.SPOOL_PREFIX),
+        (lean.SPOOL_PREFIX, lean.sweep_spool, SPOOL_PREFIX),
+    ],
+    ids=["STOW-RS", "lean C-STORE"],
+)
+def test_a_sweep_deletes_only_the_spool_files_nobody_holds(
+    tmp_path: Path, prefix: str, sweep: Callable[[Path], int], other: str
+) -> None:
+    """Processes share the spool folder (listener processes, a second imag
+    serve on the data folder): one starting must not delete what another is
+    receiving (it holds a lock on its file), only leftovers -- and only its
+    own receiver's."""
+    live = Spool(tmp_path, prefix)
+    live.write(b"being received")
+    stale = tmp_path / f"{prefix}12345-left"
     stale.write_bytes(b"a killed process's")
-    dimse = tmp_path / "dimse-12345-left"
-    dimse.write_bytes(b"the lean path's")
-    assert sweep_spool(tmp_path) == 1
-    assert live.path.exists() and not stale.exists() and dimse.exists()
-    assert live.path.read_bytes() == b"being uploaded"
+    theirs = tmp_path / f"{other}12345-left"
+    theirs.write_bytes(b"the other receiver's")
+    assert sweep(tmp_path) == 1
+    assert live.path.exists() and not stale.exists() and theirs.exists()
+    assert live.path.read_bytes() == b"being received"
     live.drop()
     assert not live.path.exists()
-    assert sweep_spool(tmp_path / "absent") == 0
+    assert sweep(tmp_path / "absent") == 0
