@@ -435,8 +435,9 @@ class IngestPipeline:
         try:
             if size > self.max_bytes:
                 raise too_large(size, self.max_bytes)
+            target = self.target_for(source.site)
             early = self._spare_pool() if data is not None else None
-            if early is not None and self.target_for(source.site) is None:
+            if early is not None and target is None:
                 # Stored as received (no policy re-encodes this site's objects):
                 # the object is written and fsynced by another thread while
                 # this one parses and checks it (the write and the fsync
@@ -462,7 +463,6 @@ class IngestPipeline:
                 raise Rejected(refusal.code, refusal.reason)
             ds = header.dataset
             who = self.identity.resolve(ds, source)
-            target = self.target_for(source.site)
             pool = self._spare_pool() if staged is None else None
             if (
                 pool is not None

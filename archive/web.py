@@ -65,7 +65,7 @@ class StreamedAnswer(web.StreamResponse):
     too, and with neither a length nor chunked framing: the client then
     reads those bytes as the start of its next answer on the connection.
     Handlers that can tell the answer's headers without producing its body
-    return right after :meth:`prepare` for HEAD (:attr:`head`); the others
+    start it with :meth:`begin`, which ends a HEAD answer there; the others
     write as for GET and nothing leaves."""
 
     head: bool = False
@@ -73,6 +73,14 @@ class StreamedAnswer(web.StreamResponse):
     async def prepare(self, request: web.BaseRequest) -> Any:
         self.head = request.method == "HEAD"
         return await super().prepare(request)
+
+    async def begin(self, request: web.BaseRequest) -> bool:
+        """Send the headers; for HEAD end the answer too and return True
+        (the handler returns the response without producing its body)."""
+        await self.prepare(request)
+        if self.head:
+            await self.write_eof()
+        return self.head
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.head:

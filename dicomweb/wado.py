@@ -444,9 +444,7 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     response = StreamedAnswer(headers={"Content-Type": "application/dicom+json"})
     for name, value in _warning_headers(warnings):
         response.headers.add(name, value)
-    await response.prepare(request)
-    if response.head:
-        await response.write_eof()
+    if await response.begin(request):
         return response
     await response.write(b"[")
     first = True

@@ -87,9 +87,8 @@ async def wado(request: web.Request) -> web.StreamResponse:
         if target == item.transfer_syntax:  # as stored: streamed
             response = StreamedAnswer(headers={"Content-Type": "application/dicom"})
             response.content_length = item.size
-            if request.method == "HEAD":
-                await response.prepare(request)
-                await response.write_eof()
+            if request.method == "HEAD":  # the headers alone: the object is not opened
+                await response.begin(request)
                 return response
             stream = await asyncio.to_thread(archive.store.open, item.object_key)
             try:

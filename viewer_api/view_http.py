@@ -343,9 +343,8 @@ async def download(request: web.Request) -> web.StreamResponse:
             "X-Content-Type-Options": "nosniff",
         }
     )
-    if request.method == "HEAD":  # the headers of the download, nothing built
-        await response.prepare(request)
-        await response.write_eof()
+    if request.method == "HEAD":  # the download's headers alone, nothing built
+        await response.begin(request)
         return response
     config = archive.config
     pipe = Pipe()
