@@ -363,6 +363,7 @@ def test_an_association_proposing_c_get_is_served_by_pynetdicom_and_c_find_alone
     lean: Lean, ct_files: list[Path], tmp_path: Path
 ) -> None:
     server = lean.server
+    before_push = len(lean_lines(server))
     push = run_tool(
         STORESCU,
         "-aec",
@@ -374,6 +375,11 @@ def test_an_association_proposing_c_get_is_served_by_pynetdicom_and_c_find_alone
         str(ct_files[0]),
     )
     assert push.returncode == 0, push.stdout
+    # the push's own line is written once the server saw storescu close: wait for it, so
+    # that it is not taken for the C-FIND's
+    eventually(
+        lambda: len(lean_lines(server)) > before_push, timeout=10, what="the push's line"
+    )
     lean_before, pyn_before = len(lean_lines(server)), len(pynetdicom_lines(server))
     run, answers = server.findscu(
         "MODALITY_A",
