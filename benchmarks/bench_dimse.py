@@ -502,6 +502,8 @@ class FindResult:
     times: list[float]
     findscu: list[float]
     error: str = ""
+    #: repetitions that did not find what the warm-up found (timed all the same)
+    unstable: str = ""
 
     @property
     def median(self) -> float:
@@ -642,12 +644,19 @@ def measure_find(
             result = FindResult(target.label, q.key, 0, [], [])
             try:
                 result.matches = _find(assoc, q.identifier)  # warm-up, not timed
+                other: list[int] = []
                 for _ in range(repeats):
                     started = time.perf_counter()
                     matches = _find(assoc, q.identifier)
                     result.times.append(time.perf_counter() - started)
                     if matches != result.matches:
-                        raise BenchError(f"{matches} matches, the warm-up had {result.matches}")
+                        other.append(matches)
+                if other:
+                    # timed all the same; an error for IMAG, a note for Orthanc
+                    result.unstable = (
+                        f"{len(other)} of {repeats} repetitions had another number of matches "
+                        f"than the warm-up's {result.matches} ({sorted(set(other))})"
+                    )
             except BenchError as exc:
                 result.error = str(exc)
             if not result.error and result.matches != q.expected:
@@ -678,6 +687,8 @@ def measure_find(
                 result.error = f"findscu exit code {run.returncode}: {_decode(run.stderr)}"
         if result.error:
             progress(f"  {target.label} query ({q.key}): PROBLEM {result.error}")
+        if result.unstable:
+            progress(f"  {target.label} query ({q.key}): UNSTABLE {result.unstable}")
     return results
 
 
@@ -806,6 +817,19 @@ def report(
             problems += [f"{r.label}, {r.associations} association(s):", *r.errors]
     problems += notes
     problems += [f"{r.label} query ({r.query}): {r.error}" for r in finds if r.error]
+    # the reference archive answering inconsistently is reported, not a failure of the run
+    problems += [
+        f"{r.label} query ({r.query}): {r.unstable}"
+        for r in finds
+        if r.unstable and r.label != "Orthanc"
+    ]
+    quirks = [f"{r.label} query ({r.query}): {r.unstable}" for r in finds if r.unstable]
+    quirks = [q for q in quirks if q.startswith("Orthanc")]
+    if quirks:
+        print()
+        print("NOTES (the reference archive; not counted as a failure)")
+        for line in quirks:
+            print("  " + line)
     if problems:
         print()
         print("PROBLEMS")
@@ -974,7 +998,11 @@ def _run(
     report(header, stores, finds, queries, total_mb, args.count, args, notes)
     elapsed = time.perf_counter() - run_started
     print(f"\n# whole run: {elapsed:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
-    bad = any(not r.ok for r in stores) or any(r.error for r in finds) or notes
+    bad = (
+        any(not r.ok for r in stores)
+        or any(r.error or (r.unstable and r.label != "Orthanc") for r in finds)
+        or bool(notes)
+    )
     return 1 if bad else 0
 
 
