@@ -361,6 +361,18 @@ class IngestPipeline:
         #: instances in :meth:`_prepare` now, and the cores they may share
         self._busy = 0
         self._cores = max(1, (os.cpu_count() or 1) - 1)
+        self._sweep_staging()
+
+    def _sweep_staging(self) -> None:
+        """Delete the objects a process killed while writing them early left in
+        the staging folder (live ones, locked by their writer, stay)."""
+        try:
+            removed = self.store.sweep_staging(STAGING_NEAR)
+        except StorageError as exc:
+            log.warning("staging folder not swept", extra={"error": str(exc)})
+            return
+        if removed:
+            log.info("left-over staged objects deleted", extra={"files": removed})
 
     def close(self) -> None:
         if self.writer is not None:

@@ -122,5 +122,12 @@ class ObjectStore(ABC):
         validate_key(near)
         return StagedPut(self, data)
 
+    def sweep_staging(self, near: str) -> int:
+        """Delete what processes killed between :meth:`stage` and the commit
+        left beside ``near``; return how many objects.  Live stagings (this
+        process's or another's) are kept.  The default has nothing to delete
+        (nothing is written before the commit)."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default does nothing."""

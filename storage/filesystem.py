@@ -4,11 +4,15 @@ Objects live in two levels of hash-sharded folders so that no directory grows
 to millions of entries, which many filesystems (and backup tools) handle badly.
 Writes go to a temporary file that is fsynced and renamed into place, so a
 reader never sees a partial object and a completed ``put`` survives a crash.
+The writer holds an exclusive ``flock`` on its temporary file until the file
+is renamed or deleted, so that what a killed process left (unlocked) can be
+told from what a live one, in any process sharing the store, is writing.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import secrets
@@ -99,25 +103,27 @@ class FilesystemStore(ObjectStore):
     def put(self, key: str, data: bytes | BinaryIO) -> int:
         final = self.path_for(key)
         try:
-            tmp, written = self._write_temp(final, data)
+            staged = self._write_temp(final, data)
         except OSError as exc:
             raise StorageError(f"put {key!r}: writing {final} failed: {exc}") from exc
-        return _StagedFile(self, tmp, written).commit(key)
+        return staged.commit(key)
 
-    def _write_temp(self, final: Path, data: bytes | BinaryIO) -> tuple[Path, int]:
+    def _write_temp(self, final: Path, data: bytes | BinaryIO) -> _StagedFile:
         """``data`` written and fsynced to a new temporary file beside
         ``final``, removed again when that fails (the first half of
-        :meth:`put`, and all of :meth:`stage`)."""
+        :meth:`put`, and all of :meth:`stage`); the file stays locked until
+        it is committed or aborted."""
         fd, tmp = self._create_temp(final)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(fd, "wb", closefd=False) as f:
                 written = _copy_into(data, f)
                 f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
         except BaseException:  # the source may fail too (a reader that raises)
             _unlink_quietly(tmp)
+            os.close(fd)
             raise
-        return tmp, written
+        return _StagedFile(self, tmp, written, fd)
 
     def stage(self, data: bytes | BinaryIO, near: str) -> StagedPut:
         """Write ``data`` to a temporary file in ``near``'s folder and fsync it
@@ -126,28 +132,47 @@ class FilesystemStore(ObjectStore):
         the write fails."""
         final = self.path_for(near)
         try:
-            tmp, written = self._write_temp(final, data)
+            return self._write_temp(final, data)
         except OSError as exc:
             raise StorageError(
                 f"stage near {near!r}: writing {final.parent} failed: {exc}"
             ) from exc
-        return _StagedFile(self, tmp, written)
+
+    def sweep_staging(self, near: str) -> int:
+        """Delete the temporary files in ``near``'s folder that no process
+        holds (those of a process killed between writing and committing
+        them); return how many.  A live writer's files, locked, stay."""
+        folder = self.path_for(near).parent
+        try:
+            names = [n for n in os.listdir(folder) if n.startswith(TEMP_PREFIX)]
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise StorageError(f"sweep of {folder}: listing failed: {exc}") from exc
+        return sum(_remove_if_unlocked(folder / name) for name in names)
 
     def _create_temp(self, final: Path) -> tuple[int, Path]:
-        """Create the folders and an exclusive temp file beside ``final``.
+        """Create the folders and an exclusive temp file beside ``final``,
+        locked (``flock``) by the returned descriptor.
 
         Retried a few times because a concurrent delete may prune the (empty)
-        folder between our mkdir and the open.
+        folder between our mkdir and the open, and because a sweep may delete
+        the file between its creation and the lock.
         """
         for attempt in range(5):
             tmp = final.parent / f"{TEMP_PREFIX}{final.name}-{secrets.token_hex(8)}"
             try:
                 self._makedirs(final.parent)
-                return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), tmp
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileNotFoundError:
                 if attempt == 4:
                     raise
-        raise AssertionError("unreachable")
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:
+                return fd, tmp
+            os.close(fd)  # swept between its creation and our lock
+        raise FileNotFoundError(f"temporary file in {final.parent} removed as it was created")
 
     def delete(self, key: str) -> None:
         path = self.path_for(key)
@@ -278,8 +303,7 @@ class FilesystemStore(ObjectStore):
                 continue
             try:
                 if os.stat(path).st_mtime <= cutoff:
-                    os.unlink(path)
-                    removed += 1
+                    removed += _remove_if_unlocked(Path(path))
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -290,11 +314,18 @@ class FilesystemStore(ObjectStore):
 class _StagedFile(StagedPut):
     """A durable temporary file waiting for its key."""
 
-    def __init__(self, store: FilesystemStore, tmp: Path, written: int) -> None:
+    def __init__(self, store: FilesystemStore, tmp: Path, written: int, fd: int) -> None:
         super().__init__(store, None)
         self.fs = store
         self.tmp: Path | None = tmp
         self.written = written
+        #: holds the file's lock until it is renamed or deleted
+        self.fd: int | None = fd
+
+    def _unlock(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
     def commit(self, key: str) -> int:
         final = self.fs.path_for(key)
@@ -309,6 +340,8 @@ class _StagedFile(StagedPut):
         except OSError as exc:
             _unlink_quietly(tmp)
             raise StorageError(f"put {key!r}: renaming to {final} failed: {exc}") from exc
+        finally:
+            self._unlock()
         try:
             _fsync_dir(final.parent)
         except OSError as exc:
@@ -321,6 +354,28 @@ class _StagedFile(StagedPut):
         if self.tmp is not None:
             _unlink_quietly(self.tmp)
             self.tmp = None
+        self._unlock()
+
+
+def _remove_if_unlocked(path: Path) -> int:
+    """Delete the temporary file ``path`` unless a writer holds its lock;
+    1 if it was deleted, else 0."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # a live writer's
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return 1
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:

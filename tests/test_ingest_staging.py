@@ -12,8 +12,10 @@ import errno
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -22,6 +24,7 @@ from pydicom.uid import generate_uid
 from pynetdicom.dsutils import encode_file_meta
 
 from archive import ingest as ingest_module
+from archive.config import Config
 from archive.identity import Source
 from archive.index import StoreOutcome
 from archive.parse import dataset_offset, parse_header, parse_header_file
@@ -231,3 +234,71 @@ def test_a_staging_key_that_escapes_the_store_is_refused(store: ObjectStore) -> 
     with pytest.raises(ValueError, match="invalid object key"):
         store.stage(b"x", "../../etc/passwd")
     assert list(store.iter_keys()) == []
+
+
+# -- what a killed process left ----------------------------------------------------------------
+
+_STAGE_AND_WAIT = """
+import sys, time
+from storage.filesystem import FilesystemStore
+from archive.ingest import STAGING_NEAR
+staged = FilesystemStore(sys.argv[1]).stage(b"half-ingested " * 10_000, STAGING_NEAR)
+print("staged", flush=True)
+if sys.stdin.readline().strip() == "commit":
+    staged.commit("1.2.3/4.5/6.abcd.dcm")
+    print("committed", flush=True)
+time.sleep(60)
+"""
+
+
+def staging_process(root: Path) -> subprocess.Popen:
+    """Another process that stages an object early, as an ingest thread does,
+    then waits: to be killed, or told to commit it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STAGE_AND_WAIT, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "staged"
+    return proc
+
+
+def test_an_object_staged_by_a_process_killed_before_its_commit_is_deleted_when_the_archive_opens(
+    make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    config = make_config(index_url=f"sqlite:///{tmp_path / 'index.db'}")
+    with Archive(config) as archive:
+        root = archive.store.root
+        kept = archive.pipeline.ingest(make_instance(), SOURCE)
+    killed = staging_process(root)
+    killed.kill()  # SIGKILL: between the staged write and its commit
+    killed.wait()
+    [left] = temporary_files(FilesystemStore(root))
+    assert left.parent == FilesystemStore(root).path_for(ingest_module.STAGING_NEAR).parent
+    with Archive(config) as archive:
+        assert temporary_files(archive.store) == []
+        assert list(archive.store.iter_keys()) == [kept.object_key]
+
+
+def test_an_object_another_live_process_staged_survives_the_sweep_and_is_committed(
+    tmp_path: Path,
+) -> None:
+    store = FilesystemStore(tmp_path / "objects")
+    live = staging_process(store.root)
+    try:
+        mine = store.stage(b"this process's own", ingest_module.STAGING_NEAR)
+        assert store.sweep_staging(ingest_module.STAGING_NEAR) == 0
+        assert store.cleanup_temp(older_than_seconds=0) == 0  # imag verify --repair alike
+        assert len(temporary_files(store)) == 2
+        assert live.stdin is not None and live.stdout is not None
+        live.stdin.write("commit\n")
+        live.stdin.flush()
+        assert live.stdout.readline().strip() == "committed"
+        assert store.get("1.2.3/4.5/6.abcd.dcm") == b"half-ingested " * 10_000
+        mine.commit("1.2.3/4.5/7.abcd.dcm")
+        assert temporary_files(store) == []
+    finally:
+        live.kill()
+        live.wait()
