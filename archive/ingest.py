@@ -919,6 +919,8 @@ def audit_hook(audit: AuditLog) -> CommitHook:
     def hook(db: Database, done: list[tuple[InstanceRecord, CommitResult]]) -> None:
         for record, result in done:
             if record.origin is not None:
-                audit.write(store_audit_entry(record.origin, ingest_result(record, result)))
+                entry = store_audit_entry(record.origin, ingest_result(record, result))
+                entry.patient_id = result.patient_id  # else looked up from the study
+                audit.write(entry)
 
     return hook

@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterator
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from archive.config import Config
 from archive.identity import Source
 from archive.index import StoreOutcome
+from archive.index.catalog import Origin
 from archive.runtime import Archive
 from tests.dicomfiles import make_instance
 from tests.s3server import StoreUnderTest
@@ -254,3 +256,45 @@ def test_file_ingest_streams_and_checks_framing_like_the_in_memory_path(
         assert not streamed.ok and streamed.code == "truncated", streamed.reason
         assert not getattr(in_memory, "ok", True) or in_memory.outcome is None
         assert archive.catalog.counts()["instances"] == 0
+
+
+def test_a_c_store_audit_entry_names_the_patient_of_the_study_the_instance_went_into(
+    archive: Archive,
+) -> None:
+    """The C-STORE audit entry, written in the instance's transaction, names
+    the patient of the study as the index holds it -- also when the instance
+    names another patient (the study's is kept) -- and reads nothing more for
+    it: the commit knows that patient already."""
+    origin = Origin("MODALITY", "peer", role=None, source="MODALITY@127.0.0.1", site="")
+    source = Source(kind="dicom", site="", calling_aet="MODALITY", origin=origin)
+    study = generate_uid()
+
+    def of(patient: str) -> Callable[[pydicom.FileDataset], None]:
+        return lambda ds: setattr(ds, "PatientID", patient)
+
+    statements: list[str] = []
+    run = archive.db._run
+
+    def counting(sql: str, *args: object, **kwargs: object) -> object:
+        statements.append(sql)
+        return run(sql, *args, **kwargs)
+
+    archive.db._run = counting  # type: ignore[method-assign]
+    sent = [
+        make_instance(of("FIRST-1"), study=study),  # a new study, its patient FIRST-1
+        make_instance(of("OTHER-2"), study=study),  # names another patient
+        make_instance(of("FIRST-1"), study=study),
+    ]
+    for data in sent:
+        assert archive.pipeline.ingest(data, source).outcome is StoreOutcome.STORED
+    archive.db._run = run  # type: ignore[method-assign]
+    entries = archive.db.query(
+        "SELECT patient_id, study_uid, outcome FROM audit WHERE action = 'dicom.c-store' "
+        "ORDER BY id"
+    )
+    assert entries == [("FIRST-1", study, "allowed")] * 3
+    assert not [
+        s
+        for s in statements
+        if "JOIN patients p ON p.id = st.patient_ref" in s and s.startswith("SELECT p.patient_id")
+    ]

@@ -43,7 +43,7 @@ import enum
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -156,6 +156,10 @@ class CommitResult:
     #: KEPT: "conflict"), in words the sender may read
     code: str = ""
     reason: str = ""
+    #: the Patient ID of the study's patient in the index, once the instance
+    #: is in its study (its C-STORE audit entry names it without a look-up);
+    #: None when not known
+    patient_id: str | None = None
 
 
 CommitHook = Callable[["Database", list[tuple[InstanceRecord, CommitResult]]], None]
@@ -296,6 +300,8 @@ def normalise_pn(name: str | None) -> str | None:
 class _StudyRow:
     id: int
     site: str
+    #: the Patient ID of its patient, when read or written with it
+    patient_id: str | None = None
 
 
 @dataclass
@@ -498,6 +504,8 @@ class Catalog:
             batch.d_series[ref][1] += size
             batch.d_study[batch.series_study[ref]][0] += count
             batch.d_study[batch.series_study[ref]][1] += size
+        if study.patient_id is not None:
+            result = replace(result, patient_id=study.patient_id)
         return result
 
     def _find_study(self, r: InstanceRecord) -> _StudyRow | None:
@@ -513,7 +521,7 @@ class Catalog:
                 "instance names another patient than its stored study; kept the study's",
                 extra={"study_uid": r.study_uid, "sop_instance_uid": r.sop_instance_uid},
             )
-        return _StudyRow(row[0], row[1])
+        return _StudyRow(row[0], row[1], row[3])
 
     def _find_series(self, series_uid: str) -> _SeriesRow | None:
         row = self.db.query_one(
@@ -620,7 +628,7 @@ class Catalog:
             ),
         )
         if row:
-            return _StudyRow(row[0], r.site), added
+            return _StudyRow(row[0], r.site, r.patient_id), added
         # A concurrent transaction created it first: the unique Study Instance
         # UID decided who owns it.
         found = db.query_one("SELECT id, site FROM studies WHERE study_uid = ?", (r.study_uid,))
