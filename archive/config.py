@@ -156,7 +156,7 @@ def _names_list(value: Any) -> list[str]:
         text = value.strip()
         value = json.loads(text) if text.startswith("[") else [v for v in text.split(",")]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise TypeError("a list of names, e.g. [\"RS256\", \"ES256\"]")
+        raise TypeError('a list of names, e.g. ["RS256", "ES256"]')
     return [v.strip() for v in value if v.strip()]
 
 

@@ -377,9 +377,7 @@ def test_an_association_proposing_c_get_is_served_by_pynetdicom_and_c_find_alone
     assert push.returncode == 0, push.stdout
     # the push's own line is written once the server saw storescu close: wait for it, so
     # that it is not taken for the C-FIND's
-    eventually(
-        lambda: len(lean_lines(server)) > before_push, timeout=10, what="the push's line"
-    )
+    eventually(lambda: len(lean_lines(server)) > before_push, timeout=10, what="the push's line")
     lean_before, pyn_before = len(lean_lines(server)), len(pynetdicom_lines(server))
     run, answers = server.findscu(
         "MODALITY_A",

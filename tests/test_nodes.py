@@ -237,8 +237,10 @@ def test_metrics_summed_over_the_nodes_give_the_true_totals(
             db = open_database(url)
             try:
                 eventually(
-                    lambda: db.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'") >= stored
-                    and not db.scalar("SELECT COUNT(*) FROM jobs WHERE state <> 'done'"),
+                    lambda: (
+                        db.scalar("SELECT COUNT(*) FROM jobs WHERE state = 'done'") >= stored
+                        and not db.scalar("SELECT COUNT(*) FROM jobs WHERE state <> 'done'")
+                    ),
                     timeout=120,
                     what="every stability job done",
                 )

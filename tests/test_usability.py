@@ -332,9 +332,7 @@ def test_the_readme_first_test_runs_verbatim_against_a_fresh_archive(
     folder = tmp_path / "dicom"
     files = dicom_folder(folder)
     study = str(pydicom.dcmread(files[next(iter(files))]).StudyInstanceUID)
-    in_study = [
-        uid for uid, p in files.items() if pydicom.dcmread(p).StudyInstanceUID == study
-    ]
+    in_study = [uid for uid, p in files.items() if pydicom.dcmread(p).StudyInstanceUID == study]
     move_port = free_port()
     assert "port = 11113" in config
     server = serve(config.replace("port = 11113", f"port = {move_port}"))
@@ -695,6 +693,4 @@ def test_interoperability_tests_are_marked() -> None:
     """The Orthanc interoperability test carries the marker that makes its
     skip a failure on CI."""
     source = (ROOT / "tests" / "test_dicomweb.py").read_text()
-    assert re.search(
-        r"@pytest\.mark\.interop[^\n]*\ndef test_orthanc_lists_and_retrieves", source
-    )
+    assert re.search(r"@pytest\.mark\.interop[^\n]*\ndef test_orthanc_lists_and_retrieves", source)

@@ -395,5 +395,3 @@ class JobQueue:
             sql += " WHERE " + " AND ".join(where)
         rows = self.db.query(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
         return [_record(r) for r in rows]
-
-

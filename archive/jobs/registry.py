@@ -62,5 +62,3 @@ _current = threading.local()
 def current_job() -> Job | None:
     """The job the calling handler is running (None outside a handler)."""
     return getattr(_current, "job", None)
-
-

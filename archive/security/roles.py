@@ -118,4 +118,3 @@ class Principal:
         if asked:
             return asked if asked in self.sites else None
         return self.sites[0] if len(self.sites) == 1 else None
-
