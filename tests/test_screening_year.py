@@ -55,7 +55,8 @@ from archive.security.roles import Principal
 from tests.dicomfiles import make_instance
 from tests.inprocess import InProcessImag, serving_in_process
 from tests.test_messaging_smtp import HOST, SmtpServer, pki, smtp_server  # noqa: F401
-from worklist.screening import Rule, Screening
+from worklist import screening_letters as letters_module
+from worklist.screening import DEADLINE_JOB, Rule, Screening
 from worklist.screening_letters import send_letters
 from worklist.screening_service import screening_of
 
@@ -779,6 +780,45 @@ def test_deadline_alerts_fire_for_late_exams_only_whenever_the_job_runs(small: W
     # in time 5 days, last evening 15 (in time), job-late 16 and late 18 (late)
     assert figures["turnaround"]["buckets"] == {"0-7": 1, "8-15": 1, "16-30": 2, ">30": 0}
     assert figures["waiting"] == {"l1": 1, "l2": 0, "letter": 0, "overdue": 1}
+
+
+def test_late_letters_and_the_deadline_job_at_the_same_moment_alert_once(
+    small: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adversary is time: on PostgreSQL, the letters' transaction may have
+    read the exam (not alerted) just before the deadline job, on another
+    node, committed its alert.  Emulated here by handing the letters that
+    earlier read of the exam (SQLite serialises the two transactions).  The
+    exam row decides: one alert, one audit entry, one mail, counted once."""
+    world, screening = small, small.screening
+    l1 = Principal("dr.arnaud", "radiologist", sites=("CH-NORD",))
+    l2 = Principal("dr.henry", "screening_reader")
+    uid = "1.2.250.1.213.16.9.race"
+    screening.recognise(
+        study_uid=uid, site="CH-NORD", patient_ref=None, study_date="20260302", rule=RULE
+    )
+    screening.record_l1(uid, l1, {**L1_NEGATIVE, "recipients": {"woman": "a@example.fr"}})
+    before = alerts_counted()["CH-NORD"]
+    world.clock.set(at(DAY0 + timedelta(days=16), 0, 30))  # late
+    _, held = screening.claim(uid, l2)
+    screening.verdict(uid, l2, held.transaction_uid, {"verdict": "NEGATIVE"})
+    read_by_the_letters = letters_module.load_exam(world.archive.db, uid)
+    assert read_by_the_letters.late_alerted_at is None
+    run_due(world.archive, kinds=[DEADLINE_JOB])  # the deadline job alerts first
+    monkeypatch.setattr(letters_module, "load_exam", lambda db, study: read_by_the_letters)
+    run_due(world.archive, kinds=["event:screening-letters"])
+    monkeypatch.undo()
+    [(study, _, detail)] = world.audit("screening.deadline-alert")
+    assert study == uid and detail["letters_at"] is None  # the deadline job's
+    mailed = world.archive.db.query(
+        "SELECT study_uid FROM messages WHERE purpose = 'screening.deadline-alert'"
+    )
+    assert mailed == [(uid,)]
+    assert alerts_counted()["CH-NORD"] - before == 1
+    letters = world.archive.db.scalar(
+        "SELECT letters_at FROM screening_exams WHERE study_uid = ?", (uid,)
+    )
+    assert letters is not None  # the letters went all the same
 
 
 def test_without_a_coordination_address_the_alert_is_audited_and_counted_but_not_mailed(

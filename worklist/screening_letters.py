@@ -315,9 +315,11 @@ def send_letters(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
         subject, text = render(archive.config, exam, letter_values(db, exam, now))
         actor = Actor(ACTOR, kind="system", site=exam.site)
         letters = [_letter(archive, exam, who, subject, text, actor, now) for who in RECIPIENTS]
-        alerted = exam.late_alerted_at is None and now >= exam.due(settings.letter_target)
-        if alerted:
-            _alert(archive, exam, now, letters_at=now)
+        alerted = (
+            exam.late_alerted_at is None
+            and now >= exam.due(settings.letter_target)
+            and _alert(archive, exam, now, letters_at=now)
+        )
     if alerted:
         DEADLINE_ALERTS.labels(exam.site).inc()
     return letters
@@ -416,27 +418,29 @@ def check_deadline(archive: Archive, payload: dict) -> None:
         )
         return
     with db.transaction():
-        changed = db.query_one(
-            "UPDATE screening_exams SET late_alerted_at = ? WHERE study_uid = ? "
-            "AND letters_at IS NULL AND late_alerted_at IS NULL RETURNING id",
-            (now, study_uid),
-        )
-        if changed is not None:
-            _alert(archive, exam, now, letters_at=None)
-    if changed is not None:
+        alerted = _alert(archive, exam, now, letters_at=None)
+    if alerted:
         DEADLINE_ALERTS.labels(exam.site).inc()
 
 
-def _alert(archive: Archive, exam: Exam, now: datetime, *, letters_at: datetime | None) -> None:
+def _alert(archive: Archive, exam: Exam, now: datetime, *, letters_at: datetime | None) -> bool:
     """The deadline alert, in the caller's transaction: ``late_alerted_at``,
-    one audit entry, the coordination centre's message (when it has an address)."""
+    one audit entry, the coordination centre's message (when it has an
+    address).  False, and nothing done, when the exam was alerted already
+    -- or, from the deadline job (``letters_at`` None), got its letters --
+    since the caller read it: the letters and the deadline job may run at
+    the same moment on two nodes, and the row decides which one alerts."""
     db = archive.db
     target = archive.config["screening.letter_target_days"]
-    db.execute(
+    claimed = db.query_one(
         "UPDATE screening_exams SET late_alerted_at = ? WHERE study_uid = ? "
-        "AND late_alerted_at IS NULL",
+        "AND late_alerted_at IS NULL"
+        + (" AND letters_at IS NULL" if letters_at is None else "")
+        + " RETURNING id",
         (now, exam.study_uid),
     )
+    if claimed is None:
+        return False
     address = archive.config["screening.coordination_address"]
     message_ref = None
     exam_day = _french(date.fromisoformat(exam.exam_date))
@@ -481,6 +485,7 @@ def _alert(archive: Archive, exam: Exam, now: datetime, *, letters_at: datetime 
             },
         )
     )
+    return True
 
 
 # -- helpers ---------------------------------------------------------------------------------
