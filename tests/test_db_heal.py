@@ -103,11 +103,12 @@ def test_a_read_racing_the_termination_of_its_connection_is_run_again(
         assert db.scalar("SELECT COUNT(*) FROM heal_probe") == 0
 
 
+@pytest.mark.parametrize("pipeline", [False, True], ids=["statement by statement", "pipelined"])
 def test_a_connection_terminated_inside_a_transaction_fails_it_whole(
-    db: Database, pg_admin_url: str, pg_url: str
+    db: Database, pg_admin_url: str, pg_url: str, pipeline: bool
 ) -> None:
     runs = 0
-    with pytest.raises(psycopg.OperationalError), db.transaction():
+    with pytest.raises(psycopg.OperationalError), db.transaction(pipeline=pipeline):
         runs += 1
         db.execute("INSERT INTO heal_probe VALUES (1)")
         terminate_all(pg_admin_url, pg_url)
@@ -119,16 +120,43 @@ def test_a_connection_terminated_inside_a_transaction_fails_it_whole(
     assert db.query("SELECT x FROM heal_probe") == [(3,)]
 
 
+@pytest.mark.parametrize("pipeline", [False, True], ids=["statement by statement", "pipelined"])
 def test_a_commit_whose_connection_died_is_reported_and_never_repeated(
-    db: Database, pg_admin_url: str, pg_url: str
+    db: Database, pg_admin_url: str, pg_url: str, pipeline: bool
 ) -> None:
     runs = 0
-    with pytest.raises(psycopg.OperationalError), db.transaction():
+    with pytest.raises(psycopg.OperationalError), db.transaction(pipeline=pipeline):
         runs += 1
         db.execute("INSERT INTO heal_probe VALUES (1)")
         terminate_all(pg_admin_url, pg_url)  # the COMMIT that follows meets a dead backend
     assert runs == 1
     assert db.scalar("SELECT COUNT(*) FROM heal_probe") == 0
+
+
+def test_a_pipelined_write_that_fails_fails_its_transaction_whole_and_nothing_after_it_runs(
+    db: Database,
+) -> None:
+    """A pipelined transaction sends writes without waiting for each: the
+    failure of one is raised (here by :meth:`Database.settle`), what came
+    before it is rolled back, what came after it never ran, and the
+    connection goes on serving."""
+    db.execute("CREATE UNIQUE INDEX heal_probe_x ON heal_probe (x)")
+    db.execute("INSERT INTO heal_probe VALUES (1)")
+    reached = False
+    with pytest.raises(psycopg.errors.UniqueViolation), db.transaction(pipeline=True):
+        db.execute("INSERT INTO heal_probe VALUES (2)")
+        db.execute("INSERT INTO heal_probe VALUES (1)")  # refused by the server
+        db.execute("INSERT INTO heal_probe VALUES (3)")
+        db.settle()
+        reached = True
+    assert not reached
+    assert db.query("SELECT x FROM heal_probe ORDER BY x") == [(1,)]
+    # a read waits for the writes before it; the connection is reused
+    with db.transaction(pipeline=True):
+        db.execute("INSERT INTO heal_probe VALUES (4)")
+        assert db.scalar("SELECT COUNT(*) FROM heal_probe") == 2
+        db.execute("INSERT INTO heal_probe VALUES (5)")
+    assert db.query("SELECT x FROM heal_probe ORDER BY x") == [(1,), (4,), (5,)]
 
 
 def test_concurrent_requests_after_termination_all_succeed(

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pydicom
 import pytest
+from prometheus_client import REGISTRY
 from pydicom.uid import generate_uid
 
 from archive.config import Config
@@ -298,3 +299,52 @@ def test_a_c_store_audit_entry_names_the_patient_of_the_study_the_instance_went_
         for s in statements
         if "JOIN patients p ON p.id = st.patient_ref" in s and s.startswith("SELECT p.patient_id")
     ]
+
+
+def test_an_index_failure_before_the_audit_entry_is_an_index_error_not_an_audit_failure(
+    archive: Archive,
+) -> None:
+    """On PostgreSQL the commit sends its writes without waiting for each
+    (one round trip for several): a refused write before the audit entry
+    must still be reported as the index's failure, not the audit trail's,
+    and leave nothing behind."""
+    origin = Origin("MODALITY", "peer", role=None, source="MODALITY@127.0.0.1", site="")
+    source = Source(kind="dicom", site="", calling_aet="MODALITY", origin=origin)
+    db = archive.db
+    if db.dialect == "sqlite":
+        db.execute(
+            "CREATE TRIGGER test_series_blocked BEFORE UPDATE ON series "
+            "BEGIN SELECT RAISE(ABORT, 'series blocked by the test'); END"
+        )
+        unblock = ["DROP TRIGGER test_series_blocked"]
+    else:
+        db.execute(
+            "CREATE FUNCTION test_series_blocked() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'series blocked by the test'; END $$"
+        )
+        db.execute(
+            "CREATE TRIGGER test_series_blocked BEFORE UPDATE ON series "
+            "FOR EACH ROW EXECUTE FUNCTION test_series_blocked()"
+        )
+        unblock = [
+            "DROP TRIGGER test_series_blocked ON series",
+            "DROP FUNCTION test_series_blocked()",
+        ]
+    failures = REGISTRY.get_sample_value(
+        "imag_audit_write_failures_total", {"action": "dicom.c-store"}
+    )
+    data = make_instance()
+    try:
+        result = archive.pipeline.ingest(data, source)
+    finally:
+        for sql in unblock:
+            db.execute(sql)
+    assert (result.ok, result.code) == (False, "index-error")
+    after = REGISTRY.get_sample_value(
+        "imag_audit_write_failures_total", {"action": "dicom.c-store"}
+    )
+    assert after == failures
+    assert archive.catalog.counts()["instances"] == 0
+    assert db.scalar("SELECT COUNT(*) FROM audit WHERE action = 'dicom.c-store'") == 0
+    # and once the index takes writes again the same instance is stored
+    assert archive.pipeline.ingest(data, source).outcome is StoreOutcome.STORED

@@ -304,6 +304,18 @@ class _StudyRow:
     patient_id: str | None = None
 
 
+def _study_row(r: InstanceRecord, ref: int, site: str, issuer: str, patient_id: str) -> _StudyRow:
+    """The study row ``r`` names, read with its patient's (issuer, Patient ID):
+    an instance naming another patient goes into the study all the same
+    (logged)."""
+    if (issuer, patient_id) != (r.issuer, r.patient_id) and may_write(r.may_write, site):
+        log.warning(
+            "instance names another patient than its stored study; kept the study's",
+            extra={"study_uid": r.study_uid, "sop_instance_uid": r.sop_instance_uid},
+        )
+    return _StudyRow(ref, site, patient_id)
+
+
 @dataclass
 class _SeriesRow:
     id: int
@@ -412,7 +424,7 @@ class Catalog:
         db = self.db
         now = db.clock.now()
         results: list[CommitResult] = []
-        with db.transaction():
+        with db.transaction(pipeline=True):  # the counters' UPDATEs and the hooks' writes
             batch = _Batch()
             for r in records:
                 results.append(self._commit_one(r, on_conflict, batch, now))
@@ -448,10 +460,19 @@ class Catalog:
         """Commit one record inside the batch's transaction."""
         sites = r.may_write
         # Read-only checks first: a refusal found here has written nothing.
-        study = batch.studies.get(r.study_uid) or self._find_study(r)
+        study = batch.studies.get(r.study_uid)
+        series = batch.series.get(r.series_uid)
+        read_series = series is not None
+        if study is None and series is None:
+            # most instances belong to a series the index has: one read finds both
+            series, study = self._find_series_and_study(r)
+            read_series = True
+        if study is None:
+            study = self._find_study(r)
         if study is not None and not may_write(sites, study.site):
             return _refused(foreign_study(r.study_uid, sites))
-        series = batch.series.get(r.series_uid) or self._find_series(r.series_uid)
+        if not read_series:
+            series = self._find_series(r.series_uid)
         if series is not None and series.study_uid != r.study_uid:
             return _refused(foreign_series(r.series_uid, sites, series.site))
         creating = study is None or series is None
@@ -516,12 +537,25 @@ class Catalog:
         )
         if row is None:
             return None
-        if (row[2], row[3]) != (r.issuer, r.patient_id) and may_write(r.may_write, row[1]):
-            log.warning(
-                "instance names another patient than its stored study; kept the study's",
-                extra={"study_uid": r.study_uid, "sop_instance_uid": r.sop_instance_uid},
-            )
-        return _StudyRow(row[0], row[1], row[3])
+        return _study_row(r, *row)
+
+    def _find_series_and_study(
+        self, r: InstanceRecord
+    ) -> tuple[_SeriesRow | None, _StudyRow | None]:
+        """The series of ``r`` and, when it is in ``r``'s study, that study
+        (else None: the caller reads the study by its UID)."""
+        row = self.db.query_one(
+            "SELECT se.id, se.study_ref, st.study_uid, st.site, p.issuer, p.patient_id "
+            "FROM series se JOIN studies st ON st.id = se.study_ref "
+            "JOIN patients p ON p.id = st.patient_ref WHERE se.series_uid = ?",
+            (r.series_uid,),
+        )
+        if row is None:
+            return None, None
+        series = _SeriesRow(*row[:4])
+        if series.study_uid != r.study_uid:
+            return series, None
+        return series, _study_row(r, row[1], row[3], row[4], row[5])
 
     def _find_series(self, series_uid: str) -> _SeriesRow | None:
         row = self.db.query_one(

@@ -70,6 +70,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _NOTHING(cursor: Any) -> None:  # noqa: N802 - a constant: the fetch of a statement not read
+    return None
+
+
 class IndexError_(Exception):
     """The index database failed or is unreachable."""
 
@@ -260,6 +264,9 @@ class Database:
         options = {} if prepare is None or self.dialect == "sqlite" else {"prepare": prepare}
         current = getattr(self._local, "conn", None)
         if current is not None:
+            if getattr(self._local, "pipeline", None) is not None:
+                # a read waits for everything sent before it; a write is pending
+                self._local.unsettled = fetch is _NOTHING
             return fetch(current.execute(text, values, **options))
         with self.connection() as conn:
             try:
@@ -272,7 +279,7 @@ class Database:
             return fetch(conn.execute(text, values, **options))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
-        self._run(sql, params, lambda cur: None)
+        self._run(sql, params, _NOTHING)
 
     def query(
         self, sql: str, params: Sequence[Any] = (), *, prepare: bool | None = None
@@ -295,6 +302,8 @@ class Database:
         if not rows:
             return
         adapted = [_adapt(r, self.dialect) for r in rows]
+        if getattr(self._local, "pipeline", None) is not None:
+            self._local.unsettled = True
         with self.connection() as conn:
             if self.dialect == "sqlite":
                 conn.executemany(self.sql(sql), adapted)
@@ -308,28 +317,55 @@ class Database:
         return getattr(self._local, "conn", None) is not None
 
     @contextmanager
-    def transaction(self) -> Iterator[Database]:
+    def transaction(self, *, pipeline: bool = False) -> Iterator[Database]:
         """A write transaction: everything inside commits together or not at all.
 
         A connection that turns out dead at BEGIN is replaced and BEGIN sent
         again (nothing was done yet).  Once the body runs, a lost connection
         fails the transaction: the server rolls it back, the caller gets the
         error.  A COMMIT is never repeated: if the connection dies during it,
-        the outcome is unknown and the error goes to the caller."""
+        the outcome is unknown and the error goes to the caller.
+
+        ``pipeline`` (PostgreSQL; SQLite ignores it): a statement whose result
+        is not read is sent without waiting for it, so the writes between two
+        reads cost one round trip (the index writer's commit: each is a
+        process wake-up on the server), and COMMIT goes with the last ones.
+        An error is raised by the next read, by :meth:`settle`, or when the
+        body ends; PostgreSQL then runs nothing after the failed statement,
+        COMMIT included, and the transaction is rolled back."""
         if getattr(self._local, "conn", None) is not None:
             raise RuntimeError("transactions do not nest")
         conn = self._begin()
         self._local.conn = conn
         try:
             try:
-                yield self
+                if pipeline and self.dialect == "postgresql":
+                    with conn.pipeline() as self._local.pipeline:
+                        self._local.unsettled = False
+                        yield self
+                        conn.execute("COMMIT")
+                else:
+                    yield self
             except BaseException:
                 self._rollback(conn)
                 raise
-            conn.execute("COMMIT")
+            finally:
+                self._local.pipeline = None
+            if not pipeline or self.dialect != "postgresql":
+                conn.execute("COMMIT")
         finally:
             self._local.conn = None
             self._release(conn)
+
+    def settle(self) -> None:
+        """In a pipelined transaction, wait for the statements sent and not
+        yet waited for: their errors are raised here (a caller that must tell
+        its own statement's failure from an earlier one's settles before and
+        after it).  Elsewhere, or with nothing pending, nothing to do."""
+        pipeline = getattr(self._local, "pipeline", None)
+        if pipeline is not None and self._local.unsettled:
+            pipeline.sync()
+            self._local.unsettled = False
 
     def _begin(self) -> Any:
         # SQLite: IMMEDIATE takes the write lock up front, so two writers queue

@@ -94,9 +94,15 @@ class AuditLog:
 
         Raises :class:`AuditUnavailable` when the entry cannot be written
         (table unwritable, index down): logged as an error and counted in
-        ``imag_audit_write_failures_total``; the caller refuses the access."""
+        ``imag_audit_write_failures_total``; the caller refuses the access.
+
+        In a pipelined transaction (the index writer's), the statements sent
+        before are waited for first, so that their failure is not taken for
+        the audit trail's, and the entry itself before returning."""
+        self.db.settle()
         try:
             self._insert(entry)
+            self.db.settle()
         except Exception as exc:
             AUDIT_WRITE_FAILURES.labels(entry.action).inc()
             log.error(
