@@ -39,7 +39,7 @@ def stable_after(config: Config, site: str) -> int:
 def schedule(db: Database, study_uid: str, site: str, due_at: datetime) -> None:
     """Create or push the study's pending stability job (inside the caller's
     transaction, which JobQueue.enqueue joins)."""
-    JobQueue(db).enqueue(
+    JobQueue(db).push(
         KIND,
         {"study_uid": study_uid, "site": site},
         due_at=due_at,

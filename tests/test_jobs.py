@@ -198,6 +198,25 @@ def test_a_dedupe_key_keeps_one_live_job_and_pushes_its_due_time(
     assert queue.enqueue("stable", {"n": 4}, dedupe_key="study:1") not in (first, other)
 
 
+def test_a_push_inside_a_pipelined_transaction_adds_or_pushes_the_one_pending_job(
+    queue: JobQueue, clock: FakeClock
+) -> None:
+    """What the index writer does with every instance: push the study's
+    stability job without reading back its id, inside its transaction."""
+    db = queue.db
+    with db.transaction(pipeline=True):
+        queue.push("stable", {"n": 1}, due_at=clock.now() + timedelta(seconds=0.2), dedupe_key="s")
+    [first] = queue.list(kind="stable")
+    with db.transaction(pipeline=True):
+        queue.push("stable", {"n": 2}, due_at=clock.now() + timedelta(seconds=0.5), dedupe_key="s")
+        queue.push("stable", {"n": 3}, due_at=clock.now() + timedelta(seconds=0.2), dedupe_key="t")
+    assert len(queue.list(kind="stable")) == 2
+    pushed = queue.get(first.id)
+    assert pushed.payload == {"n": 2} and pushed.due_at > first.due_at
+    clock.advance(0.3)
+    assert [j.payload for j in queue.claim("w", limit=5)] == [{"n": 3}]
+
+
 def test_a_dedupe_enqueue_while_the_job_runs_makes_a_new_pending_job(
     queue: JobQueue, clock: FakeClock
 ) -> None:

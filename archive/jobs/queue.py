@@ -135,6 +135,36 @@ class JobQueue:
         its due time and payload replaced -- and its id returned.  Inside
         ``db.transaction()`` this is part of that transaction.
         """
+        sql, params = self._insert(kind, payload, due_at, delay, dedupe_key, max_attempts)
+        row = self.db.query_one(sql + " RETURNING id", params)
+        assert row is not None
+        return int(row[0])
+
+    def push(
+        self,
+        kind: str,
+        payload: dict,
+        *,
+        due_at: datetime,
+        dedupe_key: str,
+        max_attempts: int = 10,
+    ) -> None:
+        """:meth:`enqueue` a job that replaces its pending namesake, without
+        reading back its id: in a pipelined transaction (the index writer's,
+        rescheduling a study's stability job with every instance) it is sent
+        without waiting for the server."""
+        sql, params = self._insert(kind, payload, due_at, None, dedupe_key, max_attempts)
+        self.db.execute(sql, params)
+
+    def _insert(
+        self,
+        kind: str,
+        payload: dict,
+        due_at: datetime | None,
+        delay: float | None,
+        dedupe_key: str | None,
+        max_attempts: int,
+    ) -> tuple[str, tuple]:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         now = self.clock.now()
@@ -154,12 +184,7 @@ class JobQueue:
                 "due_at = excluded.due_at, payload = excluded.payload, "
                 "updated_at = excluded.updated_at"
             )
-        row = self.db.query_one(
-            sql + " RETURNING id",
-            (kind, json.dumps(payload), dedupe_key, _utc(due_at), max_attempts, now, now),
-        )
-        assert row is not None
-        return int(row[0])
+        return sql, (kind, json.dumps(payload), dedupe_key, _utc(due_at), max_attempts, now, now)
 
     # -- consuming -------------------------------------------------------------------------
 
