@@ -21,8 +21,9 @@ node compares its own settings with the cluster's:
   ``imag config publish`` on a node with the new file, then restarting the
   nodes one by one.
 
-Only ``imag serve`` nodes are checked; ``imag worker`` processes must be given
-the same file (see the README's "Running several nodes").
+An ``imag worker`` runs the cluster's jobs (transcoding into the store,
+routing, letters) with its own settings and publishes nothing: it starts only
+when its cluster-wide settings are the published ones (:func:`check_worker`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ def _overall(digests: dict[str, tuple[str, str]]) -> str:
     return hashlib.sha256(_canonical({k: d for k, (d, _) in digests.items()}).encode()).hexdigest()
 
 
+def _differing(mine: dict[str, tuple[str, str]], theirs: dict[str, tuple]) -> list[str]:
+    """The settings whose digests differ (set on one side only included)."""
+    return sorted(
+        key
+        for key in set(mine) | set(theirs)
+        if mine.get(key, ("",))[0] != theirs.get(key, ("",))[0]
+    )
+
+
 def _dt(value: Any) -> datetime | None:
     if value is None or isinstance(value, datetime):
         return value
@@ -128,11 +138,7 @@ def join(db: Database, config: Config) -> list[str]:
         _lock(db)
         now = db.clock.now()
         theirs = published(db)
-        differ = sorted(
-            key
-            for key in set(mine) | set(theirs)
-            if mine.get(key, ("",))[0] != theirs.get(key, ("",))[0]
-        )
+        differ = _differing(mine, theirs)
         live = [n.name for n in nodes(db) if n.name != node and n.live(now)]
         if differ and theirs and live:
             message = (
@@ -157,6 +163,27 @@ def join(db: Database, config: Config) -> list[str]:
     return differ if theirs and not live else []
 
 
+def check_worker(db: Database, config: Config) -> None:
+    """Check an ``imag worker``'s cluster-wide settings against the published
+    ones (live nodes or not: the jobs it runs were made under them).  Raises
+    :class:`ClusterConfigError` naming the settings that differ (with
+    ``cluster.check = warn``, logs it and returns); nothing published yet (no
+    ``imag serve`` ever started on this index) is nothing to disagree with."""
+    mine = settings_digests(config)
+    theirs = published(db)
+    differ = _differing(mine, theirs)
+    if not theirs or not differ:
+        return
+    message = (
+        f"this worker's {', '.join(differ)} differ from the cluster's: give it the "
+        "configuration file of the nodes (`imag config cluster` shows the cluster's values), "
+        "or make its file the cluster's with `imag config publish`"
+    )
+    if config["cluster.check"] != "warn":
+        raise ClusterConfigError(message)
+    log.warning(message + " (cluster.check = warn: starting anyway)")
+
+
 def publish(db: Database, config: Config) -> list[str]:
     """Make this configuration the cluster's (``imag config publish``); return
     the settings that changed.  Running nodes keep what they started with;
@@ -165,11 +192,7 @@ def publish(db: Database, config: Config) -> list[str]:
     with db.transaction():
         _lock(db)
         theirs = published(db)
-        changed = sorted(
-            key
-            for key in set(mine) | set(theirs)
-            if mine.get(key, ("",))[0] != theirs.get(key, ("",))[0]
-        )
+        changed = _differing(mine, theirs)
         _publish(db, mine, config.node + " (imag config publish)", db.clock.now())
     return changed
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from archive import cluster
+from archive.app.worker import run_worker_process
 from archive.cli import main
 from archive.clock import FakeClock
 from archive.config import Config, load_config
@@ -158,3 +160,39 @@ def test_imag_serve_refuses_a_configuration_that_differs_from_the_running_nodes(
         assert same.stop() == 0
     finally:
         assert one.stop() == 0
+
+
+def test_imag_worker_starts_only_with_the_clusters_settings(
+    db: Database, index_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A worker runs the cluster's jobs (it transcodes into the store, routes
+    studies) and publishes nothing: given another peer list or store than the
+    nodes', it refuses to start and says which setting differs."""
+
+    def worker(peers: list[dict], **env: str) -> int:
+        config = load_config(
+            env={
+                "IMAG_NODE_NAME": "w1",
+                "IMAG_INDEX_URL": index_url,
+                "IMAG_DICOM_PEERS": json.dumps(peers),
+                **env,
+            },
+            overrides={"storage.url": "file:///srv/imag/objects", "data_dir": str(tmp_path)},
+        )
+        stop = threading.Event()
+        stop.set()  # checked, started, then stopped at once
+        code: list[int] = []
+        # not in the main thread, so that it installs no signal handlers in pytest's process
+        thread = threading.Thread(target=lambda: code.append(run_worker_process(config, stop=stop)))
+        thread.start()
+        thread.join(60)
+        return code[0]
+
+    assert worker([PEER_A, PEER_B]) == 0  # no node ever published: nothing to disagree with
+    cluster.join(db, node_config("n1", [PEER_A]))
+    capsys.readouterr()
+    assert worker([PEER_A, PEER_B]) == 1
+    assert "dicom.peers differ from the cluster's" in capsys.readouterr().err
+    assert worker([PEER_A]) == 0
+    assert worker([PEER_A, PEER_B], IMAG_CLUSTER_CHECK="warn") == 0
+    assert "w1" not in {n.name for n in cluster.nodes(db)}  # a worker is no node

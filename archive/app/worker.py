@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 
-from archive import metrics
+from archive import cluster, metrics
 from archive.config import Config
 from archive.jobs import HANDLERS, JobQueue, Worker, load_handlers
 from archive.runtime import Archive
@@ -42,6 +43,13 @@ def run_worker_process(
             signal.signal(sig, lambda *_: stop.set())
     name = name or f"{config.node}/worker-{os.getpid()}"
     archive = Archive(config, writer=True)
+    try:
+        cluster.check_worker(archive.db, config)
+    except cluster.ClusterConfigError as exc:
+        archive.close()
+        log.error("configuration differs from the cluster's", extra={"error": str(exc)})
+        print(f"imag worker: {exc}", file=sys.stderr, flush=True)
+        return 1
     queue = JobQueue(archive.db)
     metrics.watch_job_queue(queue)
     metrics.name_node(config.node, "worker")
