@@ -543,6 +543,46 @@ def test_search_matches_patient_priority_and_dates_and_pages_in_reading_order(
         assert {p["name"] for p in answer.json()["invalid-params"]} == set(bad)
 
 
+def test_search_matches_patient_names_without_case_and_with_fuzzymatching_without_accents(
+    world: World,
+) -> None:
+    """A radiologist looks a workitem up by the patient's name as typed:
+    case does not matter, and ``fuzzymatching=true`` finds CÔTÉ from
+    ``cote`` (French names).  Another group's reader finds nothing by it."""
+    accented = stow(
+        world.server,
+        "site-a",
+        SpecificCharacterSet="ISO_IR 192",
+        PatientID="IPP-0100",
+        PatientName="Côté^Élise",
+    )
+    plain = world.create()  # Dupont^Marie
+    world.study, keep = accented, world.study
+    cote = world.create()
+    world.study = keep
+
+    def uids(user: str = "dr.martin", **params: str) -> list[str]:
+        answer = world.ups(user, "GET", "", params=params)
+        if answer.status_code == 204:
+            return []
+        assert answer.status_code == 200, answer.text
+        return [d.SOPInstanceUID for d in dataset(answer)]
+
+    assert uids(PatientName="dupont*") == [plain]
+    assert uids(PatientName="Dupont^Marie^^") == [plain]  # empty components ignored
+    assert uids(PatientName="*cote*") == []  # accents count without fuzzymatching
+    assert uids(PatientName="côté*") == [cote]
+    assert uids(PatientName="*cote*", fuzzymatching="true") == [cote]
+    assert uids(PatientName="c?te^elise", fuzzymatching="true") == [cote]
+    assert uids(PatientName="*cote*", fuzzymatching="false") == []
+    [found] = dataset(world.ups("dr.martin", "GET", "", params={"PatientName": "côté*"}))
+    assert found.PatientName == "Côté^Élise"
+    assert uids("dr.sud", PatientName="*", fuzzymatching="true") == []
+    answer = world.ups("dr.martin", "GET", "", params={"PatientName": "x", "fuzzymatching": "1"})
+    assert answer.status_code == 400
+    assert {p["name"] for p in answer.json()["invalid-params"]} == {"fuzzymatching"}
+
+
 # -- the domain's additions --------------------------------------------------------------------
 
 

@@ -15,6 +15,9 @@ offset.  The keys the worklist can match:
   (0074,1200) -- a value or a list;
 * ``WorklistLabel`` (0074,1202) -- the reading group;
 * ``PatientID``, ``IssuerOfPatientID`` -- the study's patient in the index;
+* ``PatientName`` -- as QIDO-RS matches it: case-insensitive (``martin*``
+  finds MARTIN^PAUL), trailing empty components ignored, and with
+  ``fuzzymatching=true`` accent-insensitive too (``*cote*`` finds CÔTÉ);
 * ``ScheduledProcedureStepStartDateTime`` (created),
   ``ExpectedCompletionDateTime`` (due),
   ``ScheduledProcedureStepModificationDateTime`` (last change) -- ranges;
@@ -26,7 +29,8 @@ Any other attribute is ignored, as PS3.18 wants, and named in the answer's
 ``Warning`` header; a key that is no DICOM attribute at all, or a value a
 supported key cannot take, is a 400.  ``includefield`` adds attributes to
 the default set (``all``: everything); ``limit`` (1-500, default 100) and
-``offset`` page; ``fuzzymatching`` is accepted and has no effect.
+``offset`` page; ``fuzzymatching`` (``true`` / ``false``) applies to
+``PatientName``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from typing import Any
 
 from pydicom.datadict import dictionary_keyword, keyword_for_tag, tag_for_keyword
 
+from archive.index.catalog import normalise_pn
+from archive.index.names import fold
 from worklist.ups import STATES, UPS_PRIORITY_TO_NAME
 
 MAX_LIMIT = 500
@@ -123,6 +129,25 @@ def _text(column: str) -> Callable[[str], tuple[str, list[Any]]]:
         return f"{column} = ?", [raw]
 
     return match
+
+
+def _name(fuzzy: bool) -> Callable[[str], tuple[str, list[Any]]]:
+    """PatientName on the patient row's upper-cased name, or its folded one
+    (the index's columns, so the archive's name indexes serve both)."""
+
+    def match(raw: str) -> tuple[str, list[Any]]:
+        value = normalise_pn(raw) or ""
+        column = "p.patient_name_norm"
+        if fuzzy:
+            value, column = fold(value) or "", "p.patient_name_fold"
+        if "*" in value or "?" in value:
+            return f"{column} LIKE ? ESCAPE '!'", [_like(value)]
+        return f"{column} = ?", [value]
+
+    return match
+
+
+_NAME = {False: _name(False), True: _name(True)}
 
 
 def _listed(column: str, allowed: Mapping[str, str] | None, what: str) -> Any:
@@ -251,6 +276,9 @@ def parse(query: Any) -> Search:
                 problems.setdefault("includefield", f"{name!r} is no DICOM attribute")
             else:
                 included.add(path.split(".")[0])
+    fuzzy = query.get("fuzzymatching", "").strip().lower()
+    if fuzzy not in ("", "true", "false"):
+        problems["fuzzymatching"] = "true or false"
     matched: set[str] = set()
     for key in query:
         if key in CONTROL:
@@ -262,7 +290,7 @@ def parse(query: Any) -> Search:
         matched.add(path.split(".")[0])
         for raw in query.getall(key):
             raw = raw.strip()
-            matcher = MATCHERS.get(path)
+            matcher = _NAME[fuzzy == "true"] if path == "PatientName" else MATCHERS.get(path)
             if matcher is None:
                 if key not in search.ignored:
                     search.ignored.append(key)
