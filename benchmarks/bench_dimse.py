@@ -18,6 +18,13 @@
     python -m benchmarks.bench_dimse --backends sqlite --imag-env IMAG_DICOM_MAX_PDU=1MiB
     python -m benchmarks.bench_dimse --backends sqlite --receive lean,pynetdicom --no-find
     python -m benchmarks.bench_dimse --backends sqlite --tls --count 200
+    python -m benchmarks.bench_dimse --backends sqlite --receive lean --rounds 3
+
+``--rounds N`` measures every archive N times, IMAG's and Orthanc's in turn,
+prints each round's tables, then a summary: each figure's median and range,
+and each ratio to Orthanc taken within its round before it is summarised (on
+a shared or virtual machine the rate of the same archive moves by a third
+between minutes; within a round both archives meet the same conditions).
 
 ``--tls`` pushes over mutual TLS (a throwaway CA signs the archives' and
 storescu's certificates; IMAG with ``dicom.tls_cert``/``tls_ca``, Orthanc with
@@ -881,6 +888,13 @@ def main() -> int:
         "--tls", action="store_true", help="C-STORE over mutual TLS (implies --no-find)"
     )
     parser.add_argument("--find-repeats", type=int, default=50, help="C-FIND queries per kind")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every archive this many times, alternating, and summarise (a shared "
+        "machine drifts: ratios are taken within each round)",
+    )
     parser.add_argument("--findscu-repeats", type=int, default=5, help="one-shot findscu runs")
     parser.add_argument(
         "--extra-studies", type=int, default=300, help="small extra studies for C-FIND (300)"
@@ -901,6 +915,8 @@ def main() -> int:
     if not receive or set(receive) - set(RECEIVE):
         parser.error("--receive wants lean, pynetdicom or both (lean,pynetdicom)")
     args.receive = receive
+    if args.rounds < 1:
+        parser.error("--rounds wants a positive integer")
     associations = sorted({int(n) for n in args.associations.split(",") if n.strip()})
     if not associations or min(associations) < 1:
         parser.error("--associations wants positive integers, e.g. 1,4")
@@ -959,51 +975,117 @@ def _run(
         "# IMAG extra env: " + (" ".join(f"{k}={v}" for k, v in extra_env.items()) or "(none)"),
         "# transport: " + ("mutual TLS (storescu +tls, RSA 2048)" if tls else "plain TCP"),
     ]
-    stores: list[StoreResult] = []
-    finds: list[FindResult] = []
-    notes: list[str] = []
-    logs = tmp / "logs"
-    for backend, receive in [(b, r) for b in backends for r in args.receive]:
-        s, f, n = bench_archive(
-            lambda b=backend, r=receive: running_imag(tmp, b, extra_env, r, tls),
-            f"{BACKEND_LABEL[backend]} {receive}",
-            splits,
-            args.count,
-            tmp / "extra",
-            len(extra_files),
-            queries,
-            args,
-            logs,
-        )
-        stores += s
-        finds += f
-        notes += n
     if use_orthanc:
         version = subprocess.run(["Orthanc", "--version"], capture_output=True, text=True)
         header.append(f"# Orthanc: {version.stdout.splitlines()[0] if version.stdout else '?'}")
-        s, f, n = bench_archive(
-            lambda: running_orthanc(tls),
-            "Orthanc",
-            splits,
-            args.count,
-            tmp / "extra",
-            len(extra_files),
-            queries,
-            args,
-            logs,
-        )
-        stores += s
-        finds += f
-        notes += n
-    report(header, stores, finds, queries, total_mb, args.count, args, notes)
+    rounds: list[tuple[list[StoreResult], list[FindResult]]] = []
+    notes: list[str] = []
+    for number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            progress(f"== round {number} of {args.rounds}")
+        stores: list[StoreResult] = []
+        finds: list[FindResult] = []
+        round_notes: list[str] = []
+        logs = tmp / f"logs-{number}"
+        archives = [
+            (
+                lambda b=backend, r=receive: running_imag(tmp, b, extra_env, r, tls),
+                f"{BACKEND_LABEL[backend]} {receive}",
+            )
+            for backend in backends
+            for receive in args.receive
+        ]
+        if use_orthanc:
+            archives.append((lambda: running_orthanc(tls), "Orthanc"))
+        for start, label in archives:
+            s, f, n = bench_archive(
+                start,
+                label,
+                splits,
+                args.count,
+                tmp / "extra",
+                len(extra_files),
+                queries,
+                args,
+                logs,
+            )
+            stores += s
+            finds += f
+            round_notes += n
+        notes += round_notes
+        round_header = header + ([f"# round {number} of {args.rounds}"] if args.rounds > 1 else [])
+        if number > 1:
+            print()
+        report(round_header, stores, finds, queries, total_mb, args.count, args, round_notes)
+        rounds.append((stores, finds))
+    if args.rounds > 1:
+        summary(rounds, queries, args.count)
     elapsed = time.perf_counter() - run_started
     print(f"\n# whole run: {elapsed:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
     bad = (
-        any(not r.ok for r in stores)
-        or any(r.error or (r.unstable and r.label != "Orthanc") for r in finds)
+        any(not r.ok for stores, _ in rounds for r in stores)
+        or any(
+            r.error or (r.unstable and r.label != "Orthanc") for _, finds in rounds for r in finds
+        )
         or bool(notes)
     )
     return 1 if bad else 0
+
+
+def _spread(values: list[float], form: str = "{:.2f}") -> str:
+    """median (min-max) of ``values``; '-' when there are none."""
+    if not values:
+        return "-"
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{form.format(mid)} ({form.format(low)}-{form.format(high)})"
+
+
+def summary(
+    rounds: list[tuple[list[StoreResult], list[FindResult]]], queries: list[Query], count: int
+) -> None:
+    """The rounds side by side: each figure's median and range, and each ratio
+    to Orthanc taken within its round (the machine's drift between rounds
+    then cancels out) before its median and range are given."""
+    print()
+    print(
+        f"SUMMARY over {len(rounds)} rounds: median (min-max); ratios to Orthanc are taken "
+        "within each round, then summarised"
+    )
+    print(f"{'archive':26} {'assoc':>5} {'inst/s':>24} {'vs Orthanc':>24} {'CPU ms/inst':>22}")
+    keys = list(dict.fromkeys((r.label, r.associations) for r in rounds[0][0]))
+    for label, n in keys:
+        rates, ratios, cpus = [], [], []
+        for stores, _ in rounds:
+            mine = next((r for r in stores if (r.label, r.associations) == (label, n)), None)
+            ref = next((r for r in stores if (r.label, r.associations) == ("Orthanc", n)), None)
+            if mine is None or not mine.ok:
+                continue
+            rates.append(count / mine.wall)
+            if mine.cpu_ms_per_instance is not None:
+                cpus.append(mine.cpu_ms_per_instance)
+            if ref is not None and ref.ok and label != "Orthanc":
+                ratios.append(ref.wall / mine.wall)
+        print(
+            f"{label:26} {n:5} {_spread(rates, '{:.1f}'):>24} {_spread(ratios):>24} "
+            f"{_spread(cpus):>22}"
+        )
+    if not any(finds for _, finds in rounds):
+        return
+    print(f"{'C-FIND':31} {'median ms':>24} {'vs Orthanc':>24}")
+    for q in queries:
+        print(f"({q.key}) {q.title}")
+        labels = list(dict.fromkeys(r.label for r in rounds[0][1] if r.query == q.key))
+        for label in labels:
+            medians, ratios = [], []
+            for _, finds in rounds:
+                mine = next((r for r in finds if (r.label, r.query) == (label, q.key)), None)
+                ref = next((r for r in finds if (r.label, r.query) == ("Orthanc", q.key)), None)
+                if mine is None or mine.error or not mine.times:
+                    continue
+                medians.append(mine.median * 1000)
+                if ref is not None and not ref.error and ref.times and label != "Orthanc":
+                    ratios.append(ref.median / mine.median)
+            print(f"{'':4} {label:26} {_spread(medians):>24} {_spread(ratios):>24}")
 
 
 if __name__ == "__main__":
