@@ -147,9 +147,7 @@ def join(db: Database, config: Config) -> list[str]:
                 "configuration file (`imag config cluster` shows the cluster's values), or "
                 "for a rolling change run `imag config publish` with the new file first"
             )
-            if config["cluster.check"] != "warn":
-                raise ClusterConfigError(message)
-            log.warning(message + " (cluster.check = warn: starting anyway)")
+            _refuse(config, message)
         elif differ:
             _publish(db, mine, node, now)
         overall = _overall(mine)
@@ -179,6 +177,12 @@ def check_worker(db: Database, config: Config) -> None:
         "configuration file of the nodes (`imag config cluster` shows the cluster's values), "
         "or make its file the cluster's with `imag config publish`"
     )
+    _refuse(config, message)
+
+
+def _refuse(config: Config, message: str) -> None:
+    """Refuse to start (:class:`ClusterConfigError`), or with ``cluster.check
+    = warn`` log ``message`` and go on."""
     if config["cluster.check"] != "warn":
         raise ClusterConfigError(message)
     log.warning(message + " (cluster.check = warn: starting anyway)")

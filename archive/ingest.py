@@ -878,9 +878,13 @@ def _result(
     )
 
 
-def store_audit_entry(origin: Origin, result: IngestResult) -> AuditEntry:
+def store_audit_entry(
+    origin: Origin, result: IngestResult, patient_id: str | None = None
+) -> AuditEntry:
     """The audit entry of one C-STORE: who sent it, the study it names, what
-    became of it (the status it is answered with), and its SOP Instance UID."""
+    became of it (the status it is answered with), and its SOP Instance UID;
+    ``patient_id``, the study's patient when the commit knows it (else the
+    audit log looks it up from the study)."""
     detail: dict = {"instances": [result.sop_instance_uid] if result.sop_instance_uid else []}
     if origin.site:
         detail["site"] = origin.site
@@ -897,6 +901,7 @@ def store_audit_entry(origin: Origin, result: IngestResult) -> AuditEntry:
         role=origin.role,
         status=result.dimse_status,
         study_uid=result.study_uid or None,
+        patient_id=patient_id,
         source=origin.source,
         detail=detail,
     )
@@ -919,8 +924,7 @@ def audit_hook(audit: AuditLog) -> CommitHook:
     def hook(db: Database, done: list[tuple[InstanceRecord, CommitResult]]) -> None:
         for record, result in done:
             if record.origin is not None:
-                entry = store_audit_entry(record.origin, ingest_result(record, result))
-                entry.patient_id = result.patient_id  # else looked up from the study
-                audit.write(entry)
+                outcome = ingest_result(record, result)
+                audit.write(store_audit_entry(record.origin, outcome, result.patient_id))
 
     return hook

@@ -11,11 +11,12 @@ The receivers sweep their own prefix when they start.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import tempfile
 from pathlib import Path
+
+from storage.filelocks import lock_new, remove_if_unlocked
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,7 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd, name = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_nlink:
+            if lock_new(fd):
                 break
             os.close(fd)  # a sweep deleted it between its creation and our lock
         self.fd: int | None = fd
@@ -60,19 +60,10 @@ def sweep(folder: Path, prefix: str, what: str) -> int:
         return 0
     removed = 0
     for name in names:
-        path = folder / name
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
+            removed += remove_if_unlocked(folder / name)
+        except OSError:  # unreadable: left for the operator
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            path.unlink()
-            removed += 1
-        except OSError:  # locked: being written; or already gone
-            pass
-        finally:
-            os.close(fd)
     if removed:
         log.info(f"left-over {what} spool files deleted", extra={"files": removed})
     return removed

@@ -12,7 +12,6 @@ told from what a live one, in any process sharing the store, is writing.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import secrets
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from storage.base import ObjectNotFound, ObjectStore, StagedPut, StorageError, validate_key
+from storage.filelocks import lock_new, remove_if_unlocked
 
 #: Name prefix of in-flight writes; iter_keys skips such files, cleanup_temp removes stale ones.
 TEMP_PREFIX = ".tmp-"
@@ -149,7 +149,7 @@ class FilesystemStore(ObjectStore):
             return 0
         except OSError as exc:
             raise StorageError(f"sweep of {folder}: listing failed: {exc}") from exc
-        return sum(_remove_if_unlocked(folder / name) for name in names)
+        return sum(remove_if_unlocked(folder / name) for name in names)
 
     def _create_temp(self, final: Path) -> tuple[int, Path]:
         """Create the folders and an exclusive temp file beside ``final``,
@@ -168,8 +168,7 @@ class FilesystemStore(ObjectStore):
                 if attempt == 4:
                     raise
                 continue
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_nlink:
+            if lock_new(fd):
                 return fd, tmp
             os.close(fd)  # swept between its creation and our lock
         raise FileNotFoundError(f"temporary file in {final.parent} removed as it was created")
@@ -303,7 +302,7 @@ class FilesystemStore(ObjectStore):
                 continue
             try:
                 if os.stat(path).st_mtime <= cutoff:
-                    removed += _remove_if_unlocked(Path(path))
+                    removed += remove_if_unlocked(Path(path))
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -355,27 +354,6 @@ class _StagedFile(StagedPut):
             _unlink_quietly(self.tmp)
             self.tmp = None
         self._unlock()
-
-
-def _remove_if_unlocked(path: Path) -> int:
-    """Delete the temporary file ``path`` unless a writer holds its lock;
-    1 if it was deleted, else 0."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return 0
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return 0  # a live writer's
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return 0
-        return 1
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -239,7 +239,7 @@ def test_a_staging_key_that_escapes_the_store_is_refused(store: ObjectStore) -> 
 # -- what a killed process left ----------------------------------------------------------------
 
 _STAGE_AND_WAIT = """
-import sys, time
+import sys
 from storage.filesystem import FilesystemStore
 from archive.ingest import STAGING_NEAR
 staged = FilesystemStore(sys.argv[1]).stage(b"half-ingested " * 10_000, STAGING_NEAR)
@@ -247,7 +247,7 @@ print("staged", flush=True)
 if sys.stdin.readline().strip() == "commit":
     staged.commit("1.2.3/4.5/6.abcd.dcm")
     print("committed", flush=True)
-time.sleep(60)
+sys.stdin.read()  # alive until killed or its stdin closes
 """
 
 
