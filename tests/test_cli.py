@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -245,6 +246,9 @@ def test_serve_answers_health_and_prometheus_metrics(env: dict, ct_folder: Path)
         with urllib.request.urlopen(metrics, timeout=5) as r:
             text = r.read().decode()
         assert "imag_ingest_seconds" in text and "imag_http_requests_total" in text
+        # what the process holds from its startup is left out of garbage collections
+        frozen = re.search(r"^imag_heap_frozen_objects ([0-9.e+]+)$", text, re.MULTILINE)
+        assert frozen and float(frozen[1]) > 50_000, text[:2000]
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(
                 urllib.request.Request(f"http://127.0.0.1:{port}/nothing-here", headers=bearer),

@@ -84,6 +84,7 @@ async def _heartbeat(archive, node: str, stop: asyncio.Event) -> None:  # noqa: 
 
 
 async def _serve(config: Config, processes: int) -> None:
+    from archive.heap import freeze_startup_objects
     from archive.jobs import JobQueue, Worker
     from archive.metrics import name_node, watch_job_queue
     from archive.runtime import Archive
@@ -156,6 +157,7 @@ async def _serve(config: Config, processes: int) -> None:
         file=sys.stderr,
         flush=True,
     )
+    freeze_startup_objects()  # after the last module and plugin loaded (archive/heap.py)
     beating = asyncio.create_task(_heartbeat(archive, config.node, stop))
     await stop.wait()
     await beating

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from archive import cluster, metrics
 from archive.config import Config
+from archive.heap import freeze_startup_objects
 from archive.jobs import HANDLERS, JobQueue, Worker, load_handlers
 from archive.runtime import Archive
 
@@ -71,6 +72,8 @@ def run_worker_process(
         queue=queue,
     )
     worker.start()
+    if threading.current_thread() is threading.main_thread():  # a process of its own
+        freeze_startup_objects()
     log.info(
         "imag worker started",
         extra={

@@ -38,6 +38,7 @@ def _die_with_parent() -> None:
 def _listener(config: Config, port: int) -> None:
     _die_with_parent()
     from archive.dimse.server import DicomServer
+    from archive.heap import freeze_startup_objects
     from archive.logs import setup_logging
     from archive.runtime import Archive
 
@@ -48,6 +49,7 @@ def _listener(config: Config, port: int) -> None:
     archive = Archive(config, migrate=False)
     server = DicomServer(archive)
     server.start(config["dicom.host"], port, share=True)
+    freeze_startup_objects()
     stop.wait()
     server.stop()
     archive.close()
