@@ -121,8 +121,9 @@ def test_the_query_mix_pages_through_indexes_on_postgresql(pg_url: str) -> None:
     analysed as autovacuum would), for a site-bound caller and for an admin:
     the page of ids is read from an index (a date range, the modalities, the
     id order, an exact key), never by a sequential scan -- that is what grows
-    with the table and the offset; the page's own <= 101 rows are then
-    joined by whichever way the planner finds cheapest."""
+    with the table and the offset; the page's own <= 101 rows are then read
+    by key too (joined to the page as a subquery, the planner hashed the
+    whole studies table at this size: 2.9 ms of a 3 ms page)."""
     shape = scale_data.load(pg_url, 100_000, SEED, report=lambda text: None)
     db = open_database(pg_url)
     try:
@@ -134,8 +135,9 @@ def test_the_query_mix_pages_through_indexes_on_postgresql(pg_url: str) -> None:
             for caller, scope in (("site", Scope.of(["CHU_NORD"])), ("admin", None)):
                 path, params = spec.qido(picks[caller][0], 0)
                 plan = plan_of(db, path, params, scope)
-                inner = [n for n in plan.split("; ") if n.endswith(("_1", " sm"))]
-                if not inner or any("Seq Scan" in n for n in inner):
+                nodes = plan.split("; ")
+                inner = [n for n in nodes if n.endswith(("_1", " sm"))]
+                if not inner or any("Seq Scan" in n for n in nodes):
                     bad.append(f"{spec.name} ({caller}): {plan}")
         assert bad == []
     finally:
