@@ -668,12 +668,19 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[Figure]:
     try:
         with fresh_index(backend, tmp, args.keep, args.reuse if backend != "sqlite" else "") as url:
             started = time.monotonic()
-            if args.reuse and backend != "sqlite" and loaded(url) == args.instances:
+            held = loaded(url) if args.reuse and backend != "sqlite" else 0
+            if held and held != args.instances:  # a load of hours is not dropped by a typo
+                raise BenchError(
+                    f"{args.reuse} holds a load of {held:,} instances, not {args.instances:,}: "
+                    f"pass --instances {held} to time it, or another --reuse name "
+                    f"(DROP DATABASE {args.reuse} to load it anew)"
+                )
+            if held:
                 progress(f"{backend}: reusing {args.reuse}, {args.instances:,} instances loaded")
                 shape = scale_data.Shape(args.instances)
                 started = float("inf")  # no load time to report
             else:
-                if args.reuse and backend != "sqlite":  # unfinished, or another size: anew
+                if args.reuse and backend != "sqlite":  # a load that did not finish: anew
                     with psycopg.connect(PG_URL, autocommit=True, connect_timeout=10) as conn:
                         conn.execute(f'DROP DATABASE IF EXISTS "{args.reuse}" WITH (FORCE)')
                         conn.execute(f'CREATE DATABASE "{args.reuse}"')
@@ -783,8 +790,12 @@ def main() -> int:
         help="PostgreSQL database to load once and time again later (kept; e.g. a 10^7 load)",
     )
     args = parser.parse_args()
-    for backend in args.backends.split(","):
-        run_backend(backend.strip(), args)
+    try:
+        for backend in args.backends.split(","):
+            run_backend(backend.strip(), args)
+    except BenchError as exc:
+        print(f"bench_scale: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
