@@ -590,7 +590,7 @@ def plan_of(db: Database, path: str, params: dict[str, str], scope: Scope | None
         ]
         paged = [n for n in nodes if n.endswith(("_1", " sm"))]
         # a paged search: what grows with the data is the page-of-ids
-        # subquery (aliases st_1, p_1...); its <= 101 rows are joined after
+        # subquery (aliases st_1, p_1...); its <= 101 rows are read by key after
         seq = any("Seq Scan" in n for n in (paged or nodes) if n.split(" on ")[1].split()[0]
                   in BIG_TABLES)  # fmt: skip
     else:

@@ -139,6 +139,28 @@ def test_tokens_are_kept_only_as_their_sha256(archive: Archive) -> None:
     assert info.owner == "svc" and info.revoked_at is None
 
 
+def test_a_token_is_authenticated_with_one_read_of_the_index(archive: Archive) -> None:
+    """Every request with an API token pays its look-up: one round trip to
+    the index (the token and its account together), not one each."""
+    principals = Principals(archive.db)
+    principals.add("reader", "radiologist", sites=["A"], groups=["NIGHT"])
+    _, secret = principals.create_token("reader", "viewer")
+    principals.authenticate(secret)  # the first use is written down (last_used_at)
+    statements: list[str] = []
+    for name in ("query", "query_one", "scalar", "execute"):
+        run = getattr(archive.db, name)
+
+        def counted(sql: str, *args: object, _run=run, **kwargs: object) -> object:
+            statements.append(sql)
+            return _run(sql, *args, **kwargs)
+
+        setattr(archive.db, name, counted)
+    principal = principals.authenticate(secret)
+    assert (principal.name, principal.role, principal.sites) == ("reader", "radiologist", ("A",))
+    assert principal.groups == ("NIGHT",)
+    assert len(statements) == 1, statements
+
+
 def test_the_limiter_blocks_after_max_failures_and_forgets_after_the_window() -> None:
     clock = FakeClock()
     limiter = FailureLimiter(max_failures=3, window_seconds=0.5, clock=clock)

@@ -96,7 +96,8 @@ def _when(value: object) -> datetime | None:
     return datetime.fromisoformat(str(value))
 
 
-_ACCOUNT = "SELECT id, name, kind, role, sites, groups, disabled, created_at FROM principals"
+_COLUMNS = ("id", "name", "kind", "role", "sites", "groups", "disabled", "created_at")
+_ACCOUNT = f"SELECT {', '.join(_COLUMNS)} FROM principals"
 
 
 def _account(row: tuple) -> Account:
@@ -240,15 +241,18 @@ class Principals:
 
     def authenticate(self, secret: str) -> Principal:
         """The principal an API token stands for; AuthError says why not."""
+        # the token and its account in one read: a round trip to the index
+        # per request fewer than two (every token-authenticated request pays it)
         row = self.db.query_one(
-            "SELECT t.id, t.name, t.expires_at, t.revoked_at, p.id, t.last_used_at FROM tokens t "
-            "JOIN principals p ON p.id = t.principal_ref WHERE t.token_hash = ?",
+            "SELECT t.id, t.name, t.expires_at, t.revoked_at, t.last_used_at, "
+            + ", ".join(f"p.{column}" for column in _COLUMNS)
+            + " FROM tokens t JOIN principals p ON p.id = t.principal_ref WHERE t.token_hash = ?",
             (hash_token(secret),),
         )
         if row is None:
             raise AuthError("unknown API token")
-        token_id, token_name, expires, revoked, principal_id, last_used = row
-        account = _account(self.db.query_one(_ACCOUNT + " WHERE id = ?", (principal_id,)))
+        token_id, token_name, expires, revoked, last_used = row[:5]
+        account = _account(row[5:])
         if revoked is not None:
             raise AuthError(f"token {token_name!r} was revoked", account.name)
         expiry = _when(expires)
