@@ -40,6 +40,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -771,9 +772,50 @@ def orthanc_figures(
     return {(f.query, f.caller, f.service): f for f in figures}
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"instance counts, comma-separated: {text!r}") from None
+    if not sizes or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"instance counts, comma-separated: {text!r}")
+    return sizes
+
+
+def _mix_name(query: str) -> str:
+    """A query of the mix whatever the size (a deep page's offset grows with it)."""
+    return re.sub(r" \(offset \d+\)", "", query)
+
+
+def growth(backend: str, runs: list[tuple[int, list[Figure]]]) -> None:
+    """How each query's p50 grows from the smallest archive to the largest
+    (issue 17: the same mix at 10^5 and 10^7, the ratio printed)."""
+    (small, first), (large, last) = runs[0], runs[-1]
+    before = {(_mix_name(f.query), f.caller, f.service): f for f in first}
+    print(f"\n== {backend}: p50 from {small:,} to {large:,} instances (ratio: larger / smaller)")
+    print(
+        f"{'query':34} {'caller':6} {'service':8} {'p50 small':>10} {'p50 large':>10} {'ratio':>6}"
+    )
+    for f in last:
+        key = (_mix_name(f.query), f.caller, f.service)
+        other = before.get(key)
+        ratio = f"{f.p50 / other.p50:.2f}" if other and other.p50 and f.p50 else "-"
+        print(
+            f"{key[0]:34} {f.caller:6} {f.service:8} {_ms(other.p50 if other else None):>10} "
+            f"{_ms(f.p50):>10} {ratio:>6}"
+        )
+    sys.stdout.flush()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=100_000, help="default 10^5")
+    parser.add_argument(
+        "--instances",
+        type=_sizes,
+        default=[100_000],
+        help="default 10^5; several (100000,10000000): each in turn, then how each "
+        "query's p50 grows from the smallest to the largest",
+    )
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--repeats", type=int, default=40, help="QIDO repetitions per query")
     parser.add_argument("--samples", type=int, default=40, help="distinct values per query")
@@ -786,13 +828,24 @@ def main() -> int:
     parser.add_argument(
         "--reuse",
         default="",
-        metavar="DB",
-        help="PostgreSQL database to load once and time again later (kept; e.g. a 10^7 load)",
+        metavar="DB[,DB...]",
+        help="PostgreSQL database to load once and time again later (kept; e.g. a 10^7 "
+        "load); one per --instances count",
     )
     args = parser.parse_args()
+    sizes: list[int] = args.instances
+    reused = [name.strip() for name in args.reuse.split(",")] if args.reuse else []
+    if reused and len(reused) != len(sizes):
+        parser.error(f"--reuse names {len(reused)} databases for {len(sizes)} --instances counts")
     try:
-        for backend in args.backends.split(","):
-            run_backend(backend.strip(), args)
+        for backend in (b.strip() for b in args.backends.split(",")):
+            runs = []
+            for i, size in enumerate(sizes):
+                one = argparse.Namespace(**{**vars(args), "instances": size})
+                one.reuse = reused[i] if reused else ""
+                runs.append((size, run_backend(backend, one)))
+            if len(runs) > 1:
+                growth(backend, sorted(runs, key=lambda run: run[0]))
     except BenchError as exc:
         print(f"bench_scale: {exc}", file=sys.stderr)
         return 2
