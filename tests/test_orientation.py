@@ -158,6 +158,30 @@ def test_the_on_call_group_carries_its_members(week: DefaultOrientation, clock: 
         week.members("NOPE")
 
 
+def test_a_users_groups_come_with_their_members_in_one_read_of_the_index(
+    week: DefaultOrientation,
+) -> None:
+    """Every HTTP request of a radiologist asks for its groups (the studies
+    they see): one round trip to the index, whatever the number of groups."""
+    db = week.directory.db
+    statements: list[str] = []
+    for name in ("query", "query_one", "scalar"):
+        run = getattr(db, name)
+
+        def counted(sql: str, *args: object, _run=run, **kwargs: object) -> object:
+            statements.append(sql)
+            return _run(sql, *args, **kwargs)
+
+        setattr(db, name, counted)
+    groups = week.groups_of("dr.nuit")
+    assert groups == [
+        Group("BACKUP", "group BACKUP", ("dr.nuit",)),
+        Group("NIGHT", "group NIGHT", ("dr.garde", "dr.nuit")),
+    ]
+    assert week.groups_of("nobody") == []
+    assert len(statements) == 2, statements  # one per user asked
+
+
 def test_a_night_shift_across_the_autumn_dst_change_keeps_its_wall_clock_end(
     week: DefaultOrientation,
 ) -> None:

@@ -132,14 +132,24 @@ class Directory:
         ]
 
     def groups_of(self, user: str) -> list[Group]:
-        names = [
-            r[0]
-            for r in self.db.query(
-                "SELECT group_name FROM orientation_members WHERE member = ? ORDER BY group_name",
-                (user,),
-            )
+        """One statement (every HTTP request of a user who is not an admin
+        asks it, for the studies its groups see): the groups with every
+        member, where one read per group and per group's members cost
+        1 + 2 round trips per group."""
+        rows = self.db.query(
+            "SELECT g.name, g.label, g.address, everyone.member FROM orientation_members mine "
+            "JOIN orientation_groups g ON g.name = mine.group_name "
+            "JOIN orientation_members everyone ON everyone.group_name = g.name "
+            "WHERE mine.member = ? ORDER BY g.name, everyone.member",
+            (user,),
+        )
+        found: dict[str, tuple[str, str, list[str]]] = {}
+        for name, label, address, member in rows:
+            found.setdefault(name, (label or "", address or "", []))[2].append(member)
+        return [
+            Group(name, label, tuple(members), address)
+            for name, (label, address, members) in found.items()
         ]
-        return [g for g in (self.group(n) for n in names) if g is not None]
 
     # -- edits (each returns what changed, for the audit entry) ---------------------------
 
