@@ -14,12 +14,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+#: the ports free_port handed out in this process: never handed out twice
+_GIVEN: set[int] = set()
+
 
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on loopback that nothing listens on right now and that this
+    process was not given before: the kernel may offer a port again once it
+    is closed, and a server once got the same port for HTTP and DICOM (its
+    HTTP listener then failed to start).  A tiny race with other processes
+    remains."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 _free_port = free_port

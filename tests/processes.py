@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+# a port never handed out twice in one process (also what the benchmarks use)
+from benchmarks.orthanc import free_port as free_port
+
 T = TypeVar("T")
 
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now (a tiny race
-    with other processes remains; the fixtures retry or fail loudly)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def eventually(
