@@ -614,7 +614,7 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
         key = _ORDER[query.level]
         needs_patients = query.level == "PATIENT" or _PATIENT_REF.search(where)
         inner = _FROM[query.level] if needs_patients else _FROM_NO_PATIENT[query.level]
-        page = f"SELECT {key} FROM {inner}{where} ORDER BY {order} LIMIT ? OFFSET ?"
+        ids = f"FROM {inner}{where} ORDER BY {order} LIMIT ? OFFSET ?"  # the page's ids
         if db.dialect == "postgresql":
             # The page's ids as an array: its <= 1,001 rows are then read by
             # primary key whatever the table's size.  Joined to a subquery
@@ -623,13 +623,13 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
             # 3 ms of SQL at 10^5 instances, 0.3 ms read by key).
             text = (
                 f"SELECT {', '.join(select)} FROM {_FROM[query.level]} "
-                f"WHERE {key} = ANY(ARRAY({page})) ORDER BY {order}"
+                f"WHERE {key} = ANY(ARRAY(SELECT {key} {ids})) ORDER BY {order}"
             )
         else:
             first, _, rest = _FROM[query.level].partition(" JOIN ")
             text = (
-                f"SELECT {', '.join(select)} FROM ({page.replace(key, f'{key} AS page_id', 1)}) "
-                f"page JOIN {first} ON {key} = page.page_id"
+                f"SELECT {', '.join(select)} FROM (SELECT {key} AS page_id {ids}) page "
+                f"JOIN {first} ON {key} = page.page_id"
                 + (f" JOIN {rest}" if rest else "")
                 + f" ORDER BY {order}"
             )

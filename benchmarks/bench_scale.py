@@ -841,8 +841,8 @@ def main() -> int:
         for backend in (b.strip() for b in args.backends.split(",")):
             runs = []
             for i, size in enumerate(sizes):
-                one = argparse.Namespace(**{**vars(args), "instances": size})
-                one.reuse = reused[i] if reused else ""
+                reuse = reused[i] if reused else ""
+                one = argparse.Namespace(**{**vars(args), "instances": size, "reuse": reuse})
                 runs.append((size, run_backend(backend, one)))
             if len(runs) > 1:
                 growth(backend, sorted(runs, key=lambda run: run[0]))

@@ -18,6 +18,7 @@ from archive.index.catalog import Origin
 from archive.runtime import Archive
 from tests.dicomfiles import make_instance
 from tests.s3server import StoreUnderTest
+from tests.statements import statements_run
 
 SOURCE = Source(kind="import", site="SITE-A")
 
@@ -273,22 +274,14 @@ def test_a_c_store_audit_entry_names_the_patient_of_the_study_the_instance_went_
     def of(patient: str) -> Callable[[pydicom.FileDataset], None]:
         return lambda ds: setattr(ds, "PatientID", patient)
 
-    statements: list[str] = []
-    run = archive.db._run
-
-    def counting(sql: str, *args: object, **kwargs: object) -> object:
-        statements.append(sql)
-        return run(sql, *args, **kwargs)
-
-    archive.db._run = counting  # type: ignore[method-assign]
     sent = [
         make_instance(of("FIRST-1"), study=study),  # a new study, its patient FIRST-1
         make_instance(of("OTHER-2"), study=study),  # names another patient
         make_instance(of("FIRST-1"), study=study),
     ]
-    for data in sent:
-        assert archive.pipeline.ingest(data, source).outcome is StoreOutcome.STORED
-    archive.db._run = run  # type: ignore[method-assign]
+    with statements_run(archive.db) as statements:
+        for data in sent:
+            assert archive.pipeline.ingest(data, source).outcome is StoreOutcome.STORED
     entries = archive.db.query(
         "SELECT patient_id, study_uid, outcome FROM audit WHERE action = 'dicom.c-store' "
         "ORDER BY id"

@@ -32,6 +32,7 @@ from archive.orientation import (
 )
 from archive.orientation.rota import DefaultOrientation
 from archive.runtime import Archive
+from tests.statements import statements_run
 
 SITES = [
     {"name": "MQ-CHU", "time_zone": "America/Martinique", "region": "martinique"},
@@ -163,22 +164,13 @@ def test_a_users_groups_come_with_their_members_in_one_read_of_the_index(
 ) -> None:
     """Every HTTP request of a radiologist asks for its groups (the studies
     they see): one round trip to the index, whatever the number of groups."""
-    db = week.directory.db
-    statements: list[str] = []
-    for name in ("query", "query_one", "scalar"):
-        run = getattr(db, name)
-
-        def counted(sql: str, *args: object, _run=run, **kwargs: object) -> object:
-            statements.append(sql)
-            return _run(sql, *args, **kwargs)
-
-        setattr(db, name, counted)
-    groups = week.groups_of("dr.nuit")
-    assert groups == [
-        Group("BACKUP", "group BACKUP", ("dr.nuit",)),
-        Group("NIGHT", "group NIGHT", ("dr.garde", "dr.nuit")),
-    ]
-    assert week.groups_of("nobody") == []
+    with statements_run(week.directory.db) as statements:
+        groups = week.groups_of("dr.nuit")
+        assert groups == [
+            Group("BACKUP", "group BACKUP", ("dr.nuit",)),
+            Group("NIGHT", "group NIGHT", ("dr.garde", "dr.nuit")),
+        ]
+        assert week.groups_of("nobody") == []
     assert len(statements) == 2, statements  # one per user asked
 
 

@@ -21,6 +21,7 @@ from archive.security.http import client_address, require
 from archive.security.principals import PrincipalError, Principals, hash_token
 from archive.security.ratelimit import FailureLimiter
 from archive.server import make_app
+from tests.statements import statements_run
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "imag.example.org", "::"])
@@ -146,16 +147,8 @@ def test_a_token_is_authenticated_with_one_read_of_the_index(archive: Archive) -
     principals.add("reader", "radiologist", sites=["A"], groups=["NIGHT"])
     _, secret = principals.create_token("reader", "viewer")
     principals.authenticate(secret)  # the first use is written down (last_used_at)
-    statements: list[str] = []
-    for name in ("query", "query_one", "scalar", "execute"):
-        run = getattr(archive.db, name)
-
-        def counted(sql: str, *args: object, _run=run, **kwargs: object) -> object:
-            statements.append(sql)
-            return _run(sql, *args, **kwargs)
-
-        setattr(archive.db, name, counted)
-    principal = principals.authenticate(secret)
+    with statements_run(archive.db) as statements:
+        principal = principals.authenticate(secret)
     assert (principal.name, principal.role, principal.sites) == ("reader", "radiologist", ("A",))
     assert principal.groups == ("NIGHT",)
     assert len(statements) == 1, statements
