@@ -3,7 +3,9 @@ place, and concurrent upgrades of a fresh database do not trip over each other."
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+from pathlib import Path
 
 from archive.index import open_database
 from archive.index.migrate import CORE, available, components, current_version, upgrade
@@ -57,3 +59,39 @@ def test_processes_upgrading_a_fresh_index_at_once_all_succeed(index_url: str) -
         assert current_version(db) == available()[-1][0]
     finally:
         db.close()
+
+
+def test_a_new_sqlite_index_held_by_another_connection_is_opened_once_it_is_free(
+    tmp_path: Path,
+) -> None:
+    """Switching a new file to WAL reads it, then needs its exclusive lock; while
+    another connection is writing to it SQLite refuses at once, without its
+    busy wait (waiting could deadlock): a process started beside another on a
+    new data folder must wait, not fail (three processes upgrading a new index
+    at once met it)."""
+    path = tmp_path / "index.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # still in rollback-journal mode
+    holder.execute("CREATE TABLE t (x)")  # a writer holds its reserved lock
+    opened: list[str] = []
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            db = open_database(f"sqlite:///{path}")
+            try:
+                opened.append(db.scalar("PRAGMA journal_mode"))
+            finally:
+                db.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=open_it)
+    thread.start()
+    thread.join(timeout=0.3)
+    assert thread.is_alive() and not errors, errors  # waiting, not failed
+    holder.execute("COMMIT")
+    holder.close()
+    thread.join(timeout=30)
+    assert not errors, errors
+    assert opened == ["wal"]

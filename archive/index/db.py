@@ -20,6 +20,7 @@ import re
 import select
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -120,7 +121,7 @@ class Database:
             )
             # WAL lets readers run during writes; synchronous=FULL makes every
             # commit durable before we tell a sender its instance is stored.
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=60000")
@@ -407,6 +408,30 @@ def _adapt(params: Sequence[Any], dialect: str) -> Sequence[Any]:
     if dialect != "sqlite":
         return params
     return [p.isoformat() if isinstance(p, datetime) else p for p in params]
+
+
+def _use_wal(conn: sqlite3.Connection, patience: float = 60.0) -> None:
+    """Put the database in WAL mode (it stays so: the mode is kept in the file).
+
+    Switching a new file to WAL needs its exclusive lock, and SQLite answers
+    "database is locked" at once, without its busy handler, when another
+    connection holds the file at that moment: processes started together on a
+    new data folder (``imag serve`` beside ``imag worker``) met it.  So the
+    mode is read first, and the switch retried for as long as a busy writer
+    would be waited for."""
+    deadline = time.monotonic() + patience
+    delay = 0.005
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _safe(url: str) -> str:
