@@ -13,6 +13,10 @@
    pynetdicom association, and the wall time of a one-shot ``findscu`` process
    for reference.
 3. The same on Orthanc (Debian package), with IMAG/Orthanc ratios.
+4. A reference C-STORE row: dcmtk's ``storescp --ignore``, which receives
+   every object and keeps none -- the rate the senders and the transport alone
+   allow on this machine, so the ceiling of any archive's here, and the CPU
+   that receiving alone costs (``--no-null-scp`` leaves it out).
 
     python -m benchmarks.bench_dimse --count 1000
     python -m benchmarks.bench_dimse --backends sqlite --imag-env IMAG_DICOM_MAX_PDU=1MiB
@@ -112,7 +116,7 @@ class Target:
     host: str
     port: int
     aet: str
-    instances: Callable[[], int]  # what the archive reports holding
+    instances: Callable[[], int] | None  # what the archive reports holding (None: nothing kept)
     log_tail: Callable[[], str]  # the end of the server's log
     pid: int = 0  # the server process, for its CPU time (0: not measured)
     tls: tuple[str, ...] = ()  # dcmtk options reaching it over TLS (empty: plain)
@@ -351,6 +355,45 @@ def running_orthanc(tls: Tls | None = None) -> Iterator[Target]:
         yield target
 
 
+NULL_LABEL = "storescp --ignore"
+
+
+@contextmanager
+def running_null_scp() -> Iterator[Target]:
+    """dcmtk's ``storescp --ignore``: it receives every object over the same
+    associations and writes nothing.  Its row is the rate that the senders and
+    the transport alone allow on this machine, the ceiling of any archive's
+    rate here, and its CPU time per instance what receiving alone costs."""
+    port = orthanc.free_port()
+    with tempfile.TemporaryDirectory(prefix="imag-bench-null-scp-") as folder:
+        log_path = Path(folder) / "storescp.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [dcmtk("storescp"), "--ignore", "-aet", "NULLSCP", str(port)],
+                cwd=folder,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            target = Target(
+                NULL_LABEL, "127.0.0.1", port, "NULLSCP", None, lambda: _tail(log_path), proc.pid
+            )
+            deadline = time.monotonic() + 30
+            while not echo(target.host, target.port, target.aet):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"storescp did not answer C-ECHO:\n{_tail(log_path)}")
+                time.sleep(0.2)
+            yield target
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 # --------------------------------------------------------------------------- C-STORE
 
 
@@ -451,7 +494,8 @@ def measure_store(
     if cpu_before is not None and cpu_after is not None:
         result.cpu = cpu_after - cpu_before
     try:
-        result.stored = target.instances() - before
+        if target.instances is not None:  # the null SCP keeps nothing to count
+            result.stored = target.instances() - before
     except Exception as exc:  # noqa: BLE001 - reported with the figures
         result.errors.append(f"cannot read the instance count: {exc}")
     if result.stored is not None and result.stored != expected:
@@ -722,8 +766,8 @@ def bench_archive(
         try:
             with start() as target:
                 stores.append(measure_store(target, splits[n], count, logs / f"{label}-{n}"))
-                if n != last or args.no_find:
-                    continue
+                if n != last or args.no_find or target.instances is None:
+                    continue  # the null SCP keeps nothing to query
                 progress(f"  {target.label}: storing {extra_count} extra small instances ...")
                 # -R: propose only the SOP classes of the files (more than 128 otherwise)
                 extra = measure_store(
@@ -766,6 +810,10 @@ def report(
         "TCP_NODELAY=1, fresh archive each row"
     )
     print("vs Orthanc = IMAG / Orthanc throughput at the same association count (>1: IMAG faster)")
+    print(
+        f"{NULL_LABEL} = dcmtk's storescp receiving and keeping nothing: what the senders and "
+        "the transport alone allow here (no archive can go faster)"
+    )
     print("CPU ms/inst = the server process's user + system CPU time during the push / instances")
     print(
         "peak RSS = the server's peak resident memory during the push, MiB (VmHWM reset "
@@ -885,6 +933,11 @@ def main() -> int:
     )
     parser.add_argument("--no-find", action="store_true", help="C-STORE only (no C-FIND part)")
     parser.add_argument(
+        "--no-null-scp",
+        action="store_true",
+        help="leave out the reference row of dcmtk's storescp --ignore (receives, keeps nothing)",
+    )
+    parser.add_argument(
         "--tls", action="store_true", help="C-STORE over mutual TLS (implies --no-find)"
     )
     parser.add_argument("--find-repeats", type=int, default=50, help="C-FIND queries per kind")
@@ -921,7 +974,7 @@ def main() -> int:
     if not associations or min(associations) < 1:
         parser.error("--associations wants positive integers, e.g. 1,4")
     extra_env = _env_pairs(args.imag_env)
-    for tool in ("storescu", "findscu", "echoscu"):
+    for tool in ("storescu", "storescp", "findscu", "echoscu"):
         if not have_dcmtk(tool):
             raise SystemExit(f"dcmtk's {tool} not found: apt-get install dcmtk")
 
@@ -987,7 +1040,10 @@ def _run(
         finds: list[FindResult] = []
         round_notes: list[str] = []
         logs = tmp / f"logs-{number}"
-        archives = [
+        # the null SCP first: it deletes no files that the next row's would
+        # be allocated among (the others' data folders are removed after them)
+        archives = [] if tls or args.no_null_scp else [(running_null_scp, NULL_LABEL)]
+        archives += [
             (
                 lambda b=backend, r=receive: running_imag(tmp, b, extra_env, r, tls),
                 f"{BACKEND_LABEL[backend]} {receive}",
