@@ -26,8 +26,16 @@
    loader, so at 10^5 instances at most); its p50 and the ratio IMAG/Orthanc
    are printed beside the admin's figures (Orthanc has no site-bound caller).
 
+6. ``--prewarm``: before timing, the tables the study mix reads and their
+   indexes are loaded into the index's cache (PostgreSQL's shared buffers
+   with ``pg_prewarm``; for SQLite the file is read once into the OS cache),
+   as a server that has run for a while holds them.  Without it, values
+   drawn afresh each repetition read their rows from disk: what a cold cache,
+   or one smaller than the index, costs.  The header says which it was.
+
     python -m benchmarks.bench_scale                                 # 10^5, SQLite + PostgreSQL
     python -m benchmarks.bench_scale --backends postgresql --instances 10000000
+    python -m benchmarks.bench_scale --backends postgresql --instances 10000000 --prewarm
 
 The PostgreSQL server comes from IMAG_BENCH_PG_URL (default
 postgresql://postgres@127.0.0.1:5432/postgres); the database is dropped after
@@ -631,6 +639,7 @@ def report(
     load_seconds: float,
     figures: list[Figure],
     orthanc_figures: dict[tuple[str, str, str], Figure],
+    cache: str = "",
 ) -> None:
     print(
         f"\n== {label}: {shape.instances:,} instances, {shape.studies:,} studies, "
@@ -642,6 +651,8 @@ def report(
             else "loaded by an earlier run (--reuse)"
         )
     )
+    if cache:
+        print(f"# cache: {cache}")
     print(
         f"{'query':34} {'caller':6} {'service':8} {'p50 ms':>8} {'p99 ms':>8} {'rows':>6}"
         f" {'Orthanc p50':>11} {'rows':>6} {'ratio':>6}  plan"
@@ -659,6 +670,73 @@ def report(
             f" {_ms(ortho):>11} {their_rows:>6} {ratio:>6}  {f.error or f.plan}"
         )
     sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- cache
+
+#: what the study-level mix reads (instances only through a series's rows)
+PREWARMED = ("studies", "patients", "study_modalities", "series")
+
+
+def prewarm(db: Database) -> str:
+    """Load the tables of :data:`PREWARMED` and their indexes into the index's
+    cache; return what was done, for the report's header.  PostgreSQL: into
+    its shared buffers with ``pg_prewarm`` (when they are smaller than what is
+    read, only the last part read stays, and the header says so).  SQLite:
+    the file read once, into the OS cache it reads through."""
+    started = time.monotonic()
+    if db.dialect == "sqlite":
+        assert db.path is not None
+        size = 0
+        with open(db.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                size += len(chunk)
+        return (
+            f"prewarmed: the index file ({size / 2**20:,.0f} MiB) read into the OS cache "
+            f"in {time.monotonic() - started:.0f} s"
+        )
+    db.execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+    marks = ", ".join("?" * len(PREWARMED))
+    relations = db.query(
+        "SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c "
+        f"WHERE c.relname IN ({marks}) AND c.relkind = 'r' AND c.relnamespace = "
+        "current_schema()::regnamespace UNION ALL "
+        "SELECT i.relname, pg_relation_size(i.oid) FROM pg_index x "
+        "JOIN pg_class t ON t.oid = x.indrelid JOIN pg_class i ON i.oid = x.indexrelid "
+        f"WHERE t.relname IN ({marks}) AND t.relnamespace = current_schema()::regnamespace",
+        (*PREWARMED, *PREWARMED),
+    )
+    for name, _ in relations:
+        db.scalar("SELECT pg_prewarm(?::regclass)", (name,))
+    total = sum(size for _, size in relations)
+    buffers = _shared_buffers(db)
+    fits = "" if total <= buffers else " -- more than the shared buffers: only part of it stays"
+    return (
+        f"prewarmed with pg_prewarm: {', '.join(PREWARMED)} and their "
+        f"{len(relations) - len(PREWARMED)} indexes, {total / 2**20:,.0f} MiB, "
+        f"in {time.monotonic() - started:.0f} s; "
+        f"shared_buffers {buffers / 2**20:,.0f} MiB{fits}"
+    )
+
+
+def _shared_buffers(db: Database) -> int:
+    """PostgreSQL's shared_buffers, in bytes (its setting counts 8 kB pages)."""
+    return int(
+        db.scalar(
+            "SELECT setting::bigint * 8192 FROM pg_settings WHERE name = ?", ("shared_buffers",)
+        )
+    )
+
+
+def cold_cache(db: Database) -> str:
+    """What the report says of a run without ``--prewarm``."""
+    if db.dialect == "sqlite":
+        return "not prewarmed: the OS cache holds whatever earlier reads left in it"
+    buffers = _shared_buffers(db)
+    return (
+        f"not prewarmed (--prewarm): shared_buffers {buffers / 2**20:,.0f} MiB; each "
+        "repetition's fresh value reads its rows from the OS cache or the disk"
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -699,6 +777,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[Figure]:
             }
             db = open_database(url)
             try:
+                cache = prewarm(db) if args.prewarm else cold_cache(db)
                 plans = {}
                 for spec in mix:
                     for caller, scope in (("site", Scope.of([SITE])), ("admin", None)):
@@ -726,7 +805,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[Figure]:
             if args.orthanc and backend == args.backends.split(",")[0]:
                 ortho = orthanc_figures(shape, mix, picks, args)
             label = {"sqlite": "IMAG SQLite", "postgresql": "IMAG PostgreSQL"}[backend]
-            report(label, shape, load_seconds, figures, ortho)
+            report(label, shape, load_seconds, figures, ortho, cache)
             return figures
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -825,6 +904,12 @@ def main() -> int:
     parser.add_argument("--no-qido", action="store_true", help="C-FIND only")
     parser.add_argument("--orthanc", action="store_true", help="Orthanc side by side (<= 10^5)")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL database")
+    parser.add_argument(
+        "--prewarm",
+        action="store_true",
+        help="load the tables the mix reads into the index's cache first, as a server "
+        "running for a while holds them",
+    )
     parser.add_argument(
         "--reuse",
         default="",
