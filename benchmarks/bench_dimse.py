@@ -67,6 +67,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ class Target:
     log_tail: Callable[[], str]  # the end of the server's log
     pid: int = 0  # the server process, for its CPU time (0: not measured)
     tls: tuple[str, ...] = ()  # dcmtk options reaching it over TLS (empty: plain)
+    #: the ``results`` its C-FIND audit entries record, oldest first (None: not kept)
+    find_audit: Callable[[], list[int | None]] | None = None
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -295,6 +298,21 @@ def running_imag(
                 raise BenchError(f"imag stats failed ({run.returncode}): {run.stderr[-2000:]}")
             return int(json.loads(run.stdout)["instances"])
 
+        def find_audit() -> list[int | None]:
+            run = subprocess.run(
+                [sys.executable, "-m", "archive.cli", "audit", "--action", "dicom.c-find"]
+                + ["--json"],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if run.returncode != 0:
+                raise BenchError(f"imag audit failed ({run.returncode}): {run.stderr[-2000:]}")
+            entries = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+            return [(entry.get("detail") or {}).get("results") for entry in entries]
+
         yield Target(
             f"{BACKEND_LABEL[backend]} {receive}",
             "127.0.0.1",
@@ -304,6 +322,7 @@ def running_imag(
             lambda: _tail(log_path),
             proc.pid,
             client_tls,
+            find_audit,
         )
         if proc.poll() is not None:
             raise BenchError(f"IMAG exited early ({proc.returncode}):\n{_tail(log_path)}")
@@ -708,6 +727,15 @@ def measure_find(
                         f"{len(other)} of {repeats} repetitions had another number of matches "
                         f"than the warm-up's {result.matches} ({sorted(set(other))})"
                     )
+                    if target.find_audit is not None:
+                        # whether the server's search found the other count, or
+                        # the answer was lost on its way: its audit entries say
+                        counted = target.find_audit()[-(repeats + 1) :]
+                        tally = sorted(Counter(counted).items(), key=lambda kv: str(kv[0]))
+                        result.unstable += (
+                            f"; the server's audit entries of these {len(counted)} requests "
+                            f"record (results, times) {tally}"
+                        )
             except BenchError as exc:
                 result.error = str(exc)
             if not result.error and result.matches != q.expected:
