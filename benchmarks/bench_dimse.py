@@ -109,6 +109,22 @@ class BenchError(RuntimeError):
 # --------------------------------------------------------------------------- archives
 
 
+def imag_command(env: dict[str, str], *args: str) -> str:
+    """What ``imag <args>`` prints, run with ``env`` (an archive's settings);
+    BenchError with its error output when it fails."""
+    run = subprocess.run(
+        [sys.executable, "-m", "archive.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if run.returncode != 0:
+        raise BenchError(f"imag {' '.join(args)} failed ({run.returncode}): {run.stderr[-2000:]}")
+    return run.stdout
+
+
 @dataclass
 class Target:
     """A DICOM archive under test."""
@@ -286,31 +302,11 @@ def running_imag(
             time.sleep(0.2)
 
         def instances() -> int:
-            run = subprocess.run(
-                [sys.executable, "-m", "archive.cli", "stats", "--json"],
-                env=env,
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if run.returncode != 0:
-                raise BenchError(f"imag stats failed ({run.returncode}): {run.stderr[-2000:]}")
-            return int(json.loads(run.stdout)["instances"])
+            return int(json.loads(imag_command(env, "stats", "--json"))["instances"])
 
         def find_audit() -> list[int | None]:
-            run = subprocess.run(
-                [sys.executable, "-m", "archive.cli", "audit", "--action", "dicom.c-find"]
-                + ["--json"],
-                env=env,
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if run.returncode != 0:
-                raise BenchError(f"imag audit failed ({run.returncode}): {run.stderr[-2000:]}")
-            entries = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
+            out = imag_command(env, "audit", "--action", "dicom.c-find", "--json")
+            entries = [json.loads(line) for line in out.splitlines() if line.strip()]
             return [(entry.get("detail") or {}).get("results") for entry in entries]
 
         yield Target(

@@ -76,7 +76,7 @@ from archive.index.migrate import upgrade
 from archive.query import search
 from archive.security.scope import Scope
 from benchmarks import orthanc, orthanc_load, scale_data
-from benchmarks.bench_dimse import nodelay
+from benchmarks.bench_dimse import BenchError, imag_command, nodelay
 from dicomweb.qido import build_query
 
 PG_URL = os.environ.get("IMAG_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -89,10 +89,6 @@ BIG_TABLES = ("patients", "studies", "series", "instances")
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    """A measurement that went wrong: the message says what was seen."""
 
 
 # --------------------------------------------------------------------------- the query mix
@@ -287,20 +283,6 @@ def mark_loaded(url: str, instances: int) -> None:
         conn.execute("INSERT INTO bench_scale_loaded VALUES (%s)", (instances,))
 
 
-def _imag(env: dict[str, str], *args: str) -> str:
-    run = subprocess.run(
-        [sys.executable, "-m", "archive.cli", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if run.returncode != 0:
-        raise BenchError(f"imag {' '.join(args)} failed: {run.stderr[-2000:]}")
-    return run.stdout
-
-
 def _healthy(port: int) -> bool:
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
@@ -335,12 +317,12 @@ def running_imag(index_url: str, tmp: Path) -> Iterator[Server]:
         "IMAG_DICOM_PORT": str(dicom_port),
         "IMAG_LOG_LEVEL": "WARNING",
     }
-    if "scale-site" not in _imag(env, "user", "list"):  # a reused database has them
-        _imag(env, "user", "add", "scale-site", "--role", "radiologist", "--site", SITE)
-        _imag(env, "user", "add", "scale-admin", "--role", "admin")
+    if "scale-site" not in imag_command(env, "user", "list"):  # a reused database has them
+        imag_command(env, "user", "add", "scale-site", "--role", "radiologist", "--site", SITE)
+        imag_command(env, "user", "add", "scale-admin", "--role", "admin")
     tokens = {
-        "site": _imag(env, "token", "create", "scale-site").strip().splitlines()[0],
-        "admin": _imag(env, "token", "create", "scale-admin").strip().splitlines()[0],
+        "site": imag_command(env, "token", "create", "scale-site").strip().splitlines()[0],
+        "admin": imag_command(env, "token", "create", "scale-admin").strip().splitlines()[0],
     }
     log_path = tmp / "imag.log"
     with open(log_path, "w") as log:
