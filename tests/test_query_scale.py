@@ -95,6 +95,27 @@ def test_a_site_bound_caller_pages_through_its_own_sites_studies_only(loaded) ->
     assert search(db, beyond) == []
 
 
+def test_a_site_bound_search_by_date_and_modality_finds_its_own_sites_studies_only(
+    loaded,
+) -> None:
+    """The adversary of the date-index path (on PostgreSQL the modality is
+    matched in the date index, migration 0023): another site's studies of the
+    same dates and modality stay out of a site-bound caller's answer."""
+    db, _ = loaded
+    params = {"StudyDate": "20160101-20261231", "ModalitiesInStudy": "CT,MG,MR,US", "limit": "1000"}
+    mine = search(db, _qido("STUDY", params, Scope.of(["DEPISTAGE"])))
+    everyone = search(db, _qido("STUDY", params, None))
+    sites = {
+        r[0]
+        for r in db.query(
+            f"SELECT site FROM studies WHERE study_uid IN ({', '.join('?' * len(mine))})",
+            [r["StudyInstanceUID"] for r in mine],
+        )
+    }
+    assert mine and sites == {"DEPISTAGE"}
+    assert len(everyone) > len(mine)
+
+
 def test_modalities_in_study_matches_any_of_the_studys_modalities(loaded) -> None:
     db, shape = loaded
     expected = {
