@@ -8,19 +8,24 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from pydicom.uid import generate_uid
 
 from archive.clock import FakeClock
 from archive.config import Config, ConfigError, load_config
+from archive.identity import Source
 from archive.index.migrate import _split
 from archive.runtime import Archive
+from archive.security.audit import AuditEntry
 from archive.security.commands import ensure_admin_token
 from archive.security.http import client_address, require
 from archive.security.principals import PrincipalError, Principals, hash_token
 from archive.security.ratelimit import FailureLimiter
 from archive.server import make_app
+from tests.dicomfiles import make_instance
 from tests.statements import statements_run
 
 
@@ -152,6 +157,29 @@ def test_a_token_is_authenticated_with_one_read_of_the_index(archive: Archive) -
     assert (principal.name, principal.role, principal.sites) == ("reader", "radiologist", ("A",))
     assert principal.groups == ("NIGHT",)
     assert len(statements) == 1, statements
+
+
+def test_an_audit_entry_naming_a_study_names_its_patient_in_one_statement(
+    archive: Archive,
+) -> None:
+    """A UID look-up (WADO, a C-FIND or QIDO by study) is audited naming
+    the study; the patient is read by the entry's own INSERT, so the entry
+    is one round trip to the index, not a look-up and then a write.  A study
+    the index does not hold is audited all the same, naming no patient."""
+    data = make_instance(lambda ds: setattr(ds, "PatientID", "AUDIT-PAT"))
+    study = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data)).StudyInstanceUID
+    assert archive.pipeline.ingest(data, Source(kind="import", site="A")).ok
+    unknown = generate_uid()
+    for study_uid in (study, unknown):
+        entry = AuditEntry("reader", "user", "wado.retrieve", "allowed", study_uid=study_uid)
+        with statements_run(archive.db) as statements:
+            archive.audit.write(entry)
+        assert len(statements) == 1, statements
+    rows = archive.db.query(
+        "SELECT study_uid, patient_id FROM audit WHERE action = 'wado.retrieve' ORDER BY id"
+    )
+    assert rows == [(study, "AUDIT-PAT"), (unknown, None)]
+    assert entry.patient_id is None
 
 
 def test_the_limiter_blocks_after_max_failures_and_forgets_after_the_window() -> None:

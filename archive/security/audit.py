@@ -77,6 +77,17 @@ _COLUMNS = (
 )
 
 
+_INSERT = (
+    "INSERT INTO audit (at, actor, actor_kind, role, action, outcome, status, "
+    "study_uid, patient_id, source, detail, node) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, {patient}, ?, ?, ?)"
+)
+_PATIENT_OF_STUDY = (
+    "(SELECT p.patient_id FROM studies st JOIN patients p ON p.id = st.patient_ref "
+    "WHERE st.study_uid = ?)"
+)
+
+
 class AuditLog:
     """Writes and reads the ``audit`` table; forwards entries to syslog if asked."""
 
@@ -119,33 +130,31 @@ class AuditLog:
             self._syslog.send(entry)
 
     def _insert(self, entry: AuditEntry) -> None:
-        if entry.study_uid and not entry.patient_id:
-            entry.patient_id = self.db.scalar(
-                "SELECT p.patient_id FROM studies st JOIN patients p ON p.id = st.patient_ref "
-                "WHERE st.study_uid = ?",
-                (entry.study_uid,),
-            )
         at = utcnow()
         entry.at = at.isoformat()
         entry.node = entry.node or self.node
-        self.db.execute(
-            "INSERT INTO audit (at, actor, actor_kind, role, action, outcome, status, "
-            "study_uid, patient_id, source, detail, node) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                at,
-                entry.actor,
-                entry.actor_kind,
-                entry.role,
-                entry.action,
-                entry.outcome,
-                entry.status,
-                entry.study_uid,
-                entry.patient_id,
-                entry.source,
-                json.dumps(entry.detail, sort_keys=True) if entry.detail else None,
-                entry.node,
-            ),
+        values = [
+            at,
+            entry.actor,
+            entry.actor_kind,
+            entry.role,
+            entry.action,
+            entry.outcome,
+            entry.status,
+            entry.study_uid,
+            entry.patient_id,
+            entry.source,
+            json.dumps(entry.detail, sort_keys=True) if entry.detail else None,
+            entry.node,
+        ]
+        if not (entry.study_uid and not entry.patient_id):
+            self.db.execute(_INSERT.format(patient="?"), values)
+            return
+        # the study's patient, looked up by the INSERT itself: one round trip
+        # to the index instead of two (this is on every UID look-up's path)
+        values[8] = entry.study_uid
+        [(entry.patient_id,)] = self.db.query(
+            _INSERT.format(patient=_PATIENT_OF_STUDY) + " RETURNING patient_id", values
         )
 
     def query(
