@@ -60,7 +60,7 @@ from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from archive.index.catalog import normalise_pn
-from archive.index.db import Database
+from archive.index.db import CountedWrite, Database
 from archive.index.extra import ExtraAttribute, ExtraAttributes, read_values
 from archive.index.names import fold
 from archive.security.scope import Scope, study_clause
@@ -553,10 +553,19 @@ def attributes_for(level: str, extra: ExtraAttributes | None = None) -> list[str
     ] + [e.keyword for e in (extra or ()) if _DEPTH[e.level] <= depth]
 
 
-def search(db: Database, query: Query) -> list[dict[str, Any]]:
+def search(
+    db: Database, query: Query, *, counted: CountedWrite | None = None
+) -> list[dict[str, Any]]:
     """Run ``query``; return one dict per match with the matching and return
     keys (keyword → value; None for an empty value), in the order of
-    :func:`_order` (insertion; a study search matching StudyDate by date)."""
+    :func:`_order` (insertion; a study search matching StudyDate by date).
+
+    ``counted`` (PostgreSQL only): a write the search's statement carries,
+    which may read how many rows it found -- the request's audit entry, so
+    that the search and its entry are one round trip and one commit.  If
+    the statement fails, neither happened."""
+    if counted is not None and db.dialect != "postgresql":
+        raise ValueError("a search carries a write on PostgreSQL only")
     depth = _DEPTH[query.level]
     sql = _Sql()
     by_person = _person_match(db, query)
@@ -635,6 +644,8 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
     select += [_OWNER[level] for level in owners]  # to fetch the extra values by
     where = " WHERE " + " AND ".join(sql.where) if sql.where else ""
     order = _order(query)
+    if counted is not None:  # the rows' order, kept through the CTE below
+        select.append(f"row_number() OVER (ORDER BY {order}) AS found_seq")
     params = select_params + sql.params
     if query.limit is not None:
         # A page: its ids first, from the tables and indexes the matching
@@ -668,6 +679,12 @@ def search(db: Database, query: Query) -> list[dict[str, Any]]:
         if query.offset:
             text += " LIMIT -1 OFFSET ?" if db.dialect == "sqlite" else " OFFSET ?"
             params.append(query.offset)
+    if counted is not None:
+        text = (
+            f"WITH found AS MATERIALIZED ({text}), written AS ({counted.sql}) "
+            "SELECT * FROM found ORDER BY found_seq"
+        )
+        params = [*params, *counted.params]
     # a LIKE's plan depends on its pattern (a rare name: the trigram index;
     # a common one: a walk in id order that stops at the page; a prefix: a
     # name range), which a generic plan of a prepared statement does not see

@@ -543,6 +543,19 @@ _UID_KEYS = (
 )
 
 
+def _uid_level(keys: dict[str, str]) -> str | None:
+    """The lowest level whose UID ``keys`` name (None: they name no UID)."""
+    return next((lvl for lvl, key in _UID_KEYS if (keys.get(key) or "").strip()), None)
+
+
+def may_hide(keys: dict[str, str], scope: Scope | None) -> bool:
+    """Whether :func:`hidden_studies` could name a study for a search with
+    ``keys`` that finds nothing: a site-bound caller's look-up by UID.  A
+    search for which it cannot may write its audit entry before knowing
+    whether it found anything."""
+    return scope is not None and _uid_level(keys) is not None
+
+
 def hidden_studies(
     db: Database,
     keys: dict[str, str],
@@ -555,12 +568,10 @@ def hidden_studies(
     scope, or when it is nowhere): the look-up is answered as if nothing were
     there, and audited as denied with these studies.  ``level`` None: the
     lowest level whose UID ``keys`` name (QIDO-RS and C-FIND keys)."""
-    if scope is None:
-        return []
     if level is None:
-        level = next((lvl for lvl, key in _UID_KEYS if (keys.get(key) or "").strip()), None)
-        if level is None:
-            return []
+        level = _uid_level(keys)
+    if scope is None or level is None:
+        return []
     try:
         if not outside_scope(db, level, keys, scope):
             return []

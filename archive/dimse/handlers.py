@@ -30,7 +30,7 @@ from archive.identity import Source
 from archive.index.catalog import Origin
 from archive.ingest import DIMSE_STATUS, IngestResult, store_audit_entry
 from archive.query import Query, QueryError, extra_attributes, search
-from archive.retrieve import StoredObject, hidden_studies, locate, read
+from archive.retrieve import StoredObject, hidden_studies, locate, may_hide, read
 from archive.runtime import Archive
 from archive.security.audit import AuditEntry, AuditUnavailable
 from archive.security.scope import Scope
@@ -547,6 +547,9 @@ def plan_find(
         except Exception as exc:  # noqa: BLE001 - hostile bytes: pydicom decodes lazily
             raise QueryError(f"the identifier cannot be decoded: {exc}") from exc
         query.identity = archive.identity  # PatientID may be an INS or a regional ID
+        rows = _search_audited(archive, query, scope, aet, address, peer)
+        if rows is not None:
+            return FindPlan(query=query, tags=tags, rows=rows)
         rows = search(archive.db, query)
     except QueryError as exc:
         try:
@@ -575,6 +578,49 @@ def plan_find(
         OPERATIONS.labels("C-FIND", "0xA700").inc()
         return FindPlan(0xA700, AUDIT_REFUSAL)  # before any match leaves
     return FindPlan(query=query, tags=tags, rows=rows)
+
+
+def _search_audited(
+    archive: Archive,
+    query: Query,
+    scope: Scope | None,
+    aet: str,
+    address: str,
+    peer: Peer | None,
+) -> list[dict[str, Any]] | None:
+    """The matches of a C-FIND with its audit entry written by the search's
+    own statement (PostgreSQL, :meth:`AuditLog.counted`): one round trip and
+    one commit, where the search and then the entry were two; the entry is
+    durable before any match leaves all the same.  Taken only when the entry
+    does not depend on what the search finds: no study named (the entry
+    would name its patient) and no look-up by UID that a site-bound peer
+    may be denied (:func:`may_hide`).
+
+    None when not taken, or when the statement failed: then nothing was
+    written, and :func:`plan_find` searches and audits in two steps, which
+    tells the search's failure from the audit trail's."""
+    if archive.db.dialect != "postgresql" or may_hide(query.keys, scope):
+        return None
+    if "StudyInstanceUID" in query.keys and (query.keys["StudyInstanceUID"] or "").strip():
+        return None
+    entry = peer_entry(
+        aet,
+        address,
+        peer,
+        "dicom.c-find",
+        "allowed",
+        detail={"level": query.level, "keys": query.keys},
+    )
+    try:
+        rows = search(archive.db, query, counted=archive.audit.counted(entry, "results"))
+    except QueryError:
+        raise
+    except Exception:  # noqa: BLE001 - the two-step path reports what failed
+        log.debug("C-FIND with its audit entry in one statement failed", exc_info=True)
+        return None
+    entry.detail["results"] = len(rows)
+    archive.audit.forward(entry)
+    return rows
 
 
 def refuse_peer(archive: Archive, decision: Decision, calling_aet: str, address: str) -> None:
@@ -615,19 +661,31 @@ def audit_peer(
     """Write one audit entry for a peer.  Raises :class:`AuditUnavailable`
     when it cannot be written: the caller refuses the operation (fail
     closed) rather than serve it unaudited."""
+    archive.audit.write(peer_entry(aet, address, peer, action, outcome, study_uid, detail, status))
+
+
+def peer_entry(
+    aet: str,
+    address: str,
+    peer: Peer | None,
+    action: str,
+    outcome: str,
+    study_uid: str | None = None,
+    detail: dict | None = None,
+    status: int | None = None,
+) -> AuditEntry:
+    """The audit entry of an operation of a peer (see :func:`audit_peer`)."""
     role = None if peer is None else ("regional-peer" if peer.regional else "site-peer")
-    archive.audit.write(
-        AuditEntry(
-            aet or "unknown",
-            "peer",
-            action,
-            outcome,
-            role=role,
-            status=status,
-            study_uid=study_uid,
-            source=f"{aet}@{address}",
-            detail={**({"site": peer.site} if peer else {}), **(detail or {})},
-        )
+    return AuditEntry(
+        aet or "unknown",
+        "peer",
+        action,
+        outcome,
+        role=role,
+        status=status,
+        study_uid=study_uid,
+        source=f"{aet}@{address}",
+        detail={**({"site": peer.site} if peer else {}), **(detail or {})},
     )
 
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,19 @@ def utcnow() -> datetime:
 
 def _NOTHING(cursor: Any) -> None:  # noqa: N802 - a constant: the fetch of a statement not read
     return None
+
+
+@dataclass(frozen=True)
+class CountedWrite:
+    """A write that a read carries in its own statement on PostgreSQL (a
+    data-modifying ``WITH``): the read's rows are the CTE ``found``, and
+    ``sql`` (an INSERT, ``?`` placeholders for ``params``) may use
+    ``(SELECT count(*) FROM found)``.  Both commit together, durably, before
+    the rows reach the caller: one round trip instead of the read and then
+    the write (the audit entry of a search, which names its result count)."""
+
+    sql: str
+    params: tuple[Any, ...]
 
 
 class IndexError_(Exception):

@@ -1,0 +1,229 @@
+"""A C-FIND and its audit entry: on PostgreSQL the search's own statement
+writes the entry (a data-modifying WITH), so a query costs one round trip
+and one commit instead of two, and the entry is still durable before any
+match leaves.  These tests hold that shortcut to what the two-step path
+(search, then ``AuditLog.write``) answers and writes: the same matches in
+the same order, the same audit row, the same refusal when the trail cannot
+be written, and the two-step path wherever the entry depends on what the
+search finds (a site peer's look-up by UID of another site's study)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileDataset
+
+from archive.dimse.handlers import AUDIT_REFUSAL, peer_entry, plan_find
+from archive.identity import Source
+from archive.index.db import Database
+from archive.query import Query, search
+from archive.runtime import Archive
+from archive.security.audit import AUDIT_WRITE_FAILURES
+from archive.topology import Peer
+from tests.dicomfiles import make_instance
+from tests.statements import statements_run
+from tests.test_audit_failclosed import audit_unwritable
+
+REGIONAL = Peer("REGION_SCU", regional=True)
+SITE_B = Peer("B_SCU", site="B")
+#: (site, patient, name, study date) of each study stored
+STUDIES = [
+    ("A", "PAT-1", "MARTIN^PAUL", "20240105"),
+    ("A", "PAT-1", "MARTIN^PAUL", "20230611"),
+    ("A", "PAT-2", "MARCHAND^ANNE", "20240102"),
+    ("B", "PAT-3", "MAREC^JEAN", "20240103"),
+    ("A", "PAT-4", "DURAND^LEA", "20240104"),
+]
+
+
+@pytest.fixture
+def studies(archive: Archive) -> Iterator[list[str]]:
+    """The Study Instance UIDs of :data:`STUDIES`, stored (one CT slice each)."""
+    uids = []
+    for site, patient, name, date in STUDIES:
+
+        def edit(
+            ds: FileDataset, patient: str = patient, name: str = name, day: str = date
+        ) -> None:
+            ds.PatientID, ds.PatientName, ds.StudyDate = patient, name, day
+
+        data = make_instance(edit)
+        assert archive.pipeline.ingest(data, Source(kind="import", site=site)).ok
+        uids.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(data)).StudyInstanceUID)
+    yield uids
+
+
+def identifier(level: str = "STUDY", **keys: str) -> Callable[[], Dataset]:
+    def make() -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate"):
+            setattr(ds, keyword, "")
+        for keyword, value in keys.items():
+            setattr(ds, keyword, value)
+        return ds
+
+    return make
+
+
+def audit_rows(db: Database, after: int) -> list[tuple]:
+    return db.query(
+        "SELECT actor, actor_kind, role, action, outcome, status, study_uid, patient_id, "
+        "source, detail, node FROM audit WHERE id > ? ORDER BY id",
+        (after,),
+    )
+
+
+def last_audit_id(db: Database) -> int:
+    return int(db.scalar("SELECT COALESCE(MAX(id), 0) FROM audit"))
+
+
+def test_a_c_find_by_patient_is_searched_and_audited_in_one_statement_on_postgresql(
+    archive: Archive, studies: list[str]
+) -> None:
+    before = last_audit_id(archive.db)
+    with statements_run(archive.db) as statements:
+        plan = plan_find(archive, identifier(PatientID="PAT-1"), REGIONAL, "REGION_SCU", "h")
+    assert plan.status == 0xFF00
+    assert sorted(row["StudyInstanceUID"] for row in plan.rows) == sorted(studies[:2])
+    # SQLite: the search, then the entry (a local file: no round trip to save)
+    assert len(statements) == (1 if archive.db.dialect == "postgresql" else 2), statements
+    [row] = audit_rows(archive.db, before)
+    assert row[:9] == (
+        "REGION_SCU",
+        "peer",
+        "regional-peer",
+        "dicom.c-find",
+        "allowed",
+        None,
+        None,
+        None,
+        "REGION_SCU@h",
+    )
+    assert json.loads(row[9]) == {
+        "site": "",  # a regional peer speaks for no one site
+        "level": "STUDY",
+        "keys": {"PatientID": "PAT-1"},
+        "results": 2,
+    }
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("index_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("found", [0, 1, 4])
+def test_the_entry_a_search_writes_is_the_row_audit_write_appends(
+    archive: Archive, studies: list[str], found: int
+) -> None:
+    """Byte for byte, whatever the count's width: readers of the trail
+    (exports, syslog forwarding, tamper checks) see one format."""
+    pattern = {0: "NOBODY*", 1: "DURAND*", 4: "MAR*"}[found]
+    query = Query(level="STUDY", keys={"PatientName": pattern})
+    detail = {"site": "A", "level": "STUDY", "keys": {"PatientName": pattern}}
+    before = last_audit_id(archive.db)
+    entry = peer_entry(
+        "A_SCU", "h", Peer("A_SCU", site="A"), "dicom.c-find", "allowed", None, detail
+    )
+    rows = search(archive.db, query, counted=archive.audit.counted(entry, "results"))
+    assert len(rows) == found
+    twin = peer_entry(
+        "A_SCU",
+        "h",
+        Peer("A_SCU", site="A"),
+        "dicom.c-find",
+        "allowed",
+        None,
+        {**detail, "results": found},
+    )
+    archive.audit.write(twin)
+    carried, written = audit_rows(archive.db, before)
+    assert carried == written
+    assert json.loads(carried[9])["results"] == found
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("index_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize(
+    "keys, limit, offset",
+    [
+        ({}, None, 0),
+        ({"StudyDate": "20240101-20241231"}, None, 0),  # by date, then id
+        ({"PatientName": "MAR*"}, None, 0),  # by name, then id
+        ({"PatientName": "*AR*"}, None, 0),  # contains: by id
+        ({"StudyDate": "20240101-20241231"}, 3, 1),  # a page of a date range
+        ({}, 2, 2),
+    ],
+)
+def test_matches_come_in_the_search_order_when_it_writes_its_audit_entry(
+    archive: Archive,
+    studies: list[str],
+    keys: dict[str, str],
+    limit: int | None,
+    offset: int,
+) -> None:
+    def query() -> Query:
+        return Query(
+            level="STUDY",
+            keys=dict(keys),
+            return_keys=["PatientName", "StudyDate"],
+            limit=limit,
+            offset=offset,
+        )
+
+    entry = peer_entry("REGION_SCU", "h", REGIONAL, "dicom.c-find", "allowed", None, {})
+    carried = search(archive.db, query(), counted=archive.audit.counted(entry, "results"))
+    plain = search(archive.db, query())
+    assert carried == plain
+    assert len(plain) > 1  # an order to keep
+
+
+def test_a_site_peers_look_up_of_another_sites_study_is_answered_empty_and_audited_denied(
+    archive: Archive, studies: list[str]
+) -> None:
+    """The adversary: site B's peer asks for a study of site A by its UID.
+    Its entry depends on finding nothing (denied, naming the study), so the
+    search runs first and the entry after, on both backends."""
+    other = studies[0]
+    before = last_audit_id(archive.db)
+    plan = plan_find(archive, identifier(StudyInstanceUID=other), SITE_B, "B_SCU", "h")
+    assert plan.status == 0xFF00 and plan.rows == []
+    [row] = audit_rows(archive.db, before)
+    assert row[3:8] == ("dicom.c-find", "denied", None, other, "PAT-1")
+    # its own site's study by the same route: found, allowed
+    plan = plan_find(archive, identifier(StudyInstanceUID=studies[3]), SITE_B, "B_SCU", "h")
+    assert [r["StudyInstanceUID"] for r in plan.rows] == [studies[3]]
+    # and by patient: its site's studies only, never site A's
+    plan = plan_find(archive, identifier(PatientName="MAR*"), SITE_B, "B_SCU", "h")
+    assert [r["StudyInstanceUID"] for r in plan.rows] == [studies[3]]
+    assert json.loads(audit_rows(archive.db, before)[-1][9])["results"] == 1
+
+
+def test_with_the_audit_trail_unwritable_a_c_find_by_patient_answers_nothing_but_a700(
+    archive: Archive, studies: list[str]
+) -> None:
+    """The statement that would carry the entry fails whole (no match
+    leaves it), the two-step path then reports the trail unwritable: the
+    failure is counted once, nothing is written."""
+    failures = AUDIT_WRITE_FAILURES.labels("dicom.c-find")._value.get()  # noqa: SLF001
+    before = last_audit_id(archive.db)
+    with audit_unwritable(archive.db):
+        plan = plan_find(archive, identifier(PatientID="PAT-1"), REGIONAL, "REGION_SCU", "h")
+    assert (plan.status, plan.comment, plan.rows, plan.query) == (0xA700, AUDIT_REFUSAL, [], None)
+    assert last_audit_id(archive.db) == before
+    assert AUDIT_WRITE_FAILURES.labels("dicom.c-find")._value.get() == failures + 1  # noqa: SLF001
+    plan = plan_find(archive, identifier(PatientID="PAT-1"), REGIONAL, "REGION_SCU", "h")
+    assert len(plan.rows) == 2 and len(audit_rows(archive.db, before)) == 1
+
+
+def test_a_search_carries_a_write_on_postgresql_only(archive: Archive) -> None:
+    entry = peer_entry("REGION_SCU", "h", REGIONAL, "dicom.c-find", "allowed", None, {})
+    if archive.db.dialect == "postgresql":
+        assert (
+            search(archive.db, Query(level="STUDY"), counted=archive.audit.counted(entry, "n"))
+            == []
+        )
+    else:
+        with pytest.raises(ValueError, match="PostgreSQL only"):
+            search(archive.db, Query(level="STUDY"), counted=archive.audit.counted(entry, "n"))
