@@ -145,39 +145,25 @@ class AuditLog:
         trail.  An entry naming a study must name its patient here."""
         if entry.study_uid and not entry.patient_id:
             raise ValueError("a counted entry names the study's patient itself")
-        at = utcnow()
-        entry.at = at.isoformat()
-        entry.node = entry.node or self.node
+        values = self._values(entry)
         marker = -7_160_917  # where the count goes, in the detail's JSON
         detail = json.dumps({**entry.detail, key: marker}, sort_keys=True)
         before, after = detail.split(f": {marker}", 1)
-        values = (
-            at,
-            entry.actor,
-            entry.actor_kind,
-            entry.role,
-            entry.action,
-            entry.outcome,
-            entry.status,
-            entry.study_uid,
-            entry.patient_id,
-            entry.source,
-            before + ": ",
-            after,
-            entry.node,
-        )
-        return CountedWrite(_COUNTED_INSERT, values)
+        values[10:11] = [before + ": ", after]
+        return CountedWrite(_COUNTED_INSERT, tuple(values))
 
     def forward(self, entry: AuditEntry) -> None:
         """Send an entry written to syslog, when forwarding is configured."""
         if self._syslog is not None:
             self._syslog.send(entry)
 
-    def _insert(self, entry: AuditEntry) -> None:
+    def _values(self, entry: AuditEntry) -> list[Any]:
+        """Stamp ``entry`` (its time, this node) and give its row's values, in
+        the order of ``_INSERT``'s columns."""
         at = utcnow()
         entry.at = at.isoformat()
         entry.node = entry.node or self.node
-        values = [
+        return [
             at,
             entry.actor,
             entry.actor_kind,
@@ -191,6 +177,9 @@ class AuditLog:
             json.dumps(entry.detail, sort_keys=True) if entry.detail else None,
             entry.node,
         ]
+
+    def _insert(self, entry: AuditEntry) -> None:
+        values = self._values(entry)
         if not (entry.study_uid and not entry.patient_id):
             self.db.execute(_INSERT.format(patient="?"), values)
             return
