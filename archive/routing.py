@@ -34,6 +34,7 @@ from archive.index.catalog import CommitResult, InstanceRecord, StoreOutcome
 from archive.index.db import Database
 from archive.jobs import JobQueue, PermanentJobError
 from archive.retrieve import StoredObject, locate, read
+from archive.scu import close_reactor_race
 from archive.topology import Route
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ def _to_dicom(archive, aet: str, items: list[StoredObject]) -> None:  # noqa: AN
     peer = archive.config.peer(aet)
     if peer is None:
         raise PermanentJobError(f"route destination {aet!r} is not in [[dicom.peers]]")
+    close_reactor_race()
     ae = AE(ae_title=archive.config["dicom.aet"])
     contexts, seen = [], set()
     for item in items:

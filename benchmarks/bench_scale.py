@@ -74,6 +74,7 @@ from archive.index import open_database
 from archive.index.db import Database
 from archive.index.migrate import upgrade
 from archive.query import search
+from archive.scu import close_reactor_race
 from archive.security.scope import Scope
 from benchmarks import orthanc, orthanc_load, scale_data
 from benchmarks.bench_dimse import BenchError, imag_command, nodelay
@@ -873,6 +874,7 @@ def growth(backend: str, runs: list[tuple[int, list[Figure]]]) -> None:
 
 
 def main() -> int:
+    close_reactor_race()  # the pynetdicom SCUs timing C-FIND: archive/scu.py
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--instances",

@@ -10,6 +10,10 @@ import pytest
 
 from archive.config import Config, load_config
 from archive.runtime import Archive
+from archive.scu import close_reactor_race
+
+# every pynetdicom SCU of the tests: see archive/scu.py
+close_reactor_race()
 
 pytest_plugins = ["tests.s3server", "tests.pgserver", "tests.inprocess", "tests.interop"]
 

@@ -31,6 +31,7 @@ from archive.dimse.lean_find import FIND_MODELS
 from archive.dimse.peers import PeerTable
 from archive.dimse.services import bindings
 from archive.runtime import Archive
+from archive.scu import close_reactor_race
 from archive.security.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -392,6 +393,7 @@ class DicomServer:
         config = archive.config
         self.archive = archive
         self.aet: str = config["dicom.aet"]
+        close_reactor_race()  # its C-MOVE sub-associations are pynetdicom SCUs
         self.ae = AE(ae_title=self.aet)
         max_associations = config["dicom.max_associations"]
         max_pending = config["dicom.max_pending_connections"]
