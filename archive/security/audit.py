@@ -80,18 +80,19 @@ _COLUMNS = (
 _INSERT = (
     "INSERT INTO audit (at, actor, actor_kind, role, action, outcome, status, "
     "study_uid, patient_id, source, detail, node) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, {patient}, ?, ?, ?)"
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, {patient}, ?, {detail}, ?)"
 )
-#: the detail's JSON around the count, joined to it by the statement
-_COUNTED_INSERT = (
-    "INSERT INTO audit (at, actor, actor_kind, role, action, outcome, status, "
-    "study_uid, patient_id, source, detail, node) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? || (SELECT count(*) FROM found)::text || ?, ?)"
-)
+#: the plain entry
+_PLAIN_INSERT = _INSERT.format(patient="?", detail="?")
+#: an entry a search carries: the detail's JSON around the count, joined to it
+_COUNTED_INSERT = _INSERT.format(patient="?", detail="? || (SELECT count(*) FROM found)::text || ?")
 _PATIENT_OF_STUDY = (
     "(SELECT p.patient_id FROM studies st JOIN patients p ON p.id = st.patient_ref "
     "WHERE st.study_uid = ?)"
 )
+
+#: an entry naming a study without its patient: the INSERT reads it
+_PATIENT_INSERT = _INSERT.format(patient=_PATIENT_OF_STUDY, detail="?") + " RETURNING patient_id"
 
 
 class AuditLog:
@@ -181,14 +182,12 @@ class AuditLog:
     def _insert(self, entry: AuditEntry) -> None:
         values = self._values(entry)
         if not (entry.study_uid and not entry.patient_id):
-            self.db.execute(_INSERT.format(patient="?"), values)
+            self.db.execute(_PLAIN_INSERT, values)
             return
         # the study's patient, looked up by the INSERT itself: one round trip
         # to the index instead of two (this is on every UID look-up's path)
         values[8] = entry.study_uid
-        [(entry.patient_id,)] = self.db.query(
-            _INSERT.format(patient=_PATIENT_OF_STUDY) + " RETURNING patient_id", values
-        )
+        [(entry.patient_id,)] = self.db.query(_PATIENT_INSERT, values)
 
     def query(
         self,
