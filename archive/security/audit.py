@@ -86,6 +86,11 @@ _INSERT = (
 _PLAIN_INSERT = _INSERT.format(patient="?", detail="?")
 #: an entry a search carries: the detail's JSON around the count, joined to it
 _COUNTED_INSERT = _INSERT.format(patient="?", detail="? || (SELECT count(*) FROM found)::text || ?")
+#: the same, counting at most a page (a search that reads one row more than
+#: it answers, to know whether the answer was cut)
+_CAPPED_INSERT = _INSERT.format(
+    patient="?", detail="? || least((SELECT count(*) FROM found), ?)::text || ?"
+)
 _PATIENT_OF_STUDY = (
     "(SELECT p.patient_id FROM studies st JOIN patients p ON p.id = st.patient_ref "
     "WHERE st.study_uid = ?)"
@@ -135,10 +140,11 @@ class AuditLog:
             raise AuditUnavailable(str(exc)) from exc
         self.forward(entry)
 
-    def counted(self, entry: AuditEntry, key: str) -> CountedWrite:
+    def counted(self, entry: AuditEntry, key: str, most: int | None = None) -> CountedWrite:
         """``entry`` as a write a search carries (:func:`archive.query.search`
         on PostgreSQL), its ``detail[key]`` the number of rows the search
-        finds: the search and its entry cost one round trip and one commit.
+        finds (at ``most``, when given): the search and its entry cost one
+        round trip and one commit.
         The row is byte for byte what :meth:`write` appends for the same
         count.  When the statement succeeds, set ``detail[key]`` and call
         :meth:`forward`; when it fails, nothing was written: the caller
@@ -150,8 +156,11 @@ class AuditLog:
         marker = -7_160_917  # where the count goes, in the detail's JSON
         detail = json.dumps({**entry.detail, key: marker}, sort_keys=True)
         before, after = detail.split(f": {marker}", 1)
-        values[10:11] = [before + ": ", after]
-        return CountedWrite(_COUNTED_INSERT, tuple(values))
+        if most is None:
+            values[10:11] = [before + ": ", after]
+            return CountedWrite(_COUNTED_INSERT, tuple(values))
+        values[10:11] = [before + ": ", most, after]
+        return CountedWrite(_CAPPED_INSERT, tuple(values))
 
     def forward(self, entry: AuditEntry) -> None:
         """Send an entry written to syslog, when forwarding is configured."""

@@ -34,7 +34,7 @@ from archive import plugins
 from archive.index.db import Database
 from archive.retrieve import hidden_studies
 from archive.runtime import Archive
-from archive.security.audit import UNAVAILABLE_DETAIL, AuditEntry, AuditUnavailable
+from archive.security.audit import UNAVAILABLE_DETAIL, AuditEntry, AuditLog, AuditUnavailable
 from archive.security.oidc import OidcVerifier, looks_like_jwt
 from archive.security.principals import AuthError, Principals
 from archive.security.ratelimit import FailureLimiter
@@ -108,13 +108,83 @@ async def deny_if_hidden(
     the study column (so that ``imag audit --study`` finds the attempt); it
     is still answered as absent, giving no hint that the study exists.
     ``level`` None: the lowest level whose UID ``keys`` name (QIDO-RS keys)."""
-    hidden = await asyncio.to_thread(hidden_studies, db, keys, scope_of(request), level)
+    await asyncio.to_thread(mark_if_hidden, request[AUDIT], db, level, keys, scope_of(request))
+
+
+def mark_if_hidden(
+    context: AuditContext,
+    db: Database,
+    level: str | None,
+    keys: dict[str, str],
+    scope: Scope | None,
+) -> None:
+    """:func:`deny_if_hidden` for a handler already in a worker thread."""
+    hidden = hidden_studies(db, keys, scope, level)
     if hidden:
-        context = request[AUDIT]
         context.outcome = "denied"
         context.study_uid = hidden[0] if len(hidden) == 1 else None
         if len(hidden) > 1:
             context.detail["studies"] = hidden
+
+
+class PendingAudit:
+    """A permitted request's audit entry, written once, with the status the
+    client gets, before the first byte of the answer.
+
+    The middleware writes it when the handler returns its answer (or in the
+    ``on_response_prepare`` hook when the handler streams).  A handler whose
+    work runs in a worker thread may write it there, when its answer is
+    ready and its status known (:meth:`write`), or have its search's own
+    statement write it (:meth:`written`): the work and the entry then cost
+    one thread hop instead of two, and on PostgreSQL one round trip.  The
+    middleware then writes nothing more -- unless the client gets another
+    status after all (the answer failed after its entry was written): a
+    second entry then records that status, naming the one written first
+    (``detail.written_as``), so that the trail never says less than what
+    the client got."""
+
+    def __init__(
+        self,
+        make: Callable[[str, int], AuditEntry],
+        log: AuditLog,
+        context: AuditContext,
+    ) -> None:
+        self._make = make
+        self._log = log
+        #: what the handler adds to the entry (outcome, study, detail)
+        self.context = context
+        #: the status the entry was written with (None: not yet)
+        self.status: int | None = None
+
+    def entry(self, status: int) -> AuditEntry:
+        """The entry as it would be written now, for an answer with ``status``."""
+        return self._make(self.context.outcome or _outcome(status), status)
+
+    def write(self, status: int) -> None:
+        """Write the entry now (blocking: from a worker thread); raises
+        :class:`AuditUnavailable`, which the middleware answers with 503."""
+        self._log.write(self.entry(status))
+        self.status = status
+
+    def written(self, status: int) -> None:
+        """The entry was written by other means (a search carrying it)."""
+        self.status = status
+
+    async def flush(self, status: int) -> None:
+        """Write the entry for an answer with ``status``, unless it was."""
+        if self.status == status:
+            return
+        entry = self.entry(status)
+        if self.status is not None:
+            entry.outcome = _outcome(status)
+            entry.detail["written_as"] = self.status
+        await asyncio.to_thread(self._log.write, entry)
+        self.status = status
+
+
+def pending_audit(request: web.Request) -> PendingAudit:
+    """The request's audit entry, for a handler that writes it itself."""
+    return request[PENDING]  # type: ignore[return-value]
 
 
 class HttpSecurity:
@@ -300,11 +370,14 @@ async def _secured(
         keys.append(_token_key(carried[1]))
     action = getattr(target, "imag_action", f"{request.method} {request.path}")
 
-    def audit(entry: AuditEntry) -> Awaitable[None]:
+    def finish(entry: AuditEntry) -> AuditEntry:
         entry.source = entry.source or address
         entry.detail.setdefault("method", request.method)
         entry.detail.setdefault("path", request.path_qs[:1000])
-        return asyncio.to_thread(security.audit.write, entry)
+        return entry
+
+    def audit(entry: AuditEntry) -> Awaitable[None]:
+        return asyncio.to_thread(security.audit.write, finish(entry))
 
     if not security.enabled:
         principal = Principal("anonymous", "admin", kind="anonymous", via="auth disabled")
@@ -388,19 +461,20 @@ async def _secured(
 
     request[PRINCIPAL] = principal
     request[AUDIT] = context
-
-    async def write_pending(status: int) -> None:
-        await audit(entry(context.outcome or _outcome(status), status))
-
     # Written once, with the status the client gets, before the first byte of
     # the answer leaves: here for an answer the handler returns (or raises),
-    # in the prepare hook for one the handler streams itself.
-    request[PENDING] = write_pending
+    # in the prepare hook for one the handler streams itself, or by the
+    # handler in its worker thread (PendingAudit).
+    request[PENDING] = PendingAudit(
+        lambda outcome, status: finish(entry(outcome, status)), security.audit, context
+    )
     try:
         response = await handler(request)
     except (web.HTTPException, AuditUnavailable) as exc:
         if isinstance(exc, web.HTTPException):
             await _flush(request, exc.status)
+        else:  # the handler's own write was refused: its 503 is not written either
+            request.pop(PENDING, None)
         raise  # an HTTP error becomes a problem response outside
     except Exception:
         try:
@@ -415,7 +489,7 @@ async def _secured(
 async def _flush(request: web.Request, status: int) -> None:
     pending = request.pop(PENDING, None)
     if pending is not None:
-        await pending(status)
+        await pending.flush(status)
 
 
 async def audit_on_prepare(request: web.Request, response: web.StreamResponse) -> None:
