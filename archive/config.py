@@ -595,6 +595,13 @@ SETTINGS: list[Setting] = [
         _str,
         "PEM CA bundle: when set, DICOM peers must present a certificate it signed",
     ),
+    Setting(
+        "event_loop",
+        "uvloop",
+        _choice("uvloop", "asyncio"),
+        "the servers' event loop (HTTP, lean DICOM): uvloop (faster requests; WADO-RS reads "
+        "stored objects in a thread) or asyncio's own (WADO-RS sends files with sendfile(2))",
+    ),
     Setting("log.level", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "log level"),
     Setting("log.format", "json", _choice("json", "text"), "log line format"),
 ]

@@ -36,6 +36,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from archive import eventloop
 from archive.retrieve import StoredObject
 from storage import ObjectStore
 
@@ -138,10 +139,13 @@ def _mismatch(item: StoredObject, size: int) -> str:
 
 
 def _can_sendfile(request: web.Request) -> bool:
-    """Whether the connection is a plain socket sendfile(2) can write to."""
+    """Whether the connection is a plain socket sendfile(2) can write to, on
+    an event loop that can (not uvloop's: objects are then read in the
+    batch's thread hop, as over TLS)."""
     transport = request.transport
     return (
-        transport is not None
+        eventloop.sends_files(asyncio.get_running_loop())
+        and transport is not None
         and transport.get_extra_info("sslcontext") is None
         and transport.get_extra_info("socket") is not None
     )

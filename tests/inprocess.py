@@ -32,6 +32,7 @@ import requests
 from aiohttp import web
 from dicomweb_client.api import DICOMwebClient
 
+from archive import eventloop
 from archive.clock import Clock
 from archive.config import Config, load_config
 from archive.runtime import Archive
@@ -48,8 +49,8 @@ class _LoopThread:
     """An asyncio loop running in a daemon thread; coroutines are submitted to
     it from the test's (synchronous) thread."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, kind: str) -> None:
+        self.loop = eventloop.new_event_loop(kind)  # what imag serve runs on
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="imag-in-process", daemon=True
         )
@@ -139,7 +140,7 @@ class InProcessImag:
             if token_file is not None:
                 self.token = token_file.read_text().strip()
                 self.http.headers["Authorization"] = f"Bearer {self.token}"
-            self._loop = _LoopThread()
+            self._loop = _LoopThread(config["event_loop"])
             self._runner = self._loop.run(serve_http(self.archive, HOST, 0))
         except BaseException:
             self.stop()

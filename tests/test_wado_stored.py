@@ -95,9 +95,10 @@ def world(
     by_size = sorted(sent, key=lambda uid: len(sent[uid]))
     small, medium, large = by_size[0], by_size[-2], by_size[-1]
     assert len(sent[small]) < CHUNK < len(sent[medium]) <= SENDFILE_MAX < len(sent[large])
-    with running_imag(
-        folder / "imag", index_url=index_url, settings=module_store.settings()
-    ) as server:
+    # asyncio's loop, which sends files with sendfile(2) (uvloop's, the
+    # default, reads them: the other WADO-RS tests)
+    settings = {**module_store.settings(), "IMAG_EVENT_LOOP": "asyncio"}
+    with running_imag(folder / "imag", index_url=index_url, settings=settings) as server:
         answer = server.client().store_instances([pydicom.dcmread(p) for p in paths])
         assert "FailedSOPSequence" not in answer
         yield World(server, module_store, index_url, spec.study_uid, sent, small, medium, large)

@@ -18,8 +18,9 @@ import signal
 import sys
 import time
 
-from archive import cluster
+from archive import cluster, eventloop
 from archive.config import Config
+from archive.eventloop import loop_name
 
 log = logging.getLogger("imag")
 
@@ -36,7 +37,10 @@ def serve(config: Config) -> int:
         multiproc_dir = metrics_dir(config)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     try:
-        asyncio.run(_serve(config, processes))
+        with asyncio.Runner(
+            loop_factory=lambda: eventloop.new_event_loop(config["event_loop"])
+        ) as runner:
+            runner.run(_serve(config, processes))
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
@@ -151,7 +155,7 @@ async def _serve(config: Config, processes: int) -> None:
         where["dicom"] = f"{config['dicom.aet']}@{config['dicom.host']}:{dicom.port}" + (
             f" ({processes} processes)" if processes > 1 else ""
         )
-    log.info("imag serving", extra=where)
+    log.info("imag serving", extra={**where, "event_loop": loop_name(asyncio.get_running_loop())})
     print(
         "IMAG listening: " + ", ".join(f"{k} {v}" for k, v in where.items()),
         file=sys.stderr,

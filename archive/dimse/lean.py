@@ -4,7 +4,7 @@ pynetdicom serves an association with two Python threads that poll each other
 with 1 ms sleeps and copy every PDU while decoding it: about 3.5 ms of CPU for
 a 512 KB CT slice, which caps what one process ingests.  Most associations a
 PACS receives only *store* (and echo).  For those this module runs the
-association on one asyncio event loop (uvloop when it is importable): PDUs are
+association on one asyncio event loop (uvloop, archive.eventloop): PDUs are
 read into a preallocated staging buffer, or -- for the bulk of a data set --
 straight into the buffer that becomes the stored object, so the P-DATA
 fragments of a data set are reassembled without a copy per fragment and
@@ -112,7 +112,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_unrestricted
 from pynetdicom.sop_class import Verification
 
-from archive import spoolfiles
+from archive import eventloop, spoolfiles
 from archive.dimse import proxyprotocol
 from archive.dimse.handlers import (
     ACTIVE,
@@ -133,11 +133,6 @@ from archive.dimse.peers import Peer, PeerTable
 from archive.dimse.services import COMMAND_SYNTAXES
 from archive.ingest import IngestResult, too_large
 from archive.runtime import Archive
-
-try:  # a faster event loop where it is installed; asyncio's own otherwise
-    import uvloop  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the environment
-    uvloop = None
 
 log = logging.getLogger(__name__)
 
@@ -276,12 +271,12 @@ class LeanReceiver:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=max_associations + 2, thread_name_prefix="imag-lean-ingest"
         )
-        self.loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
+        self.loop = eventloop.new_event_loop(config["event_loop"])
         self._thread = threading.Thread(target=self._run, name="imag-dicom-lean", daemon=True)
 
     @property
     def event_loop_name(self) -> str:
-        return type(self.loop).__module__.split(".")[0]
+        return eventloop.loop_name(self.loop)
 
     def start(self) -> None:
         sweep_spool(self.spool_dir)  # what a killed process left
