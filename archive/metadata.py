@@ -39,6 +39,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import pydicom
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 
 from archive.index.db import Database
 from archive.pixels import to_little_endian
@@ -56,6 +58,8 @@ FORMAT = 3
 WORD = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 #: the JSON model's binary VRs (PS3.18 F.2.7), ambiguous ones resolved by pydicom
 _BINARY = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"}
+#: the longest value whose JSON a series' conversion keeps for its other instances
+MEMO_MAX_BYTES = 4096
 
 
 class SeriesMetadata(NamedTuple):
@@ -96,12 +100,34 @@ def little_endian_bytes(value: bytes, vr: str, little_endian: bool) -> bytes:
     return value if little_endian or width < 2 else to_little_endian(value, width)
 
 
+#: a top-level element's JSON by what determines it (see :func:`_memo_key`)
+Memo = dict[tuple[Any, ...], dict[str, Any]]
+
+
+def _memo_key(raw: RawDataElement, charset: Any) -> tuple[Any, ...] | None:
+    """What pydicom's conversion of an unconverted element depends on: its
+    tag, VR, bytes, encoding and the data set's character set.  None when it
+    depends on more -- an implicit VR that only the data set's other values
+    resolve (``US or SS`` by PixelRepresentation), an unknown tag -- or when
+    the value is too long to be worth keeping."""
+    vr = raw.VR
+    if vr is None:
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return None
+    if " or " in vr or vr in _BINARY or vr == "SQ" or raw.length > MEMO_MAX_BYTES:
+        return None
+    return (raw.tag, vr, raw.value, raw.is_little_endian, raw.is_implicit_VR, charset)
+
+
 def to_json(
     ds: pydicom.Dataset,
     bulk_uri: Callable[[str], str],
     *,
     little_endian: bool = True,
     threshold: int = BULK_THRESHOLD,
+    memo: Memo | None = None,
     _path: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """``ds`` in the DICOM JSON model (PS3.18 F.2).  pydicom's own
@@ -109,11 +135,29 @@ def to_json(
     position, so two items of a sequence would share one bulk data URI, and
     it copies binary values in the file's byte order; here each binary value
     over ``threshold`` bytes gets ``bulk_uri(path)`` with its sequence path
-    (:func:`bulk_path`) and smaller ones are inline, little endian."""
+    (:func:`bulk_path`) and smaller ones are inline, little endian.
+
+    ``memo``: the JSON of top-level elements already converted for other
+    instances of a series, keyed by their bytes (:func:`_memo_key`).  Most
+    of a series' header is the same in every instance (patient, study,
+    series, geometry); pydicom's conversion of each value was most of a
+    series' cold metadata time (profiled, issue 17), and is now done once
+    per distinct value.  The JSON is shared, never modified."""
     out: dict[str, Any] = {}
-    for elem in ds:
-        path = (*_path, int(elem.tag))
+    charset = None
+    if memo is not None:
+        found = ds.get_item(0x00080005)
+        charset = found.value if found is not None else None
+    for elem in ds.elements():
         key = f"{elem.tag:08X}"
+        mkey = None
+        if memo is not None and isinstance(elem, RawDataElement):
+            mkey = _memo_key(elem, charset)
+            if mkey is not None and (node := memo.get(mkey)) is not None:
+                out[key] = node
+                continue
+        elem = ds[elem.tag]  # converted (and kept converted in ds)
+        path = (*_path, int(elem.tag))
         if elem.VR == "SQ":
             out[key] = {
                 "vr": "SQ",
@@ -140,6 +184,8 @@ def to_json(
             out[key] = node
         else:
             out[key] = elem.to_json_dict(None, threshold)
+            if mkey is not None and elem.VR not in _BINARY and elem.VR != "SQ":
+                memo[mkey] = out[key]  # type: ignore[index]
     return out
 
 
@@ -149,10 +195,12 @@ def instance_metadata(
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_inflated: int | None = None,
+    memo: Memo | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The instance's header as DICOM JSON, large binary values as bulk data
     URIs, and the warnings about what was left out.  Raises
-    :class:`archive.retrieve.UnreadableObject` when the header cannot be read."""
+    :class:`archive.retrieve.UnreadableObject` when the header cannot be read.
+    ``memo``: shared by the instances of one series (:func:`to_json`)."""
     with open_header(store, item, max_depth=max_depth, max_inflated=max_inflated) as header:
         ds = header.dataset
         dropped = header.dropped
@@ -162,7 +210,7 @@ def instance_metadata(
     url = f"{instance_url(item)}/bulk/"
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     try:
-        body = to_json(ds, lambda path: url + path, little_endian=little)
+        body = to_json(ds, lambda path: url + path, little_endian=little, memo=memo)
     except RecursionError:  # cannot happen within max_depth; never a 500 if it does
         raise UnreadableObject("its header nests too deeply to be described") from None
     except Exception as exc:  # noqa: BLE001 - pydicom converts values lazily, here
@@ -231,10 +279,11 @@ def series_metadata(
     parts: list[str] = []
     warnings: list[str] = []
     cacheable = True
+    memo: Memo = {}
     for item in items:
         try:
             body, notes = instance_metadata(
-                store, item, max_depth=max_depth, max_inflated=max_inflated
+                store, item, max_depth=max_depth, max_inflated=max_inflated, memo=memo
             )
         except UnreadableObject as exc:
             warnings.append(

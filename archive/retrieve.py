@@ -390,11 +390,14 @@ def _inflated(
 
 def _too_deep(ds: Dataset, max_depth: int) -> list[int]:
     """Top-level tags whose sequences nest deeper than ``max_depth``, found
-    without recursion (values are converted level by level as walked)."""
+    without recursion (sequences are converted level by level as walked;
+    other values are left unconverted: an unconverted value whose VR is not
+    SQ is no sequence -- pydicom reads a sequence of implicit VR as one)."""
     deep = []
-    for elem in ds:
+    for elem in ds.elements():
         if elem.VR != "SQ":
             continue
+        elem = ds[elem.tag]
         todo: list[tuple[Dataset, int]] = [(item, 1) for item in elem.value]
         while todo:
             item, depth = todo.pop()
