@@ -38,6 +38,7 @@ import json
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import orjson
 import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -297,7 +298,10 @@ def series_metadata(
             )
             cacheable = False
             continue
-        parts.append(json.dumps(body))
+        try:  # json.dumps was 5% of a series' cold time
+            parts.append(orjson.dumps(body).decode())
+        except TypeError:  # what orjson cannot write (an integer over 64 bits)
+            parts.append(json.dumps(body))
         warnings += notes
     text = "[" + ",".join(parts) + "]"
     if cacheable:

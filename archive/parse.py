@@ -131,9 +131,13 @@ def _int(ds: Dataset, keyword: str) -> int | None:
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except (TypeError, ValueError):
         return None
+    # an IS holds -2^31..2^31-1 (PS3.5 6.2), what the index's integer columns
+    # hold; a broken sender's longer number stays in the object, unindexed
+    # (it failed the index write, "retry later", for ever)
+    return number if -(2**31) <= number < 2**31 else None
 
 
 def _uid(ds: Dataset, keyword: str, *, required: bool = True) -> str:

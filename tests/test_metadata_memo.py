@@ -153,3 +153,23 @@ def test_converting_a_series_converts_each_distinct_value_once(archive: Archive)
     one, ten = conversions(1), conversions(10)
     assert one > 50  # a CT header
     assert ten < one + 9 * 10, (one, ten)  # converted alone, it would be 10 * one
+
+
+def test_a_number_no_64_bit_integer_holds_is_still_described(archive: Archive) -> None:
+    """The adversary: a broken sender's InstanceNumber of 21 digits (an IS
+    holds 12 characters).  It is stored (it failed the index write, "retry
+    later", for ever), indexed without it, and the series' metadata is
+    still answered, with it."""
+
+    def huge(ds: FileDataset) -> None:
+        ds.add_new(0x00200013, "IS", b"123456789012345678901")
+
+    study, series = store_series(archive, [huge])
+    together = series_by_instance(archive, study, series)
+    assert together == each_on_its_own(archive, study, series)
+    [instance] = together.values()
+    [number] = instance["00200013"]["Value"]  # as pydicom reads it (through a float)
+    assert number > 2**64 and abs(number - 123456789012345678901) < 10**6
+    # the index holds no number its integer column cannot hold
+    rows = archive.db.query("SELECT instance_number FROM instances")
+    assert rows == [(None,)]
