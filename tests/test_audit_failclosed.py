@@ -17,7 +17,6 @@ site B; a site-A radiologist over HTTP and a site-A DICOM peer (pynetdicom).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import requests
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import (
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
@@ -407,9 +407,7 @@ def test_with_the_audit_trail_unwritable_http_answers_503_and_no_data(sites: Sit
     assert metric(sites, "imag_audit_write_failures_total") >= failures + len(HTTP_ROUTES) + 1
 
 
-def test_with_the_audit_trail_unwritable_dicom_refuses_find_get_and_move(
-    sites: Sites, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_with_the_audit_trail_unwritable_dicom_refuses_find_get_and_move(sites: Sites) -> None:
     rows = sites.last_audit_id()
     with audit_unwritable(sites.db):
         found = c_find(sites, "STUDY", StudyInstanceUID=sites.study["A"])
@@ -424,20 +422,27 @@ def test_with_the_audit_trail_unwritable_dicom_refuses_find_get_and_move(
         assert final.Status == 0xA702
         assert final.ErrorComment == AUDIT_REFUSAL
         assert received == []
-        # strangers are still turned away
+        # strangers are still turned away: the server answers A-ASSOCIATE-RJ
+        # (permanent, service user, calling AE title not recognised).  Read
+        # from the PDUs the client received, not from assoc.is_rejected: on a
+        # loaded machine pynetdicom's requestor thread can check its socket
+        # after the whole exchange is over and the transport closed, take
+        # that for "failed to connect" and abort (acse.py,
+        # _negotiate_as_requestor: `if not socket._is_connected`), as it did
+        # in three runs, its log showing the A-ASSOCIATE-RJ received
         ae = AE(ae_title="STRANGER")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        with caplog.at_level(logging.DEBUG, logger="pynetdicom"):
-            assoc = ae.associate(HOST, sites.server.dicom_port, ae_title=sites.server.aet)
-        # twice (2026-12-03 and 2026-12-04, the machine loaded by a benchmark or
-        # by other tests) aborted, not rejected: what the client (pynetdicom's
-        # log of this association) and the server saw, for the next time
-        assert assoc.is_rejected, (
-            f"established={assoc.is_established} aborted={assoc.is_aborted}\n"
-            + "\n".join(f"client {r.levelname} {r.getMessage()}" for r in caplog.records)
-            + "\n"
-            + sites.server.log()[-4000:]
+        received_pdus: list = []
+        assoc = ae.associate(
+            HOST,
+            sites.server.dicom_port,
+            ae_title=sites.server.aet,
+            evt_handlers=[(evt.EVT_PDU_RECV, lambda event: received_pdus.append(event.pdu))],
         )
+        assert not assoc.is_established
+        [rejection] = received_pdus
+        assert isinstance(rejection, A_ASSOCIATE_RJ), rejection
+        assert (rejection.result, rejection.source, rejection.reason_diagnostic) == (1, 1, 3)
         ae.shutdown()
     assert sites.last_audit_id() == rows
     # writable again: found, retrieved and audited
