@@ -85,9 +85,17 @@ class StoreSCP:
             self.proc.wait(timeout=10)
 
     def received(self) -> dict[str, pydicom.Dataset]:
-        return {
-            str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in self.folder.iterdir())
-        }
+        """The objects storescp has written whole (it writes a file in place:
+        one it is still writing is not read yet -- once, the test read one
+        half-written and failed on it)."""
+        found = {}
+        for path in self.folder.iterdir():
+            try:
+                ds = pydicom.dcmread(path)
+            except Exception:  # noqa: BLE001 - still being written: not received yet
+                continue
+            found[str(ds.SOPInstanceUID)] = ds
+        return found
 
 
 @pytest.fixture
