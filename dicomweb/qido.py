@@ -8,7 +8,6 @@ the DICOM JSON model straight from the index rows (:mod:`dicomweb.qido_json`).
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import orjson
@@ -40,8 +39,6 @@ from archive.security.http import (
 from archive.web import ARCHIVE, problem, public_base
 from dicomweb import PREFIX_KEY
 from dicomweb.qido_json import AnswerBuilder
-
-log = logging.getLogger(__name__)
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 1000
@@ -314,16 +311,12 @@ def _answer(
         and not may_hide(query.keys, query.scope)
     ):
         entry = audit.entry(200)
-        try:
-            rows = search(archive.db, query, counted=archive.audit.counted(entry, "results", limit))
-        except QueryError:
-            raise
-        except Exception:  # noqa: BLE001 - the two-step path reports what failed
-            log.debug("QIDO search with its audit entry in one statement failed", exc_info=True)
-        else:
+        rows = archive.audit.carried(
+            lambda counted: search(archive.db, query, counted=counted), entry, "results", limit
+        )
+        if rows is not None:
             audit.written(200)
-            context.detail["results"] = entry.detail["results"] = min(len(rows), limit)
-            archive.audit.forward(entry)
+            context.detail["results"] = entry.detail["results"]
     if rows is None:
         rows = search(archive.db, query)
     cut = len(rows) > limit

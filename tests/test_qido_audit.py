@@ -25,6 +25,7 @@ from archive.index.db import Database
 from archive.security.audit import AuditEntry
 from archive.security.http import AuditContext, PendingAudit
 from archive.security.principals import Principals
+from tests.audittrail import AuditCursor
 from tests.dicomfiles import make_instance
 from tests.inprocess import InProcessImag, serving_in_process
 from tests.statements import statements_run
@@ -54,18 +55,6 @@ class Archive:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return self.server.http.get(self.server.dicomweb + path, headers=headers, timeout=30)
 
-    def last_audit_id(self) -> int:
-        return int(self.db.scalar("SELECT COALESCE(MAX(id), 0) FROM audit"))
-
-    def entries(self, after: int) -> list[dict]:
-        rows = self.db.query(
-            "SELECT actor, action, outcome, status, study_uid, patient_id, detail "
-            "FROM audit WHERE id > ? ORDER BY id",
-            (after,),
-        )
-        keys = ("actor", "action", "outcome", "status", "study", "patient", "detail")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
-
 
 @pytest.fixture
 def archive(tmp_path: Path, index_url: str) -> Iterator[Archive]:
@@ -87,12 +76,12 @@ def archive(tmp_path: Path, index_url: str) -> Iterator[Archive]:
 
 
 def test_a_search_is_audited_once_with_the_matches_it_answers(archive: Archive) -> None:
-    before = archive.last_audit_id()
+    trail = AuditCursor(archive.db)
     with statements_run(archive.db) as statements:
         answer = archive.get("/studies?PatientName=MAR*")
     assert answer.status_code == 200
     assert len(answer.json()) == 4
-    [entry] = archive.entries(before)
+    [entry] = trail.new_rows()
     assert (entry["actor"], entry["action"], entry["outcome"], entry["status"]) == (
         "admin",
         "qido.search",
@@ -109,19 +98,19 @@ def test_a_search_is_audited_once_with_the_matches_it_answers(archive: Archive) 
 def test_a_cut_answer_counts_the_matches_answered_not_the_row_read_past_the_limit(
     archive: Archive,
 ) -> None:
-    before = archive.last_audit_id()
+    trail = AuditCursor(archive.db)
     answer = archive.get("/studies?limit=2")
     assert len(answer.json()) == 2
     assert "exceeded the limit" in answer.headers["Warning"]
-    [entry] = archive.entries(before)
+    [entry] = trail.new_rows()
     assert json.loads(entry["detail"])["results"] == 2
 
 
 def test_the_ignored_parameters_are_in_the_entry_the_search_writes(archive: Archive) -> None:
-    before = archive.last_audit_id()
+    trail = AuditCursor(archive.db)
     answer = archive.get("/studies?PatientID=PAT-1&NotAKeyword=1")
     assert answer.status_code == 200 and len(answer.json()) == 2
-    [entry] = archive.entries(before)
+    [entry] = trail.new_rows()
     detail = json.loads(entry["detail"])
     assert detail["ignored"] == ["NotAKeyword"]
     assert detail["results"] == 2
@@ -129,11 +118,11 @@ def test_the_ignored_parameters_are_in_the_entry_the_search_writes(archive: Arch
 
 
 def test_a_search_under_a_study_names_the_study_and_its_patient(archive: Archive) -> None:
-    before = archive.last_audit_id()
+    trail = AuditCursor(archive.db)
     answer = archive.get(f"/studies/{archive.studies[2]}/series")
     assert answer.status_code == 200 and len(answer.json()) == 1
-    [entry] = archive.entries(before)
-    assert (entry["study"], entry["patient"]) == (archive.studies[2], "PAT-2")
+    [entry] = trail.new_rows()
+    assert (entry["study_uid"], entry["patient_id"]) == (archive.studies[2], "PAT-2")
     assert json.loads(entry["detail"])["results"] == 1
 
 
@@ -142,12 +131,12 @@ def test_another_sites_study_looked_up_by_uid_is_answered_empty_and_audited_deni
 ) -> None:
     """The adversary: a site-A radiologist asks for site B's study by UID."""
     other = archive.studies[3]
-    before = archive.last_audit_id()
+    trail = AuditCursor(archive.db)
     answer = archive.get(f"/studies?StudyInstanceUID={other}", archive.site_a)
     assert answer.status_code == 200 and answer.json() == []
-    [entry] = archive.entries(before)
+    [entry] = trail.new_rows()
     assert (entry["actor"], entry["outcome"], entry["status"]) == ("rad-a", "denied", 200)
-    assert (entry["study"], entry["patient"]) == (other, "PAT-3")
+    assert (entry["study_uid"], entry["patient_id"]) == (other, "PAT-3")
     # and a search by name finds only site A's studies
     found = archive.get("/studies?PatientName=MAR*", archive.site_a).json()
     assert {s["0020000D"]["Value"][0] for s in found} == set(archive.studies[:3])
@@ -156,24 +145,24 @@ def test_another_sites_study_looked_up_by_uid_is_answered_empty_and_audited_deni
 def test_with_the_trail_unwritable_a_search_answers_503_without_data_and_then_recovers(
     archive: Archive,
 ) -> None:
-    before = archive.last_audit_id()
+    trail = AuditCursor(archive.db)
     with audit_unwritable(archive.db):
         answer = archive.get("/studies?PatientID=PAT-1")
         assert answer.status_code == 503
         assert answer.headers["Content-Type"].startswith("application/problem+json")
         assert b"PAT-1" not in answer.content and b"MARTIN" not in answer.content
-    assert archive.last_audit_id() == before
+    assert trail.new_rows() == []  # nothing was written
     answer = archive.get("/studies?PatientID=PAT-1")
     assert answer.status_code == 200 and len(answer.json()) == 2
-    [entry] = archive.entries(before)
+    [entry] = trail.new_rows()
     assert json.loads(entry["detail"])["results"] == 2
 
 
 def test_a_malformed_search_is_refused_400_and_audited_once(archive: Archive) -> None:
-    before = archive.last_audit_id()
+    trail = AuditCursor(archive.db)
     answer = archive.get("/studies?limit=-1")
     assert answer.status_code == 400
-    [entry] = archive.entries(before)
+    [entry] = trail.new_rows()
     assert (entry["outcome"], entry["status"]) == ("failed", 400)
 
 
@@ -189,10 +178,10 @@ def test_an_entry_written_before_the_answer_failed_is_followed_by_one_with_its_s
         archive.server.archive.audit,
         AuditContext("qido.search"),
     )
-    before = archive.last_audit_id()
+    trail = AuditCursor(archive.db)
     pending.write(200)
     asyncio.run(pending.flush(200))  # the status written: nothing more
     asyncio.run(pending.flush(500))
-    entries = archive.entries(before)
+    entries = trail.new_rows()
     assert [(e["outcome"], e["status"]) for e in entries] == [("allowed", 200), ("failed", 500)]
     assert json.loads(entries[1]["detail"]) == {"written_as": 200}

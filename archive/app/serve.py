@@ -20,7 +20,6 @@ import time
 
 from archive import cluster, eventloop
 from archive.config import Config
-from archive.eventloop import loop_name
 
 log = logging.getLogger("imag")
 
@@ -155,7 +154,10 @@ async def _serve(config: Config, processes: int) -> None:
         where["dicom"] = f"{config['dicom.aet']}@{config['dicom.host']}:{dicom.port}" + (
             f" ({processes} processes)" if processes > 1 else ""
         )
-    log.info("imag serving", extra={**where, "event_loop": loop_name(asyncio.get_running_loop())})
+    log.info(
+        "imag serving",
+        extra={**where, "event_loop": eventloop.loop_name(asyncio.get_running_loop())},
+    )
     print(
         "IMAG listening: " + ", ".join(f"{k} {v}" for k, v in where.items()),
         file=sys.stderr,

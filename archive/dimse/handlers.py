@@ -611,16 +611,9 @@ def _search_audited(
         "allowed",
         detail={"level": query.level, "keys": query.keys},
     )
-    try:
-        rows = search(archive.db, query, counted=archive.audit.counted(entry, "results"))
-    except QueryError:
-        raise
-    except Exception:  # noqa: BLE001 - the two-step path reports what failed
-        log.debug("C-FIND with its audit entry in one statement failed", exc_info=True)
-        return None
-    entry.detail["results"] = len(rows)
-    archive.audit.forward(entry)
-    return rows
+    return archive.audit.carried(
+        lambda counted: search(archive.db, query, counted=counted), entry, "results"
+    )
 
 
 def refuse_peer(archive: Archive, decision: Decision, calling_aet: str, address: str) -> None:

@@ -16,10 +16,10 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter
@@ -27,6 +27,8 @@ from prometheus_client import Counter
 from archive.index.db import CountedWrite, Database, utcnow
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 OUTCOMES = ("allowed", "denied", "failed")
 
@@ -84,11 +86,9 @@ _INSERT = (
 )
 #: the plain entry
 _PLAIN_INSERT = _INSERT.format(patient="?", detail="?")
-#: an entry a search carries: the detail's JSON around the count, joined to it
-_COUNTED_INSERT = _INSERT.format(patient="?", detail="? || (SELECT count(*) FROM found)::text || ?")
-#: the same, counting at most a page (a search that reads one row more than
-#: it answers, to know whether the answer was cut)
-_CAPPED_INSERT = _INSERT.format(
+#: an entry a search carries: the detail's JSON around the count, joined to
+#: it; the count at most a page when one is given (``least`` ignores a NULL)
+_COUNTED_INSERT = _INSERT.format(
     patient="?", detail="? || least((SELECT count(*) FROM found), ?)::text || ?"
 )
 _PATIENT_OF_STUDY = (
@@ -156,11 +156,30 @@ class AuditLog:
         marker = -7_160_917  # where the count goes, in the detail's JSON
         detail = json.dumps({**entry.detail, key: marker}, sort_keys=True)
         before, after = detail.split(f": {marker}", 1)
-        if most is None:
-            values[10:11] = [before + ": ", after]
-            return CountedWrite(_COUNTED_INSERT, tuple(values))
         values[10:11] = [before + ": ", most, after]
-        return CountedWrite(_CAPPED_INSERT, tuple(values))
+        return CountedWrite(_COUNTED_INSERT, tuple(values))
+
+    def carried(
+        self,
+        search: Callable[[CountedWrite], list[R]],
+        entry: AuditEntry,
+        key: str,
+        most: int | None = None,
+    ) -> list[R] | None:
+        """The rows of ``search`` (given the write it is to carry: see
+        :meth:`counted`), ``entry`` written by the search's own statement,
+        with ``detail[key]`` its count, and forwarded.  None when the
+        statement failed: nothing was written, and the caller searches and
+        writes the entry in two steps, which tells a failed search from an
+        unwritable trail (and counts the trail's failure once)."""
+        try:
+            rows = search(self.counted(entry, key, most))
+        except Exception:  # noqa: BLE001 - the two-step path reports what failed
+            log.debug("a search with its audit entry in one statement failed", exc_info=True)
+            return None
+        entry.detail[key] = len(rows) if most is None else min(len(rows), most)
+        self.forward(entry)
+        return rows
 
     def forward(self, entry: AuditEntry) -> None:
         """Send an entry written to syslog, when forwarding is configured."""

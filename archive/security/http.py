@@ -82,7 +82,6 @@ class AuditContext:
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
-PENDING = web.RequestKey("audit_pending", object)
 AUDIT = web.RequestKey("audit", AuditContext)
 SECURITY = web.AppKey("security", object)
 
@@ -182,9 +181,12 @@ class PendingAudit:
         self.status = status
 
 
+PENDING = web.RequestKey("audit_pending", PendingAudit)
+
+
 def pending_audit(request: web.Request) -> PendingAudit:
     """The request's audit entry, for a handler that writes it itself."""
-    return request[PENDING]  # type: ignore[return-value]
+    return request[PENDING]
 
 
 class HttpSecurity:
