@@ -296,10 +296,15 @@ def running_imag(
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
-        while not echo("127.0.0.1", dicom_port, aet, client_tls):
+        # "IMAG listening" is printed once every listener process listens
+        # (dicom.processes): an association opened before a child listens
+        # stays with the parent for the whole push
+        while "IMAG listening" not in log_path.read_text(errors="replace") or not echo(
+            "127.0.0.1", dicom_port, aet, client_tls
+        ):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise BenchError(
-                    f"IMAG did not answer C-ECHO (exit code {proc.poll()}):\n{_tail(log_path)}"
+                    f"IMAG did not start (exit code {proc.poll()}):\n{_tail(log_path)}"
                 )
             time.sleep(0.2)
 

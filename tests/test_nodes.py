@@ -124,6 +124,29 @@ def test_this_nodes_dicom_listener_processes_still_share_its_port(tmp_path: Path
         assert node.stop() == 0
 
 
+def _listening_sockets(port: int) -> int:
+    """How many sockets listen on ``port`` (IPv4), from /proc/net/tcp."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    # local address "0100007F:2B67", state 0A = LISTEN
+    return sum(
+        1 for r in rows if r.split()[3] == "0A" and int(r.split()[1].split(":")[1], 16) == port
+    )
+
+
+def test_every_dicom_listener_process_listens_before_imag_serve_answers(tmp_path: Path) -> None:
+    """An association stays with the process that accepted it for the whole
+    push: those a modality opened while a child listener was still starting
+    all stayed in the parent, which then did all the work alone."""
+    node = HttpImag(tmp_path / "node", dicom=True, settings={"IMAG_DICOM_PROCESSES": "3"})
+    node.start()
+    try:
+        assert _listening_sockets(node.dicom_port) == 3
+        assert "DICOM listener processes started" in node.log()
+    finally:
+        assert node.stop() == 0
+    assert _listening_sockets(node.dicom_port) == 0
+
+
 def test_ready_names_a_store_it_cannot_reach_while_live_still_answers(tmp_path: Path) -> None:
     dead_endpoint = f"http://{HOST}:{free_port()}"  # nothing listens there
     settings = {

@@ -20,6 +20,7 @@ import time
 
 from archive import cluster, eventloop
 from archive.config import Config
+from archive.dimse.processes import ListenerFailed
 
 log = logging.getLogger("imag")
 
@@ -48,6 +49,10 @@ def serve(config: Config) -> int:
         return 1
     except cluster.ClusterConfigError as exc:
         log.error("configuration differs from the cluster's", extra={"error": str(exc)})
+        print(f"imag serve: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except ListenerFailed as exc:
+        log.error("a DICOM listener process did not start", extra={"error": str(exc)})
         print(f"imag serve: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
@@ -128,7 +133,14 @@ async def _serve(config: Config, processes: int) -> None:
         dicom = DicomServer(archive)
         dicom.start(config["dicom.host"], config["dicom.port"])
         if processes > 1:
-            children = start_listeners(config, dicom.port, processes - 1)
+            try:
+                children = await asyncio.to_thread(
+                    start_listeners, config, dicom.port, processes - 1
+                )
+            except BaseException:
+                dicom.stop()
+                archive.close()
+                raise
     queue = JobQueue(archive.db)
     watch_job_queue(queue)
     name_node(config.node, "serve")

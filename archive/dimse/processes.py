@@ -8,7 +8,11 @@ own ingest pipeline and index writer, and all share the index and the object
 store as the scale-out design has many processes do anyway.
 
 Children die with their parent (PR_SET_PDEATHSIG), so a killed ``imag
-serve`` never leaves listeners behind on the port.
+serve`` never leaves listeners behind on the port.  :func:`start_listeners`
+returns once every child listens: an association is held for a whole push
+(one per sending modality or ``storescu``), so associations opened while a
+child was still starting all stayed in the parent, and the processes shared
+nothing of the work.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 
 from archive.config import Config
 
@@ -35,7 +41,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def _listener(config: Config, port: int) -> None:
+#: how long a listener process may take to start (imports, the index opened)
+START_TIMEOUT = 120.0
+
+
+class ListenerFailed(RuntimeError):
+    """A listener process exited or did not listen within :data:`START_TIMEOUT`."""
+
+
+def _listener(config: Config, port: int, listening: Event) -> None:
     _die_with_parent()
     from archive.dimse.server import DicomServer
     from archive.heap import freeze_startup_objects
@@ -49,6 +63,7 @@ def _listener(config: Config, port: int) -> None:
     archive = Archive(config, migrate=False)
     server = DicomServer(archive)
     server.start(config["dicom.host"], port, share=True)
+    listening.set()
     freeze_startup_objects()
     stop.wait()
     server.stop()
@@ -56,15 +71,36 @@ def _listener(config: Config, port: int) -> None:
 
 
 def start_listeners(config: Config, port: int, count: int) -> list[BaseProcess]:
-    """Start ``count`` extra listener processes on ``port``."""
+    """Start ``count`` extra listener processes on ``port``; return once each
+    listens (:class:`ListenerFailed`, the others stopped, when one does not)."""
     ctx = multiprocessing.get_context("spawn")
-    procs = []
+    procs: list[BaseProcess] = []
+    ready: list[Event] = []
     for i in range(count):
+        listening = ctx.Event()
         proc = ctx.Process(
-            target=_listener, args=(config, port), name=f"imag-dicom-{i + 1}", daemon=False
+            target=_listener,
+            args=(config, port, listening),
+            name=f"imag-dicom-{i + 1}",
+            daemon=False,
         )
         proc.start()
         procs.append(proc)
+        ready.append(listening)
+    deadline = time.monotonic() + START_TIMEOUT
+    for proc, listening in zip(procs, ready, strict=True):
+        while not listening.wait(0.2):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                stop_listeners(procs)
+                raise ListenerFailed(
+                    f"DICOM listener process {proc.name} "
+                    + (
+                        f"exited with code {proc.exitcode}"
+                        if proc.exitcode is not None
+                        else f"did not listen within {START_TIMEOUT:.0f} s"
+                    )
+                    + " (its log lines above say why)"
+                )
     log.info("DICOM listener processes started", extra={"processes": count + 1, "port": port})
     return procs
 
