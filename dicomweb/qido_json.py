@@ -30,6 +30,9 @@ _MULTI_TEXT = {"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UC", "UI"}
 #: text VRs that hold one value, backslashes included (PS3.5 6.2)
 _SINGLE_TEXT = {"LT", "ST", "UR", "UT"}
 _INT = {"IS", "SL", "SS", "SV", "UL", "US", "UV"}
+#: the VRs whose common value :meth:`AnswerBuilder.answers` encodes inline
+_INLINE = {"PN": "PN", "IS": "IS"} | dict.fromkeys(_MULTI_TEXT, "split")
+_INLINE |= dict.fromkeys(_SINGLE_TEXT, "single")
 _FLOAT = {"DS", "FL", "FD"}
 
 
@@ -118,6 +121,16 @@ def _modalities(encode: Encoder) -> Encoder:
     return modalities
 
 
+def _distinct(values: list[Any]) -> set[Any] | None:
+    """The distinct values of a column when they are at most half as many as
+    its rows and all hashable (text, numbers, None); else None."""
+    try:
+        distinct = set(values)
+    except TypeError:  # a list value (an extra attribute's values)
+        return None
+    return distinct if len(distinct) * 2 <= len(values) else None
+
+
 #: the answer's own attributes, not read from the index (to_json gives their values)
 AVAILABILITY, RETRIEVE_URL = "InstanceAvailability", "RetrieveURL"
 
@@ -130,7 +143,11 @@ class AnswerBuilder:
     next) and zipped into each row's object: per field, the common value --
     non-empty text from the index, an integer counter -- is encoded inline
     in one comprehension, the rest (empty, lists, numbers as text, names
-    with component groups) by the field's encoder.  A 100-row study answer
+    with component groups) by the field's encoder.  A field whose rows share
+    few values (a sex, modalities, an issuer, counts, an empty referring
+    physician: 7 of a study answer's 17) encodes each distinct value once
+    and shares its element between the answers (a 100-row study answer:
+    0.56 → 0.43 ms in process).  A 100-row study answer
     is ~1,700 elements; a function call and a loop step per element were
     most of its cost (py-spy on ``imag serve``, issue 17)."""
 
@@ -148,7 +165,7 @@ class AnswerBuilder:
                 continue
             vr = dictionary_VR(tag)
             encode = _encoder(tag, vr)
-            inline = "split" if vr in _MULTI_TEXT else vr if vr in ("PN", "IS") else ""
+            inline = _INLINE.get(vr, "")
             if keyword == "ModalitiesInStudy":
                 encode, inline = _modalities(encode), ""
             # 0: from the row, always; 1: from the row when it has it; 2: given per row
@@ -171,9 +188,20 @@ class AnswerBuilder:
                 values = [values.get(keyword) for values in own]
             else:
                 values = [row.get(keyword) if keyword in row else None for row in rows]
-            if inline == "split":
+            distinct = _distinct(values)
+            if distinct is not None:
+                # a field most rows share values of (a sex, a modality, an
+                # issuer, a count): each value encoded once, its element shared
+                encoded = {v: encode(v) for v in distinct}
+                column = [encoded[v] for v in values]
+            elif inline == "split":
                 column = [
                     {"vr": vr, "Value": v.split("\\")} if v.__class__ is str and v else encode(v)
+                    for v in values
+                ]
+            elif inline == "single":
+                column = [
+                    {"vr": vr, "Value": [v]} if v.__class__ is str and v else encode(v)
                     for v in values
                 ]
             elif inline == "PN":

@@ -84,6 +84,24 @@ def test_answers_built_from_rows_say_what_pydicoms_json_of_the_same_values_says(
     assert [list(a) for a in got] == [sorted(a) for a in got]  # keys in tag order
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    pool=st.lists(_ROWS, min_size=1, max_size=3),
+    level=st.sampled_from(["STUDY", "SERIES", "IMAGE"]),
+)
+def test_answers_whose_rows_share_values_say_what_pydicom_says(
+    data: st.DataObject, pool: list[dict[str, Any]], level: str
+) -> None:
+    """A field whose rows share few values encodes each once and shares the
+    element (AnswerBuilder): the answers are still each row's own."""
+    rows = data.draw(st.lists(st.sampled_from(pool), min_size=2, max_size=12))
+    rows = [dict(row) for row in rows]
+    base = "http://archive.example/dicom-web"
+    got = to_json(rows, _KEYWORDS, base, level)
+    assert got == _pydicom_answers(rows, _KEYWORDS, base, level)
+
+
 def test_a_french_name_with_accents_and_groups_becomes_pn_components() -> None:
     row = {"StudyInstanceUID": "1.2.3", "PatientName": "CÔTÉ^Zoé=コテ^ゾエ"}
     (answer,) = to_json([row], ["PatientName"], "http://x", "STUDY")
