@@ -385,7 +385,12 @@ SETTINGS: list[Setting] = [
         "DICOM listener processes sharing the port "
         "(SO_REUSEPORT); more than one uses more cores for C-STORE ingest",
     ),
-    Setting("dicom.max_associations", 32, _int(1, 1000), "concurrent associations at most"),
+    Setting(
+        "dicom.max_associations",
+        32,
+        _int(1, 1000),
+        "concurrent associations at most, for the node (every listener process together)",
+    ),
     Setting(
         "dicom.associate_timeout",
         10,

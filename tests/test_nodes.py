@@ -147,6 +147,56 @@ def test_every_dicom_listener_process_listens_before_imag_serve_answers(tmp_path
     assert _listening_sockets(node.dicom_port) == 0
 
 
+def _associations_by_process(port: int) -> list[int]:
+    """How many established connections to ``port`` each server process holds."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    pids = [line.split("pid=")[1].split(",")[0] for line in out.splitlines() if "pid=" in line]
+    return sorted(pids.count(p) for p in set(pids))
+
+
+def test_the_association_limit_bounds_the_node_whatever_process_takes_an_association(
+    tmp_path: Path,
+) -> None:
+    """``dicom.max_associations`` is the node's: with two listener processes
+    and a limit of 2, six modalities associating at once get two
+    associations between them, on the lean path (storage, echo) and on
+    pynetdicom's (C-GET) alike, wherever the kernel sends each connection;
+    counted per process, up to four got in (and, with N processes, N times
+    the limit).  A slot an association releases is free again."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet, Verification
+
+    node = HttpImag(
+        tmp_path / "node",
+        dicom=True,
+        settings={"IMAG_DICOM_PROCESSES": "2", "IMAG_DICOM_MAX_ASSOCIATIONS": "2"},
+    )
+    node.start()
+    held = []
+    try:
+        lean, pyn = AE("MODALITY_L"), AE("MODALITY_P")
+        lean.add_requested_context(Verification)
+        pyn.add_requested_context(PatientRootQueryRetrieveInformationModelGet)
+        for ae in (lean, pyn, lean, pyn, lean, pyn):
+            held.append(ae.associate(HOST, node.dicom_port, ae_title=node.aet))
+        accepted = [a for a in held if a.is_established]
+        assert len(accepted) == 2
+        assert all(a.is_rejected for a in held if not a.is_established)
+        assert "DICOM listener processes started" in node.log()
+        for assoc in accepted:
+            assoc.release()
+        eventually(lambda: _associations_by_process(node.dicom_port) == [], timeout=10)
+        again = [lean.associate(HOST, node.dicom_port, ae_title=node.aet) for _ in range(2)]
+        held += again
+        assert all(a.is_established for a in again)
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        assert node.stop() == 0
+
+
 def test_ready_names_a_store_it_cannot_reach_while_live_still_answers(tmp_path: Path) -> None:
     dead_endpoint = f"http://{HOST}:{free_port()}"  # nothing listens there
     settings = {

@@ -127,15 +127,18 @@ async def _serve(config: Config, processes: int) -> None:
     dicom = None
     children: list = []
     if config["dicom.enabled"]:
+        from archive.dimse.nodeslots import NodeAssociations
         from archive.dimse.processes import start_listeners
         from archive.dimse.server import DicomServer
 
-        dicom = DicomServer(archive)
+        # dicom.max_associations bounds the node: every process counts in it
+        node = NodeAssociations(processes)
+        dicom = DicomServer(archive, node=node.for_process(0))
         dicom.start(config["dicom.host"], config["dicom.port"])
         if processes > 1:
             try:
                 children = await asyncio.to_thread(
-                    start_listeners, config, dicom.port, processes - 1
+                    start_listeners, config, dicom.port, processes - 1, node
                 )
             except BaseException:
                 dicom.stop()

@@ -129,6 +129,7 @@ from archive.dimse.lean_find import (
     FIND_MODELS,
     Find,
 )
+from archive.dimse.nodeslots import NodeAssociations
 from archive.dimse.peers import Peer, PeerTable
 from archive.dimse.services import COMMAND_SYNTAXES
 from archive.ingest import IngestResult, too_large
@@ -243,6 +244,7 @@ class LeanReceiver:
         handback: Callable[[socket.socket, Any, bool], None],
         refused: Callable[[str], None],
         ssl_context: ssl.SSLContext | None = None,
+        node: NodeAssociations | None = None,
     ) -> None:
         config = archive.config
         self.archive = archive
@@ -253,6 +255,8 @@ class LeanReceiver:
         self.pending = pending
         self.max_associations = max_associations
         self.elsewhere = elsewhere
+        #: the node's associations, its other listener processes' included
+        self.node = node or NodeAssociations()
         self.handback = handback
         self.ssl_context = ssl_context
         self.check_called_aet: bool = config["dicom.check_called_aet"]
@@ -542,7 +546,13 @@ class LeanReceiver:
             self.loop.remove_reader(fd)
 
     def in_progress(self) -> int:
+        """This process's associations in progress, on both paths."""
         return self.active + self.elsewhere()
+
+    def recount(self) -> None:
+        """Publish this process's associations to the node (one ended, or was
+        refused after its slot was taken)."""
+        self.node.publish(self.in_progress())
 
 
 def _host(address: Any) -> str:
@@ -785,6 +795,7 @@ class LeanAssociation(asyncio.BufferedProtocol):
         if self.established:
             self.established = False
             self.receiver.active -= 1
+            self.receiver.recount()
             ACTIVE.dec()
             if not self.waiting:
                 self._log_end()  # else once the instance in flight is answered
@@ -852,7 +863,7 @@ class LeanAssociation(asyncio.BufferedProtocol):
         the same A-ASSOCIATE-RJ reasons, then the presentation contexts."""
         receiver = self.receiver
         self.calling_aet = str(rq.calling_ae_title or "").strip()
-        if receiver.in_progress() >= receiver.max_associations:
+        if not receiver.node.admit(receiver.in_progress, receiver.max_associations):
             receiver.refused("association-limit")
             log.warning(
                 "association refused: dicom.max_associations (%d) associations in progress",
@@ -862,6 +873,9 @@ class LeanAssociation(asyncio.BufferedProtocol):
             self._reject(rq, 0x02, 0x03, 0x02)  # transient, presentation: local limit exceeded
             return
         decision = receiver.peers.check(self.calling_aet, self.address)
+        called_ok = not receiver.check_called_aet or str(rq.called_ae_title).strip() == receiver.aet
+        if not decision.allowed or not called_ok:
+            receiver.recount()  # the slot admit() took goes back before anything is awaited
         if not decision.allowed:
             await receiver.loop.run_in_executor(
                 receiver.executor,
@@ -873,10 +887,11 @@ class LeanAssociation(asyncio.BufferedProtocol):
             )
             self._reject(rq, 0x01, 0x01, 0x03)  # permanent, user: calling AE not recognised
             return
-        if receiver.check_called_aet and str(rq.called_ae_title).strip() != receiver.aet:
+        if not called_ok:
             self._reject(rq, 0x01, 0x01, 0x07)  # permanent, user: called AE not recognised
             return
         if self.closed:
+            receiver.recount()
             return
         self.peer = decision.peer
         self.peer_max_pdu = rq.maximum_length_received or 0

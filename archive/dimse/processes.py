@@ -28,6 +28,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 
 from archive.config import Config
+from archive.dimse.nodeslots import NodeAssociations
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -49,7 +50,7 @@ class ListenerFailed(RuntimeError):
     """A listener process exited or did not listen within :data:`START_TIMEOUT`."""
 
 
-def _listener(config: Config, port: int, listening: Event) -> None:
+def _listener(config: Config, port: int, listening: Event, node: NodeAssociations) -> None:
     _die_with_parent()
     from archive.dimse.server import DicomServer
     from archive.heap import freeze_startup_objects
@@ -61,7 +62,7 @@ def _listener(config: Config, port: int, listening: Event) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     archive = Archive(config, migrate=False)
-    server = DicomServer(archive)
+    server = DicomServer(archive, node=node)
     server.start(config["dicom.host"], port, share=True)
     listening.set()
     freeze_startup_objects()
@@ -70,9 +71,13 @@ def _listener(config: Config, port: int, listening: Event) -> None:
     archive.close()
 
 
-def start_listeners(config: Config, port: int, count: int) -> list[BaseProcess]:
+def start_listeners(
+    config: Config, port: int, count: int, node: NodeAssociations
+) -> list[BaseProcess]:
     """Start ``count`` extra listener processes on ``port``; return once each
-    listens (:class:`ListenerFailed`, the others stopped, when one does not)."""
+    listens (:class:`ListenerFailed`, the others stopped, when one does not).
+    ``node``: the associations of the node's ``count + 1`` processes, the
+    parent's being process 0 (``dicom.max_associations`` bounds them all)."""
     ctx = multiprocessing.get_context("spawn")
     procs: list[BaseProcess] = []
     ready: list[Event] = []
@@ -80,7 +85,7 @@ def start_listeners(config: Config, port: int, count: int) -> list[BaseProcess]:
         listening = ctx.Event()
         proc = ctx.Process(
             target=_listener,
-            args=(config, port, listening),
+            args=(config, port, listening, node.for_process(i + 1)),
             name=f"imag-dicom-{i + 1}",
             daemon=False,
         )

@@ -28,6 +28,7 @@ from archive import plugins
 from archive.dimse import proxyprotocol
 from archive.dimse.lean import LeanReceiver
 from archive.dimse.lean_find import FIND_MODELS
+from archive.dimse.nodeslots import NodeAssociations
 from archive.dimse.peers import PeerTable
 from archive.dimse.services import bindings
 from archive.runtime import Archive
@@ -314,10 +315,18 @@ class AssociationSlots:
     its request arrives it leaves the pending set, and only associations
     that got their request count against ``dicom.max_associations``."""
 
-    def __init__(self, pending: PendingConnections, max_associations: int, acse_timeout: float):
+    def __init__(
+        self,
+        pending: PendingConnections,
+        max_associations: int,
+        acse_timeout: float,
+        node: NodeAssociations | None = None,
+    ):
         self.pending = pending
         self.max_associations = max_associations
         self.acse_timeout = acse_timeout
+        #: the node's other listener processes' associations (dicom.processes)
+        self.node = node or NodeAssociations()
         #: associations in progress outside pynetdicom (the lean receive path)
         self.elsewhere: Any = lambda: 0
         #: association → its socket (pynetdicom forgets it when it closes it)
@@ -348,7 +357,9 @@ class AssociationSlots:
         self.pending.done(sock)
         if sock is not None:
             sock.settimeout(None)  # an association: blocking, as pynetdicom expects
-        if self.in_progress(assoc.ae, assoc) + self.elsewhere() < self.max_associations:
+        if self.node.admit(
+            lambda: self.in_progress(assoc.ae, assoc) + self.elsewhere(), self.max_associations
+        ):
             return
         CONNECTIONS_REFUSED.labels("association-limit").inc()
         log.warning(
@@ -376,6 +387,7 @@ class AssociationSlots:
         event.assoc.acse_timeout = self.acse_timeout  # the association's own, from now on
 
     def on_close(self, event: evt.Event) -> None:
+        self.node.publish(self.in_progress(event.assoc.ae, event.assoc) + self.elsewhere())
         waited = self.pending.done(self._socket.pop(event.assoc, None))
         if waited is not None and waited >= self.pending.timeout - 0.5:
             CONNECTIONS_REFUSED.labels("associate-timeout").inc()
@@ -389,9 +401,12 @@ class AssociationSlots:
 class DicomServer:
     """C-ECHO, C-STORE, C-FIND, C-GET and C-MOVE for the configured peers."""
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, node: NodeAssociations | None = None) -> None:
+        """``node``: this process's view of the node's associations, when it is
+        one of several listener processes (``dicom.processes``)."""
         config = archive.config
         self.archive = archive
+        self.node = node or NodeAssociations()
         self.aet: str = config["dicom.aet"]
         close_reactor_race()  # its C-MOVE sub-associations are pynetdicom SCUs
         self.ae = AE(ae_title=self.aet)
@@ -420,7 +435,7 @@ class DicomServer:
                     self.claimed.add(str(abstract_syntax))
         self.peers = PeerTable(config["dicom.peers"], config["dicom.accept_unknown"])
         self.service_handlers = bindings(services, archive, self.peers, self.aet)
-        self.slots = AssociationSlots(self.pending, max_associations, ACSE_TIMEOUT)
+        self.slots = AssociationSlots(self.pending, max_associations, ACSE_TIMEOUT, self.node)
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self.lean: LeanReceiver | None = None
@@ -465,6 +480,7 @@ class DicomServer:
                 pending=self.pending,
                 max_associations=config["dicom.max_associations"],
                 elsewhere=lambda: AssociationSlots.in_progress(self.ae),
+                node=self.node,
                 handback=server.serve_on_pynetdicom,  # type: ignore[attr-defined]
                 refused=lambda reason: CONNECTIONS_REFUSED.labels(reason).inc(),
                 ssl_context=ssl_context,

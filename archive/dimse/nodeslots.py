@@ -1,0 +1,74 @@
+"""``dicom.max_associations`` for a whole node, whatever its listener processes.
+
+With ``dicom.processes`` above 1 the kernel spreads associations over
+processes that share the port (SO_REUSEPORT), each with its own lean
+receiver and pynetdicom server.  Counted per process, the limit of the
+hardening work would be multiplied by the number of processes.  Each
+process therefore publishes how many associations it has in progress in a
+small array in shared memory, and admits one only when the node's total is
+under the limit, under a lock all processes share (two processes admitting
+at the same moment cannot both take the last slot).
+
+A process publishes its own count, recounted from its live associations,
+whenever one is admitted, refused or ends: a count it failed to lower at
+some point is corrected at its next event, never left to accumulate.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class NodeAssociations:
+    """The associations in progress in each listener process of this node.
+
+    Made by the parent before it starts its listener processes; each
+    process gets its own view (:meth:`for_process`), passed to it when it
+    is spawned.  With one process it is a plain counter, no shared memory."""
+
+    def __init__(self, processes: int = 1) -> None:
+        if processes > 1:
+            ctx = multiprocessing.get_context("spawn")
+            self._counts: Any = ctx.Array("i", processes, lock=False)
+            self._lock: Any = ctx.Lock()
+        else:
+            self._counts = [0]
+            self._lock = threading.Lock()
+        self.index = 0
+
+    def for_process(self, index: int) -> NodeAssociations:
+        """The view of process ``index`` (0: the parent)."""
+        view = NodeAssociations.__new__(NodeAssociations)
+        view._counts, view._lock, view.index = self._counts, self._lock, index
+        return view
+
+    def others(self) -> int:
+        """Associations in progress in the node's other processes."""
+        return sum(n for i, n in enumerate(self._counts) if i != self.index)
+
+    def publish(self, mine: int) -> None:
+        """This process's associations in progress, recounted."""
+        self._counts[self.index] = max(0, mine)
+
+    @contextmanager
+    def deciding(self) -> Iterator[None]:
+        """Held while one process decides to admit an association."""
+        with self._lock:
+            yield
+
+    def admit(self, mine: Callable[[], int], limit: int) -> bool:
+        """Whether one more association fits under ``limit`` for the node,
+        ``mine()`` being this process's associations in progress; when it
+        does, it is counted here at once (the caller publishes its recount
+        once it ends, or is refused later for another reason)."""
+        with self.deciding():
+            count = mine()
+            if count + self.others() >= limit:
+                self.publish(count)
+                return False
+            self.publish(count + 1)
+            return True
