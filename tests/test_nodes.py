@@ -147,6 +147,21 @@ def test_every_dicom_listener_process_listens_before_imag_serve_answers(tmp_path
     assert _listening_sockets(node.dicom_port) == 0
 
 
+def test_a_listener_process_that_cannot_listen_stops_the_start_naming_it(tmp_path: Path) -> None:
+    """A child listener that fails (here: its address is not this machine's)
+    is reported by name with its exit code, instead of ``imag serve``
+    running on with fewer processes than configured (or waiting for ever)."""
+    from archive.dimse.nodeslots import NodeAssociations
+    from archive.dimse.processes import ListenerFailed, start_listeners
+    from archive.runtime import Archive
+
+    env = {"IMAG_DATA_DIR": str(tmp_path / "data"), "IMAG_DICOM_HOST": "192.0.2.1"}
+    config = load_config(env=env)
+    Archive(config).close()  # the index the child opens, migrated
+    with pytest.raises(ListenerFailed, match=r"imag-dicom-1 exited with code 1"):
+        start_listeners(config, free_port(), 1, NodeAssociations(2))
+
+
 def _associations_by_process(port: int) -> list[int]:
     """How many established connections to ``port`` each server process holds."""
     out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
