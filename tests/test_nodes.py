@@ -124,13 +124,16 @@ def test_this_nodes_dicom_listener_processes_still_share_its_port(tmp_path: Path
         assert node.stop() == 0
 
 
-def _listening_sockets(port: int) -> int:
-    """How many sockets listen on ``port`` (IPv4), from /proc/net/tcp."""
-    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    # local address "0100007F:2B67", state 0A = LISTEN
-    return sum(
-        1 for r in rows if r.split()[3] == "0A" and int(r.split()[1].split(":")[1], 16) == port
-    )
+#: /proc/net/tcp's connection states
+LISTEN, ESTABLISHED = "0A", "01"
+
+
+def _sockets_on(port: int, state: str) -> int:
+    """How many of this machine's IPv4 sockets have local ``port`` in ``state``
+    (the server's side of a connection: the client's has another local port)."""
+    rows = (r.split() for r in Path("/proc/net/tcp").read_text().splitlines()[1:])
+    # local address "0100007F:2B67", state "0A"
+    return sum(1 for r in rows if r[3] == state and int(r[1].split(":")[1], 16) == port)
 
 
 def test_every_dicom_listener_process_listens_before_imag_serve_answers(tmp_path: Path) -> None:
@@ -140,11 +143,11 @@ def test_every_dicom_listener_process_listens_before_imag_serve_answers(tmp_path
     node = HttpImag(tmp_path / "node", dicom=True, settings={"IMAG_DICOM_PROCESSES": "3"})
     node.start()
     try:
-        assert _listening_sockets(node.dicom_port) == 3
+        assert _sockets_on(node.dicom_port, LISTEN) == 3
         assert "DICOM listener processes started" in node.log()
     finally:
         assert node.stop() == 0
-    assert _listening_sockets(node.dicom_port) == 0
+    assert _sockets_on(node.dicom_port, LISTEN) == 0
 
 
 def test_a_listener_process_that_cannot_listen_stops_the_start_naming_it(tmp_path: Path) -> None:
@@ -160,14 +163,6 @@ def test_a_listener_process_that_cannot_listen_stops_the_start_naming_it(tmp_pat
     Archive(config).close()  # the index the child opens, migrated
     with pytest.raises(ListenerFailed, match=r"imag-dicom-1 exited with code 1"):
         start_listeners(config, free_port(), 1, NodeAssociations(2))
-
-
-def _associations_by_process(port: int) -> list[int]:
-    """How many established connections to ``port`` each server process holds."""
-    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    pids = [line.split("pid=")[1].split(",")[0] for line in out.splitlines() if "pid=" in line]
-    return sorted(pids.count(p) for p in set(pids))
 
 
 def test_the_association_limit_bounds_the_node_whatever_process_takes_an_association(
@@ -201,7 +196,7 @@ def test_the_association_limit_bounds_the_node_whatever_process_takes_an_associa
         assert "DICOM listener processes started" in node.log()
         for assoc in accepted:
             assoc.release()
-        eventually(lambda: _associations_by_process(node.dicom_port) == [], timeout=10)
+        eventually(lambda: _sockets_on(node.dicom_port, ESTABLISHED) == 0, timeout=10)
         again = [lean.associate(HOST, node.dicom_port, ae_title=node.aet) for _ in range(2)]
         held += again
         assert all(a.is_established for a in again)

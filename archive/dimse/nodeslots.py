@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 
@@ -54,18 +53,12 @@ class NodeAssociations:
         """This process's associations in progress, recounted."""
         self._counts[self.index] = max(0, mine)
 
-    @contextmanager
-    def deciding(self) -> Iterator[None]:
-        """Held while one process decides to admit an association."""
-        with self._lock:
-            yield
-
     def admit(self, mine: Callable[[], int], limit: int) -> bool:
         """Whether one more association fits under ``limit`` for the node,
         ``mine()`` being this process's associations in progress; when it
         does, it is counted here at once (the caller publishes its recount
         once it ends, or is refused later for another reason)."""
-        with self.deciding():
+        with self._lock:  # two processes cannot both take the last slot
             count = mine()
             if count + self.others() >= limit:
                 self.publish(count)
