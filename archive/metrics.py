@@ -199,3 +199,64 @@ def watch_job_queue(queue) -> None:  # noqa: ANN001 - archive.jobs.JobQueue (no 
         JOB_QUEUE.reporter = (
             None if queue is None else ClusterReporter(queue.db.url, queue.db.dialect)
         )
+
+
+class _NodeCollector:
+    """The node's metrics when ``imag serve`` runs listener processes
+    (``dicom.processes`` > 1): the children's, which they write to the
+    PROMETHEUS_MULTIPROC_DIR folder, added to the parent's own.
+
+    The parent imports prometheus_client before it knows it will have
+    children, so its metrics stay in memory and not in that folder: read
+    from the folder alone, /metrics left out every HTTP request and every
+    association the parent served.  Counters and histograms add up; a
+    gauge follows its ``multiprocess_mode`` (``max`` / ``min``: the larger /
+    smaller, else the sum, as ``livesum`` does)."""
+
+    def __init__(self, folder: str) -> None:
+        from prometheus_client import multiprocess
+
+        self._children = multiprocess.MultiProcessCollector(None, folder)
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        families = {f.name: f for f in self._children.collect()}
+        for own in REGISTRY.collect():
+            theirs = families.get(own.name)
+            samples = [s for s in own.samples if not s.name.endswith("_created")]
+            if theirs is None:
+                own.samples = samples
+                families[own.name] = own
+                continue
+            combine = _COMBINE.get(_gauge_mode(own.name) if own.type == "gauge" else "", _add)
+            merged = {(s.name, tuple(sorted(s.labels.items()))): s for s in theirs.samples}
+            for sample in samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key in merged:
+                    sample = sample._replace(value=combine(merged[key].value, sample.value))
+                merged[key] = sample
+            theirs.samples = list(merged.values())
+        yield from families.values()
+
+
+def _add(a: float, b: float) -> float:
+    return a + b
+
+
+_COMBINE = {"max": max, "livemax": max, "min": min, "livemin": min, "mostrecent": max}
+
+
+def _gauge_mode(name: str) -> str:
+    collector = REGISTRY._names_to_collectors.get(name)  # noqa: SLF001 - no public look-up
+    return getattr(collector, "_multiprocess_mode", "")
+
+
+def node_metrics(folder: str) -> bytes:
+    """The /metrics page of a node whose listener processes share ``folder``."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(_NodeCollector(folder))
+    return generate_latest(registry)

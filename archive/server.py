@@ -19,15 +19,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
     Counter,
     Histogram,
     generate_latest,
-    multiprocess,
 )
 
 from archive import plugins
 from archive.events import event_types
+from archive.metrics import node_metrics
 from archive.runtime import Archive
 from archive.security.http import (
     AUTHENTICATED,
@@ -154,13 +153,9 @@ async def changes_feed(request: web.Request) -> web.Response:
 @require("metrics.read", "metrics.scrape")
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics; with several processes (dicom.processes), the sum of all."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from archive.metrics import JOB_QUEUE
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        registry.register(JOB_QUEUE)  # computed at scrape, not shared through files
-        body = generate_latest(registry)
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        body = await asyncio.to_thread(node_metrics, folder)
     else:
         body = generate_latest()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -155,14 +157,14 @@ def test_a_listener_process_that_cannot_listen_stops_the_start_naming_it(tmp_pat
     is reported by name with its exit code, instead of ``imag serve``
     running on with fewer processes than configured (or waiting for ever)."""
     from archive.dimse.nodeslots import NodeAssociations
-    from archive.dimse.processes import ListenerFailed, start_listeners
+    from archive.dimse.processes import ListenerFailed, Listeners
     from archive.runtime import Archive
 
     env = {"IMAG_DATA_DIR": str(tmp_path / "data"), "IMAG_DICOM_HOST": "192.0.2.1"}
     config = load_config(env=env)
     Archive(config).close()  # the index the child opens, migrated
     with pytest.raises(ListenerFailed, match=r"imag-dicom-1 exited with code 1"):
-        start_listeners(config, free_port(), 1, NodeAssociations(2))
+        Listeners(config, free_port(), 1, NodeAssociations(2)).start()
 
 
 def test_the_association_limit_bounds_the_node_whatever_process_takes_an_association(
@@ -205,6 +207,138 @@ def test_the_association_limit_bounds_the_node_whatever_process_takes_an_associa
             if assoc.is_established:
                 assoc.release()
         assert node.stop() == 0
+
+
+def _listener_children(pid: int) -> set[int]:
+    """The DICOM listener processes ``imag serve`` (``pid``) has spawned now
+    (its other child, multiprocessing's resource tracker, left out)."""
+    found = set()
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"spawn_main" in cmdline:
+                found.add(int(child))
+    return found
+
+
+def _connections_of(pid: int, port: int) -> int:
+    """How many established connections to local ``port`` process ``pid`` holds."""
+    rows = (r.split() for r in Path("/proc/net/tcp").read_text().splitlines()[1:])
+    inodes = {r[9] for r in rows if r[3] == ESTABLISHED and int(r[1].split(":")[1], 16) == port}
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            held += 1
+    return held
+
+
+def _samples(page: str) -> dict[str, float]:
+    """A Prometheus text page's samples, ``name{labels}`` -> value."""
+    return {
+        line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+        for line in page.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_a_listener_process_killed_mid_association_is_started_again_and_frees_its_slots(
+    tmp_path: Path,
+) -> None:
+    """A child listener killed (the OOM killer, a crash in a codec) while it
+    holds an association is started again, and the association it held no
+    longer counts against ``dicom.max_associations``: before, the node ran
+    on with one process fewer for good, and the dead child's associations
+    kept their slots for ever (with a limit of 2, one association left)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    node = HttpImag(
+        tmp_path / "node",
+        dicom=True,
+        settings={"IMAG_DICOM_PROCESSES": "2", "IMAG_DICOM_MAX_ASSOCIATIONS": "2"},
+    )
+    node.start()
+    assert node.proc is not None
+    ae = AE("MODALITY")
+    ae.add_requested_context(Verification)
+    opened = []
+    try:
+        [child] = _listener_children(node.proc.pid)
+        for _ in range(60):  # the kernel picks the process: until the child has one
+            assoc = ae.associate(HOST, node.dicom_port, ae_title=node.aet)
+            opened.append(assoc)
+            assert assoc.is_established
+            if _connections_of(child, node.dicom_port) == 1:
+                break
+            assoc.release()
+            eventually(lambda: _sockets_on(node.dicom_port, ESTABLISHED) == 0, timeout=10)
+        assert _connections_of(child, node.dicom_port) == 1, "no association reached the child"
+
+        os.kill(child, signal.SIGKILL)
+        eventually(
+            lambda: (
+                _listener_children(node.proc.pid) - {child}
+                and _sockets_on(node.dicom_port, LISTEN) == 2
+            ),
+            timeout=60,
+            what="a new listener process listening",
+        )
+        eventually(lambda: _sockets_on(node.dicom_port, ESTABLISHED) == 0, timeout=10)
+        again = [ae.associate(HOST, node.dicom_port, ae_title=node.aet) for _ in range(2)]
+        opened += again
+        assert [a.is_established for a in again] == [True, True]
+        assert "DICOM listener process exited; starting it again" in node.log()
+        for assoc in again:
+            assoc.release()
+        eventually(lambda: _sockets_on(node.dicom_port, ESTABLISHED) == 0, timeout=10)
+        scrape = {"Authorization": f"Bearer {node.token}"}
+        requests.get(node.url + "/metrics", headers=scrape, timeout=10)
+        metrics = _samples(requests.get(node.url + "/metrics", headers=scrape, timeout=10).text)
+        assert metrics["imag_dicom_listener_restarts_total"] == 1
+        # the parent's own metrics are on the page too, added to its children's
+        assert metrics['imag_dicom_associations_total{outcome="accepted"}'] == len(opened)
+        assert metrics['imag_http_requests_total{method="GET",status="200"}'] >= 1
+        assert metrics["imag_dicom_associations_active"] == 0
+    finally:
+        for assoc in opened:
+            if assoc.is_established:
+                assoc.release()
+        assert node.stop() == 0
+    assert _sockets_on(node.dicom_port, LISTEN) == 0
+
+
+def test_a_process_killed_while_it_held_the_admission_lock_does_not_stop_admissions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The processes' shared lock is a semaphore nobody gives back when its
+    holder is killed: the others then decide alone, after a short wait,
+    rather than refuse every association from then on (or hang)."""
+    from archive.dimse import nodeslots
+
+    monkeypatch.setattr(nodeslots, "LOCK_WAIT", 0.05)
+    node = nodeslots.NodeAssociations(2)
+    parent, child = node.for_process(0), node.for_process(1)
+    assert child._lock.acquire()  # the child's admission, cut off by SIGKILL
+    child.publish(1)
+    assert parent.admit(lambda: 0, limit=2)
+    assert not parent.admit(lambda: 1, limit=2)  # the node's count still holds
+    assert parent.others() == 1
+
+
+def test_a_listener_process_that_keeps_exiting_is_restarted_ever_more_slowly() -> None:
+    """One exit costs nothing; a child that cannot run is not restarted in a
+    tight loop (each attempt a Python start-up and an index connection)."""
+    from archive.dimse.processes import MAX_RESTART_DELAY, restart_delay
+
+    assert [restart_delay(n) for n in range(1, 6)] == [0.0, 1.0, 2.0, 4.0, 8.0]
+    assert restart_delay(40) == MAX_RESTART_DELAY
 
 
 def test_ready_names_a_store_it_cannot_reach_while_live_still_answers(tmp_path: Path) -> None:

@@ -91,6 +91,13 @@ async def _heartbeat(archive, node: str, stop: asyncio.Event) -> None:  # noqa: 
                 log.warning("heartbeat not recorded", extra={"error": str(exc)})
 
 
+def _metrics_of_dead(pid: int) -> None:
+    """A listener process exited: its live gauges leave /metrics' sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
 async def _serve(config: Config, processes: int) -> None:
     from archive.heap import freeze_startup_objects
     from archive.jobs import JobQueue, Worker
@@ -125,10 +132,10 @@ async def _serve(config: Config, processes: int) -> None:
             extra={"settings": ", ".join(changed), "node": config.node},
         )
     dicom = None
-    children: list = []
+    children = None
     if config["dicom.enabled"]:
         from archive.dimse.nodeslots import NodeAssociations
-        from archive.dimse.processes import start_listeners
+        from archive.dimse.processes import Listeners
         from archive.dimse.server import DicomServer
 
         # dicom.max_associations bounds the node: every process counts in it
@@ -138,7 +145,9 @@ async def _serve(config: Config, processes: int) -> None:
         if processes > 1:
             try:
                 children = await asyncio.to_thread(
-                    start_listeners, config, dicom.port, processes - 1, node
+                    Listeners(
+                        config, dicom.port, processes - 1, node, on_exit=_metrics_of_dead
+                    ).start
                 )
             except BaseException:
                 dicom.stop()
@@ -182,10 +191,8 @@ async def _serve(config: Config, processes: int) -> None:
     beating = asyncio.create_task(_heartbeat(archive, config.node, stop))
     await stop.wait()
     await beating
-    if children:
-        from archive.dimse.processes import stop_listeners
-
-        await asyncio.to_thread(stop_listeners, children)
+    if children is not None:
+        await asyncio.to_thread(children.stop)
     if dicom is not None:
         dicom.stop()
     await runner.cleanup()

@@ -21,6 +21,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+#: how long :meth:`NodeAssociations.admit` waits for the lock the processes share
+LOCK_WAIT = 2.0
+
 
 class NodeAssociations:
     """The associations in progress in each listener process of this node.
@@ -58,10 +61,17 @@ class NodeAssociations:
         ``mine()`` being this process's associations in progress; when it
         does, it is counted here at once (the caller publishes its recount
         once it ends, or is refused later for another reason)."""
-        with self._lock:  # two processes cannot both take the last slot
+        # two processes cannot both take the last slot; a process killed
+        # while it held the lock (a shared semaphore: never given back) must
+        # not stop the node admitting anyone, so past LOCK_WAIT it decides alone
+        locked = self._lock.acquire(timeout=LOCK_WAIT)
+        try:
             count = mine()
             if count + self.others() >= limit:
                 self.publish(count)
                 return False
             self.publish(count + 1)
             return True
+        finally:
+            if locked:
+                self._lock.release()

@@ -8,30 +8,53 @@ own ingest pipeline and index writer, and all share the index and the object
 store as the scale-out design has many processes do anyway.
 
 Children die with their parent (PR_SET_PDEATHSIG), so a killed ``imag
-serve`` never leaves listeners behind on the port.  :func:`start_listeners`
+serve`` never leaves listeners behind on the port.  :meth:`Listeners.start`
 returns once every child listens: an association is held for a whole push
 (one per sending modality or ``storescu``), so associations opened while a
 child was still starting all stayed in the parent, and the processes shared
 nothing of the work.
+
+A child that exits while the node runs (killed, out of memory, a crash in a
+codec) is started again by the parent, after a pause that doubles while it
+keeps failing (:func:`restart_delay`); the associations it had in progress
+are no longer counted against ``dicom.max_associations`` (they died with it:
+counted, they would have kept their slots for ever).  Until it is back the
+kernel gives its share of new associations to the processes still listening.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
+from typing import Any
 
 from archive.config import Config
 from archive.dimse.nodeslots import NodeAssociations
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _restarts() -> Any:
+    # made on first use: prometheus_client must not be imported before
+    # imag serve has set PROMETHEUS_MULTIPROC_DIR (it imports this module first)
+    from prometheus_client import Counter
+
+    return Counter(
+        "imag_dicom_listener_restarts",
+        "DICOM listener processes started again after they exited while the node ran",
+    )
 
 
 def _die_with_parent() -> None:
@@ -44,10 +67,25 @@ def _die_with_parent() -> None:
 
 #: how long a listener process may take to start (imports, the index opened)
 START_TIMEOUT = 120.0
+#: a child that ran this long before exiting is restarted at once
+STABLE_SECONDS = 60.0
+#: the longest pause before restarting a child that keeps exiting
+MAX_RESTART_DELAY = 60.0
 
 
 class ListenerFailed(RuntimeError):
     """A listener process exited or did not listen within :data:`START_TIMEOUT`."""
+
+
+def restart_delay(failures: int) -> float:
+    """The pause before starting again a child that exited ``failures``
+    times in a row, each within :data:`STABLE_SECONDS` of its start: none
+    the first time (a one-off crash costs nothing), then 1, 2, 4 ... s up to
+    :data:`MAX_RESTART_DELAY` (a child that cannot run -- its port taken by
+    a stranger, the index refusing it -- is not restarted in a tight loop)."""
+    if failures <= 1:
+        return 0.0
+    return min(MAX_RESTART_DELAY, 2.0 ** (failures - 2))
 
 
 def _listener(config: Config, port: int, listening: Event, node: NodeAssociations) -> None:
@@ -71,54 +109,141 @@ def _listener(config: Config, port: int, listening: Event, node: NodeAssociation
     archive.close()
 
 
-def start_listeners(
-    config: Config, port: int, count: int, node: NodeAssociations
-) -> list[BaseProcess]:
-    """Start ``count`` extra listener processes on ``port``; return once each
-    listens (:class:`ListenerFailed`, the others stopped, when one does not).
+class Listeners:
+    """The node's extra listener processes: started, watched, stopped.
+
     ``node``: the associations of the node's ``count + 1`` processes, the
-    parent's being process 0 (``dicom.max_associations`` bounds them all)."""
-    ctx = multiprocessing.get_context("spawn")
-    procs: list[BaseProcess] = []
-    ready: list[Event] = []
-    for i in range(count):
-        listening = ctx.Event()
-        proc = ctx.Process(
+    parent's being process 0 (``dicom.max_associations`` bounds them all).
+    ``on_exit(pid)`` is called for each child that exits (its metrics in
+    Prometheus's multiprocess folder are then marked dead)."""
+
+    def __init__(
+        self,
+        config: Config,
+        port: int,
+        count: int,
+        node: NodeAssociations,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        self._config, self._port, self._node = config, port, node
+        self._on_exit = on_exit
+        self._ctx = multiprocessing.get_context("spawn")
+        self.procs: list[BaseProcess] = []
+        self._started: list[float] = [0.0] * count
+        self._failures: list[int] = [0] * count
+        self._count = count
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _spawn(self, i: int) -> tuple[BaseProcess, Event]:
+        listening = self._ctx.Event()
+        self._node.for_process(i + 1).publish(0)  # a dead child's associations died with it
+        proc = self._ctx.Process(
             target=_listener,
-            args=(config, port, listening, node.for_process(i + 1)),
+            args=(self._config, self._port, listening, self._node.for_process(i + 1)),
             name=f"imag-dicom-{i + 1}",
             daemon=False,
         )
         proc.start()
-        procs.append(proc)
-        ready.append(listening)
-    deadline = time.monotonic() + START_TIMEOUT
-    for proc, listening in zip(procs, ready, strict=True):
-        while not listening.wait(0.2):
-            if not proc.is_alive() or time.monotonic() > deadline:
-                stop_listeners(procs)
-                raise ListenerFailed(
-                    f"DICOM listener process {proc.name} "
-                    + (
-                        f"exited with code {proc.exitcode}"
-                        if proc.exitcode is not None
-                        else f"did not listen within {START_TIMEOUT:.0f} s"
-                    )
-                    + " (its log lines above say why)"
-                )
-    log.info("DICOM listener processes started", extra={"processes": count + 1, "port": port})
-    return procs
+        self._started[i] = time.monotonic()
+        return proc, listening
+
+    def start(self) -> Listeners:
+        """Start the children; return once each listens, then watch them
+        (:class:`ListenerFailed`, the others stopped, when one does not)."""
+        spawned = [self._spawn(i) for i in range(self._count)]
+        self.procs = [proc for proc, _ in spawned]
+        deadline = time.monotonic() + START_TIMEOUT
+        for proc, listening in spawned:
+            if not _wait_listening(proc, listening, deadline):
+                self.stop()
+                raise ListenerFailed(_failure(proc))
+        log.info(
+            "DICOM listener processes started",
+            extra={"processes": self._count + 1, "port": self._port},
+        )
+        _restarts()  # exported as 0 from the start
+        self._watcher = threading.Thread(target=self._watch, name="imag-dicom-watch", daemon=True)
+        self._watcher.start()
+        return self
+
+    def _watch(self) -> None:
+        """Start again each child that exits, until :meth:`stop`."""
+        while not self._stopping.is_set():
+            multiprocessing.connection.wait([p.sentinel for p in self.procs], timeout=1.0)
+            for i, proc in enumerate(self.procs):
+                if proc.is_alive() or self._stopping.is_set():
+                    continue
+                self._restart(i, proc)
+
+    def _restart(self, i: int, proc: BaseProcess) -> None:
+        ran = time.monotonic() - self._started[i]
+        self._failures[i] = 1 if ran >= STABLE_SECONDS else self._failures[i] + 1
+        delay = restart_delay(self._failures[i])
+        log.error(
+            "DICOM listener process exited; starting it again",
+            extra={
+                "listener": proc.name,
+                "pid": proc.pid,
+                "exit_code": proc.exitcode,
+                "ran_seconds": round(ran, 1),
+                "restart_in_seconds": delay,
+            },
+        )
+        if self._on_exit is not None and proc.pid is not None:
+            self._on_exit(proc.pid)
+        proc.close()
+        if self._stopping.wait(delay):
+            return
+        new, listening = self._spawn(i)
+        self.procs[i] = new
+        _restarts().inc()
+        if _wait_listening(new, listening, time.monotonic() + START_TIMEOUT):
+            log.info("DICOM listener process started again", extra={"listener": new.name})
+        # else: the watch loop sees it exit (or stop) and tries again, later
+
+    def stop(self, timeout: float = 20) -> None:
+        """Stop the children (SIGTERM, then SIGKILL after ``timeout``)."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout)
+        stop_listeners(self.procs, timeout)
+
+
+def _wait_listening(proc: BaseProcess, listening: Event, deadline: float) -> bool:
+    while not listening.wait(0.2):
+        if not proc.is_alive() or time.monotonic() > deadline:
+            return False
+    return True
+
+
+def _failure(proc: BaseProcess) -> str:
+    return (
+        f"DICOM listener process {proc.name} "
+        + (
+            f"exited with code {proc.exitcode}"
+            if proc.exitcode is not None
+            else f"did not listen within {START_TIMEOUT:.0f} s"
+        )
+        + " (its log lines above say why)"
+    )
 
 
 def stop_listeners(procs: list[BaseProcess], timeout: float = 20) -> None:
     for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
+        try:
+            if proc.is_alive():
+                proc.terminate()
+        except ValueError:  # closed: it had exited
+            continue
     for proc in procs:
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        try:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        except ValueError:
+            continue
 
 
 def metrics_dir(config: Config) -> str:
