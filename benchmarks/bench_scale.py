@@ -662,7 +662,8 @@ def report(
     if unlike:
         print(
             "n/a*: Orthanc answered other rows, so its time is not the same work (its "
-            "QIDO-RS does not decode percent-escaped values: accented names find nothing)"
+            "QIDO-RS does not decode percent-escaped values, so an accented name finds "
+            "nothing, and fuzzymatching does not make MUL* find MÜLLER)"
         )
     sys.stdout.flush()
 

@@ -174,7 +174,10 @@ class Listeners:
             for i, proc in enumerate(self.procs):
                 if proc.is_alive() or self._stopping.is_set():
                     continue
-                self._restart(i, proc)
+                try:
+                    self._restart(i, proc)
+                except Exception:  # noqa: BLE001 - not started: tried again, later
+                    log.exception("DICOM listener process could not be started again")
 
     def _restart(self, i: int, proc: BaseProcess) -> None:
         ran = time.monotonic() - self._started[i]
@@ -192,7 +195,7 @@ class Listeners:
         )
         if self._on_exit is not None and proc.pid is not None:
             self._on_exit(proc.pid)
-        proc.close()
+        self._started[i] = time.monotonic()  # a failed start counts as a quick exit
         if self._stopping.wait(delay):
             return
         new, listening = self._spawn(i)
@@ -231,19 +234,13 @@ def _failure(proc: BaseProcess) -> str:
 
 def stop_listeners(procs: list[BaseProcess], timeout: float = 20) -> None:
     for proc in procs:
-        try:
-            if proc.is_alive():
-                proc.terminate()
-        except ValueError:  # closed: it had exited
-            continue
+        if proc.is_alive():
+            proc.terminate()
     for proc in procs:
-        try:
-            proc.join(timeout)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        except ValueError:
-            continue
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def metrics_dir(config: Config) -> str:
