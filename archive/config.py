@@ -383,7 +383,8 @@ SETTINGS: list[Setting] = [
         1,
         _int(1, 64),
         "DICOM listener processes sharing the port "
-        "(SO_REUSEPORT); more than one uses more cores for C-STORE ingest",
+        "(SO_REUSEPORT); more than one uses more cores for C-STORE ingest (one that "
+        "exits is started again, and counted in imag_dicom_listener_restarts_total)",
     ),
     Setting(
         "dicom.max_associations",
