@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily
 
 NODE = Gauge(
@@ -223,7 +223,10 @@ class _NodeCollector:
 
     def collect(self) -> Iterator[Any]:
         families = {f.name: f for f in self._children.collect()}
-        for own in REGISTRY.collect():
+        # had prometheus_client been imported after the folder was set, the
+        # parent's values would be in it too: only the computed ones then
+        in_memory = values.ValueClass.__name__ != "MmapedValue"
+        for own in REGISTRY.collect() if in_memory else JOB_QUEUE.collect():
             theirs = families.get(own.name)
             samples = [s for s in own.samples if not s.name.endswith("_created")]
             if theirs is None:
