@@ -332,6 +332,51 @@ def test_a_process_killed_while_it_held_the_admission_lock_does_not_stop_admissi
     assert parent.others() == 1
 
 
+def test_the_metrics_of_a_node_with_listener_processes_add_up_as_each_metric_says(
+    tmp_path: Path,
+) -> None:
+    """With listener processes, /metrics reads the children's values from
+    the folder they share and adds the parent's own: a counter and a
+    ``livesum`` gauge (like associations in progress) add up, while a
+    ``max`` gauge (like the node's info line, 1 in every process) stays 1,
+    not the number of processes.  (Metrics of this test's own, so that what
+    other tests counted in this process does not matter.)"""
+    from prometheus_client import REGISTRY, Counter, Gauge
+
+    from archive.metrics import node_metrics
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    declare = (
+        "from prometheus_client import Counter, Gauge\n"
+        "done = Counter('imag_test_merge_done', 'test', ['outcome'])\n"
+        "busy = Gauge('imag_test_merge_busy', 'test', multiprocess_mode='livesum')\n"
+        "info = Gauge('imag_test_merge_info', 'test', ['node'], multiprocess_mode='max')\n"
+    )
+    child = declare + "done.labels('ok').inc(3)\nbusy.inc(2)\ninfo.labels('node-a').set(1)\n"
+    subprocess.run(
+        [sys.executable, "-c", child],
+        env=os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(folder)},
+        check=True,
+        timeout=120,
+    )
+    done = Counter("imag_test_merge_done", "test", ["outcome"])
+    busy = Gauge("imag_test_merge_busy", "test", multiprocess_mode="livesum")
+    info = Gauge("imag_test_merge_info", "test", ["node"], multiprocess_mode="max")
+    try:
+        done.labels("ok").inc(5)  # this (parent) process's own, in memory
+        busy.inc(1)
+        info.labels("node-a").set(1)
+        page = _samples(node_metrics(str(folder)).decode())
+    finally:
+        for metric in (done, busy, info):
+            REGISTRY.unregister(metric)
+    assert page['imag_test_merge_done_total{outcome="ok"}'] == 8
+    assert page["imag_test_merge_busy"] == 3
+    assert page['imag_test_merge_info{node="node-a"}'] == 1
+    assert not any(name.endswith("_created") for name in page)
+
+
 def test_a_listener_process_that_keeps_exiting_is_restarted_ever_more_slowly() -> None:
     """One exit costs nothing; a child that cannot run is not restarted in a
     tight loop (each attempt a Python start-up and an index connection)."""
