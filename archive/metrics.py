@@ -8,7 +8,16 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, values
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 NODE = Gauge(
@@ -214,8 +223,6 @@ class _NodeCollector:
     smaller, else the sum, as ``livesum`` does)."""
 
     def __init__(self, folder: str) -> None:
-        from prometheus_client import multiprocess
-
         self._children = multiprocess.MultiProcessCollector(None, folder)
 
     def describe(self) -> list:
@@ -258,8 +265,6 @@ def _gauge_mode(name: str) -> str:
 
 def node_metrics(folder: str) -> bytes:
     """The /metrics page of a node whose listener processes share ``folder``."""
-    from prometheus_client import CollectorRegistry, generate_latest
-
     registry = CollectorRegistry()
     registry.register(_NodeCollector(folder))
     return generate_latest(registry)

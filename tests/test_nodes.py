@@ -130,12 +130,18 @@ def test_this_nodes_dicom_listener_processes_still_share_its_port(tmp_path: Path
 LISTEN, ESTABLISHED = "0A", "01"
 
 
-def _sockets_on(port: int, state: str) -> int:
-    """How many of this machine's IPv4 sockets have local ``port`` in ``state``
-    (the server's side of a connection: the client's has another local port)."""
+def _socket_inodes(port: int, state: str) -> list[str]:
+    """The inodes of this machine's IPv4 sockets with local ``port`` in
+    ``state`` (the server's side of a connection: the client's has another
+    local port)."""
     rows = (r.split() for r in Path("/proc/net/tcp").read_text().splitlines()[1:])
-    # local address "0100007F:2B67", state "0A"
-    return sum(1 for r in rows if r[3] == state and int(r[1].split(":")[1], 16) == port)
+    # local address "0100007F:2B67", state "0A", inode in the tenth column
+    return [r[9] for r in rows if r[3] == state and int(r[1].split(":")[1], 16) == port]
+
+
+def _sockets_on(port: int, state: str) -> int:
+    """How many of this machine's IPv4 sockets have local ``port`` in ``state``."""
+    return len(_socket_inodes(port, state))
 
 
 def test_every_dicom_listener_process_listens_before_imag_serve_answers(tmp_path: Path) -> None:
@@ -226,8 +232,7 @@ def _listener_children(pid: int) -> set[int]:
 
 def _connections_of(pid: int, port: int) -> int:
     """How many established connections to local ``port`` process ``pid`` holds."""
-    rows = (r.split() for r in Path("/proc/net/tcp").read_text().splitlines()[1:])
-    inodes = {r[9] for r in rows if r[3] == ESTABLISHED and int(r[1].split(":")[1], 16) == port}
+    inodes = set(_socket_inodes(port, ESTABLISHED))
     held = 0
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
