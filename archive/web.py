@@ -85,3 +85,17 @@ class StreamedAnswer(web.StreamResponse):
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.head:
             await super().write(data)
+
+
+async def read_capped(request: web.Request, limit: int) -> bytes:
+    """The request's body, read to its end or to one byte past ``limit``
+    (the caller refuses it then).  ``request.content.read(n)`` gives what has
+    arrived so far, not the whole body: a body in several TCP segments was
+    cut, and refused as not JSON (seen with a 64 KB report chapter)."""
+    raw = b""
+    while len(raw) <= limit:
+        chunk = await request.content.read(limit + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return raw

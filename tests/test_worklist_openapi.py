@@ -292,3 +292,43 @@ def test_a_period_that_names_no_instants_or_too_long_a_time_is_refused(
 ) -> None:
     refused = Documented(server)("worklistStats", 400, query=query)
     assert refused.json()["title"] == "Bad Request"
+
+
+def test_a_body_arriving_in_several_pieces_is_read_whole(server: InProcessImag) -> None:
+    """A report sent in two pieces with a pause between (a slow phone link,
+    chunked) is read to its end: the first piece alone is not JSON, and it
+    was refused 400 "not a JSON object" (CI saw it with a 64 KB chapter)."""
+    import json as _json
+    import time as _time
+
+    import requests
+
+    call = Documented(server)
+    uid = new_request(server)
+    tx = call("claimRequest", 200, path_parameters={"uid": uid}).json()["transaction_uid"]
+    body = _json.dumps(
+        {
+            "indications": "Chute.",
+            "technique": "Bassin.",
+            "results": "Normal.",
+            "conclusion": "RAS.",
+        }
+    ).encode()
+
+    def pieces():  # noqa: ANN202 - a generator body: chunked transfer
+        yield body[:20]
+        _time.sleep(0.3)
+        yield body[20:]
+
+    answer = requests.put(
+        f"{server.url}/api/worklist/requests/{uid}/report",
+        data=pieces(),
+        headers={
+            "Authorization": f"Bearer {server.token}",
+            "Content-Type": "application/json",
+            "X-Transaction-UID": tx,
+        },
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    assert "Normal." in answer.text

@@ -58,7 +58,7 @@ from archive.messaging.message import check_address
 from archive.security.http import AUTHENTICATED, audit_of, principal_of, require
 from archive.security.roles import Principal
 from archive.security.scope import Scope, study_clause
-from archive.web import ARCHIVE
+from archive.web import ARCHIVE, read_capped
 from worklist import service
 from worklist.openapi import REQUESTS_API, contribute
 from worklist.openapi import serve as serve_openapi
@@ -203,7 +203,7 @@ async def _body(request: web.Request, *, required: bool = True) -> dict[str, Any
     """The JSON object of the body ({} when absent and not required)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise _Refused(413, "Content Too Large", f"the body is limited to {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
+    raw = await read_capped(request, MAX_BODY)
     if len(raw) > MAX_BODY:
         raise _Refused(413, "Content Too Large", f"the body is limited to {MAX_BODY} bytes")
     if not raw.strip():

@@ -34,7 +34,7 @@ from aiohttp import web
 from archive.identity.regional import Actor, IdentityError, RegionalIdentity, RegionalIndex
 from archive.security.http import audit_of, principal_of, require, scope_of
 from archive.security.scope import Scope
-from archive.web import ARCHIVE, problem
+from archive.web import ARCHIVE, problem, read_capped
 
 #: the largest request body accepted (a note and two identifiers)
 MAX_BODY = 16 * 1024
@@ -77,7 +77,7 @@ def _actor(request: web.Request) -> Actor:
 async def _body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise _Refused(413, f"the request body is over {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
+    raw = await read_capped(request, MAX_BODY)
     if len(raw) > MAX_BODY:
         raise _Refused(413, f"the request body is over {MAX_BODY} bytes")
     if not raw.strip():

@@ -39,7 +39,7 @@ from archive.security.http import AUTHENTICATED, audit_of, principal_of, require
 from archive.security.roles import Principal
 from archive.security.scope import study_clause
 from archive.uids import is_valid_uid
-from archive.web import ARCHIVE, public_base
+from archive.web import ARCHIVE, public_base, read_capped
 from worklist import service
 from worklist.http import audit_hidden
 from worklist.requests import (
@@ -189,7 +189,7 @@ async def _dataset(request: web.Request, *, required: bool = True) -> Dataset | 
     """The body's DICOM JSON dataset (None when absent and not required)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise _Refused(413, "Content Too Large", f"the body is limited to {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
+    raw = await read_capped(request, MAX_BODY)
     if len(raw) > MAX_BODY:
         raise _Refused(413, "Content Too Large", f"the body is limited to {MAX_BODY} bytes")
     if not raw.strip():
