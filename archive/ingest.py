@@ -65,6 +65,16 @@ from a second read of the file meta.  Nothing is answered before both the
 object and the index row are durable, as before; a refusal or a failure
 after the write began removes the temporary file.
 
+**Indexed while made durable**: for a caller that commits in this process
+(:meth:`IngestPipeline.ingest`: C-STORE, STOW-RS), a new object's last
+durable steps (the end of its fsync, its rename, its folder's fsync) run
+while the index writer runs the instance's statements; a commit hook run
+last in the transaction waits for them before COMMIT, so an index row is
+never durable before its object, and an object that fails then rolls its
+instance back (``storage-error``).  About a tenth of a lone sender's round
+trip.  ``imag import``'s worker processes prepare objects durable before
+they hand them over.
+
 **C-STORE audit**: an instance whose :class:`Source` names an ``origin`` gets
 its audit entry written by a commit hook, in the transaction of its index
 row, so no acknowledged instance can lack one (a crash loses both or neither)
@@ -314,11 +324,25 @@ def stored_digests(store: ObjectStore, key: str, transfer_syntax: str) -> Digest
 
 @dataclass
 class Prepared:
-    """An instance whose object is durable and whose index row is not yet committed."""
+    """An instance whose index row is not yet committed, and whose object is
+    durable or becomes durable before that row commits."""
 
     record: InstanceRecord
     source_kind: str
     started: float
+    #: the object being renamed to its key and its folder fsynced while the
+    #: index writer runs the instance's statements (see :meth:`IngestPipeline.ingest`);
+    #: None when the object is durable already
+    durable: Future[int] | None = None
+
+
+class NotDurable(Exception):
+    """An object whose write failed after its instance was handed to the index
+    writer: its transaction must not commit."""
+
+    def __init__(self, record: InstanceRecord, cause: BaseException) -> None:
+        super().__init__(f"the object could not be stored: {cause}")
+        self.record = record
 
 
 class IngestPipeline:
@@ -384,11 +408,17 @@ class IngestPipeline:
 
     # -- first half: runs anywhere, in parallel --------------------------------------
 
-    def prepare(self, data: bytes, source: Source) -> Prepared | IngestResult:
+    def prepare(
+        self, data: bytes, source: Source, *, overlap: bool = False
+    ) -> Prepared | IngestResult:
         """Validate ``data`` and make its object durable.
 
         Returns a :class:`Prepared` to commit, or a final :class:`IngestResult`
-        when nothing needs committing (rejected, or already stored).
+        when nothing needs committing (rejected, or already stored).  With
+        ``overlap``, a new object's last durable steps (its fsync, rename and
+        folder fsync) may still be running when this returns
+        (:attr:`Prepared.durable`): for a caller that commits it in this
+        process, whose index writer waits for them before its COMMIT.
         """
         return self._prepare(
             source,
@@ -403,6 +433,7 @@ class IngestPipeline:
             ),
             lambda key, body: self.store.put(key, data if body is None else body),
             data=data,
+            overlap=overlap,
         )
 
     def prepare_file(self, path: str | os.PathLike, source: Source) -> Prepared | IngestResult:
@@ -438,8 +469,10 @@ class IngestPipeline:
         digest_of: Callable[[Header, bool], Digests],
         put: Callable[[str, bytes | None], object],
         data: bytes | None = None,
+        overlap: bool = False,
     ) -> Prepared | IngestResult:
         started = time.perf_counter()
+        durable: Future[int] | None = None
         uids: dict[str, str] = {}
         staged: Future[StagedPut] | None = None
         with self._pool_lock:
@@ -574,7 +607,10 @@ class IngestPipeline:
             try:
                 if staged is not None and body is None:
                     pending, staged = staged, None
-                    pending.result().commit(key)
+                    if overlap:
+                        durable = _committed_when_written(pending, key)
+                    else:
+                        pending.result().commit(key)
                 else:
                     put(key, body)
             except StorageError as exc:
@@ -592,7 +628,7 @@ class IngestPipeline:
                 _drop(staged)
             with self._pool_lock:
                 self._busy -= 1
-        return Prepared(record, source.kind, started)
+        return Prepared(record, source.kind, started, durable)
 
     def _stored_digests(
         self, key: str, transfer_syntax: str
@@ -667,8 +703,13 @@ class IngestPipeline:
         return future
 
     def ingest(self, data: bytes, source: Source) -> IngestResult:
-        """Store one object; return once it is durable and indexed (or rejected)."""
-        step = self.prepare(data, source)
+        """Store one object; return once it is durable and indexed (or rejected).
+
+        The object's fsync, rename and folder fsync overlap the index
+        writer's statements for it; the writer's COMMIT waits for them, so
+        an index row never commits before its object is durable, and a
+        write that fails then rolls the instance back (``storage-error``)."""
+        step = self.prepare(data, source, overlap=True)
         if isinstance(step, IngestResult):
             return step
         return self.commit(step).result()
@@ -768,16 +809,30 @@ class IndexWriter:
 
     def _commit(self, batch: list[tuple[Prepared, Future]]) -> None:
         started = time.perf_counter()
+        hooks = self.hooks
+        if any(p.durable is not None for p, _ in batch):
+            hooks = [*hooks, _wait_durable(batch)]
         try:
-            results = self.catalog.commit(
-                [p.record for p, _ in batch], self.on_conflict, self.hooks
-            )
+            results = self.catalog.commit([p.record for p, _ in batch], self.on_conflict, hooks)
         except Exception as exc:  # noqa: BLE001 - isolate the failing row below
             if len(batch) > 1:
                 for one in batch:
                     self._commit([one])
                 return
             prepared, future = batch[0]
+            if isinstance(exc, NotDurable):  # nothing of it committed
+                log.info(
+                    "instance rejected",
+                    extra={
+                        "code": "storage-error",
+                        "reason": str(exc),
+                        "sop_instance_uid": prepared.record.sop_instance_uid,
+                    },
+                )
+                future.set_result(
+                    _result(prepared.record, None, Rejected("storage-error", str(exc)))
+                )
+                return
             if isinstance(exc, AuditUnavailable):  # logged by the audit log
                 future.set_result(
                     _result(
@@ -842,6 +897,37 @@ def _start(header: Header, stream: Callable[[], BinaryIO]) -> int:
     if header.dataset_start is not None:
         return header.dataset_start
     return dataset_offset(stream())
+
+
+def _committed_when_written(staged: Future[StagedPut], key: str) -> Future[int]:
+    """``staged`` renamed to ``key`` (its folder fsynced) by the thread that
+    finishes writing it, or at once when written already: no thread waits
+    on another of the same pool."""
+    durable: Future[int] = Future()
+
+    def commit(written: Future[StagedPut]) -> None:
+        try:
+            durable.set_result(written.result().commit(key))
+        except BaseException as exc:  # noqa: BLE001 - handed to the index writer
+            durable.set_exception(exc)
+
+    staged.add_done_callback(commit)
+    return durable
+
+
+def _wait_durable(batch: list[tuple[Prepared, Future]]) -> CommitHook:
+    """The commit hook that holds the transaction of ``batch`` until each of
+    its objects is durable; run last, just before COMMIT."""
+
+    def wait(db: object, done: object) -> None:
+        for prepared, _ in batch:
+            if prepared.durable is not None:
+                try:
+                    prepared.durable.result()
+                except Exception as exc:  # noqa: BLE001 - StorageError, or the write's own
+                    raise NotDurable(prepared.record, exc) from exc
+
+    return wait
 
 
 def _drop(staged: Future[StagedPut]) -> None:

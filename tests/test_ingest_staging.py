@@ -155,6 +155,97 @@ def test_a_new_object_is_written_while_its_header_is_parsed(
     assert temporary_files(archive.store) == []
 
 
+class _HeldCommit:
+    """A staged object whose commit (rename to its key, folder fsync) waits
+    for ``release``, then does what ``then`` says: commit, or fail."""
+
+    def __init__(self, staged: object, release: threading.Event, fail: bool) -> None:
+        self.staged, self.release, self.fail = staged, release, fail
+
+    def commit(self, key: str) -> int:
+        assert self.release.wait(30), "the test never released the object's commit"
+        if self.fail:
+            self.staged.abort()  # type: ignore[attr-defined]
+            raise StorageError(f"put {key!r}: syncing its folder failed: [Errno 5] EIO")
+        return self.staged.commit(key)  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        self.staged.abort()  # type: ignore[attr-defined]
+
+
+def _hold_commits(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch, *, fail: bool = False
+) -> tuple[threading.Event, threading.Event]:
+    """Every staged object's commit held until the first event is set; the
+    second is set once the index writer ran an instance's statements (its
+    commit hooks run last inside the transaction, before COMMIT)."""
+    release, statements_ran = threading.Event(), threading.Event()
+    stage = archive.store.stage
+    monkeypatch.setattr(
+        archive.store, "stage", lambda data, near: _HeldCommit(stage(data, near), release, fail)
+    )
+    assert archive.pipeline.writer is not None
+    monkeypatch.setattr(
+        archive.pipeline.writer,
+        "hooks",
+        [*archive.pipeline.writer.hooks, lambda db, done: statements_ran.set()],
+    )
+    return release, statements_ran
+
+
+def test_an_index_row_is_written_while_its_object_is_made_durable_and_commits_after_it(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index statements of a new instance run while its object's last
+    durable steps (rename, folder fsync) are still running, and the COMMIT
+    waits for them: no index row is ever visible before its object, and
+    nothing is answered before both."""
+    release, statements_ran = _hold_commits(archive, monkeypatch)
+    data = make_instance()
+    results: list = []
+    sender = threading.Thread(target=lambda: results.append(archive.pipeline.ingest(data, SOURCE)))
+    sender.start()
+    try:
+        assert statements_ran.wait(10), "the index waited for the object before its statements"
+        uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+        assert (
+            archive.catalog.find_instance(uid) is None
+        )  # not committed: its object is not in place
+        assert list(archive.store.iter_keys()) == []
+        assert results == []  # nothing answered
+    finally:
+        release.set()
+        sender.join(30)
+    (result,) = results
+    assert result.outcome is StoreOutcome.STORED
+    assert archive.catalog.find_instance(result.sop_instance_uid) is not None
+    assert archive.store.get(result.object_key) == data
+    assert temporary_files(archive.store) == []
+
+
+def test_an_object_failing_after_its_index_statements_ran_is_refused_and_rolled_back(
+    archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adversary: the disk fails the folder fsync of an object whose
+    index statements already ran.  The transaction is rolled back, the
+    sender gets ``storage-error`` and the archive is as it was; the next
+    instance is stored."""
+    study = generate_uid()
+    archive.pipeline.ingest(make_instance(study=study), SOURCE)
+    before = snapshot(archive)
+    release, statements_ran = _hold_commits(archive, monkeypatch, fail=True)
+    release.set()
+    result = archive.pipeline.ingest(make_instance(study=study), SOURCE)
+    assert statements_ran.is_set()
+    assert not result.ok and result.code == "storage-error"
+    assert "could not be stored" in result.reason and "EIO" in result.reason
+    assert snapshot(archive) == before
+    assert temporary_files(archive.store) == []
+    monkeypatch.undo()
+    assert archive.pipeline.ingest(make_instance(study=study), SOURCE).ok
+    assert archive.catalog.counts()["instances"] == 2
+
+
 @pytest.mark.parametrize("label", ["truncated", "foreign site", "duplicate"])
 def test_an_object_written_before_it_was_refused_or_found_stored_leaves_no_file(
     archive: Archive, label: str
