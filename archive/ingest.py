@@ -55,8 +55,9 @@ digests existed are compared the same way.
 digest, yet a lone sender's new instance stored as received does not wait
 for it: its object is written and fsynced to a temporary file beside its
 final place by another thread (:meth:`storage.ObjectStore.stage`) while this
-one hashes it (the whole object's digest in a third thread; hashlib and file
-writes release the GIL), then renamed to its key and its folder fsynced.
+one hashes it (hashlib and file writes release the GIL; hashing it in a third
+thread while the header is parsed was measured slower: three threads busy on
+two cores), then renamed to its key and its folder fsynced.
 When there are as many instances in preparation as cores, each is prepared
 in its own thread as before: another thread would only add its cost.  The
 data set offset
@@ -473,6 +474,7 @@ class IngestPipeline:
     ) -> Prepared | IngestResult:
         started = time.perf_counter()
         durable: Future[int] | None = None
+        stager: Executor | None = None  # the pool writing the staged object
         uids: dict[str, str] = {}
         staged: Future[StagedPut] | None = None
         with self._pool_lock:
@@ -489,6 +491,7 @@ class IngestPipeline:
                 # release the GIL).  Dropped if the object is refused or
                 # already stored.
                 staged = early.submit(self.store.stage, data, STAGING_NEAR)
+                stager = early
             header = header_of()
             uids = {
                 "sop_instance_uid": header.sop_instance_uid,
@@ -519,6 +522,7 @@ class IngestPipeline:
                 # fsynced by another thread while this one hashes it (hashlib
                 # and the write release the GIL); it gets its digest-derived
                 # name once both are done (:meth:`ObjectStore.stage`).
+                stager = pool
                 staged = pool.submit(
                     self.store.stage,
                     data,
@@ -607,8 +611,12 @@ class IngestPipeline:
             try:
                 if staged is not None and body is None:
                     pending, staged = staged, None
-                    if overlap:
-                        durable = _committed_when_written(pending, key)
+                    if overlap and stager is not None:
+                        # in the pool that writes it, after its write: a
+                        # worker that takes this has taken the write before
+                        # it (first in, first out), so never waits on a
+                        # task still queued
+                        durable = stager.submit(_commit_staged, pending, key)
                     else:
                         pending.result().commit(key)
                 else:
@@ -899,20 +907,9 @@ def _start(header: Header, stream: Callable[[], BinaryIO]) -> int:
     return dataset_offset(stream())
 
 
-def _committed_when_written(staged: Future[StagedPut], key: str) -> Future[int]:
-    """``staged`` renamed to ``key`` (its folder fsynced) by the thread that
-    finishes writing it, or at once when written already: no thread waits
-    on another of the same pool."""
-    durable: Future[int] = Future()
-
-    def commit(written: Future[StagedPut]) -> None:
-        try:
-            durable.set_result(written.result().commit(key))
-        except BaseException as exc:  # noqa: BLE001 - handed to the index writer
-            durable.set_exception(exc)
-
-    staged.add_done_callback(commit)
-    return durable
+def _commit_staged(staged: Future[StagedPut], key: str) -> int:
+    """``staged``, once written, renamed to ``key`` and its folder fsynced."""
+    return staged.result().commit(key)
 
 
 def _wait_durable(batch: list[tuple[Prepared, Future]]) -> CommitHook:
