@@ -341,9 +341,8 @@ class NotDurable(Exception):
     """An object whose write failed after its instance was handed to the index
     writer: its transaction must not commit."""
 
-    def __init__(self, record: InstanceRecord, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException) -> None:
         super().__init__(f"the object could not be stored: {cause}")
-        self.record = record
 
 
 class IngestPipeline:
@@ -922,7 +921,7 @@ def _wait_durable(batch: list[tuple[Prepared, Future]]) -> CommitHook:
                 try:
                     prepared.durable.result()
                 except Exception as exc:  # noqa: BLE001 - StorageError, or the write's own
-                    raise NotDurable(prepared.record, exc) from exc
+                    raise NotDurable(exc) from exc
 
     return wait
 

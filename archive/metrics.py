@@ -50,7 +50,8 @@ INGEST_SECONDS = Histogram(
 )
 INDEX_COMMIT_SECONDS = Histogram(
     "imag_index_commit_seconds",
-    "Duration of one index transaction of the ingest writer",
+    "Duration of one index transaction of the ingest writer (with the wait, before its"
+    " COMMIT, for objects still being made durable)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
 )
 INDEX_BATCH_SIZE = Histogram(
