@@ -10,12 +10,14 @@ search finds (a site peer's look-up by UID of another site's study)."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable, Iterator
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileDataset
 
+from archive.config import Config
 from archive.dimse.handlers import AUDIT_REFUSAL, peer_entry, plan_find
 from archive.identity import Source
 from archive.index.db import Database
@@ -109,6 +111,101 @@ def test_a_c_find_by_patient_is_searched_and_audited_in_one_statement_on_postgre
         "keys": {"PatientID": "PAT-1"},
         "results": 2,
     }
+
+
+@pytest.mark.parametrize("level", ["STUDY", "SERIES"])
+def test_a_c_find_by_study_uid_is_searched_and_audited_in_one_statement_on_postgresql(
+    archive: Archive, studies: list[str], level: str
+) -> None:
+    """A regional peer's look-up by Study Instance UID (a viewer opening a
+    study asks its series so): one statement on PostgreSQL, whose INSERT
+    reads the study's patient for the entry, as the two-step path's does."""
+    before = last_audit_id(archive.db)
+    with statements_run(archive.db) as statements:
+        plan = plan_find(
+            archive, identifier(level, StudyInstanceUID=studies[0]), REGIONAL, "REGION_SCU", "h"
+        )
+    assert plan.status == 0xFF00
+    assert len(plan.rows) == 1
+    assert len(statements) == (1 if archive.db.dialect == "postgresql" else 2), statements
+    [row] = audit_rows(archive.db, before)
+    assert row[:9] == (
+        "REGION_SCU",
+        "peer",
+        "regional-peer",
+        "dicom.c-find",
+        "allowed",
+        None,
+        studies[0],
+        "PAT-1",  # read by the INSERT
+        "REGION_SCU@h",
+    )
+    assert json.loads(row[9]) == {
+        "site": "",
+        "level": level,
+        "keys": {"StudyInstanceUID": studies[0]},
+        "results": 1,
+    }
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("index_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("known", [True, False])
+def test_an_entry_naming_a_study_a_search_writes_is_the_row_audit_write_appends(
+    archive: Archive, studies: list[str], known: bool
+) -> None:
+    """With the study's patient read by the INSERT: a study the index has
+    (its patient) and one it has not (none), as :meth:`AuditLog.write` writes."""
+    uid = studies[2] if known else "1.2.3.4.5.6.7.8.9"
+    query = Query(level="SERIES", keys={"StudyInstanceUID": uid})
+    detail = {"level": "SERIES", "keys": {"StudyInstanceUID": uid}}
+    before = last_audit_id(archive.db)
+    entry = peer_entry("REGION_SCU", "h", REGIONAL, "dicom.c-find", "allowed", uid, detail)
+    rows = search(archive.db, query, counted=archive.audit.counted(entry, "results"))
+    assert len(rows) == (1 if known else 0)
+    twin = peer_entry(
+        "REGION_SCU",
+        "h",
+        REGIONAL,
+        "dicom.c-find",
+        "allowed",
+        uid,
+        {**detail, "results": len(rows)},
+    )
+    archive.audit.write(twin)
+    carried, written = audit_rows(archive.db, before)
+    assert carried == written
+    assert carried[7] == ("PAT-2" if known else None)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("index_url", ["postgresql"], indirect=True)
+def test_the_copy_of_a_carried_entry_forwarded_to_syslog_names_the_studys_patient(
+    make_config: Callable[..., Config], index_url: str
+) -> None:
+    """The SIEM gets what the trail holds: the patient the INSERT read."""
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(10)
+    syslog = f"udp://127.0.0.1:{receiver.getsockname()[1]}"
+    try:
+        with Archive(make_config(index_url=index_url, settings={"audit.syslog": syslog})) as arch:
+            data = make_instance(lambda ds: setattr(ds, "PatientID", "PAT-9"))
+            assert arch.pipeline.ingest(data, Source(kind="import", site="A")).ok
+            uid = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data)).StudyInstanceUID
+            plan = plan_find(
+                arch, identifier("SERIES", StudyInstanceUID=uid), REGIONAL, "REGION_SCU", "h"
+            )
+            assert plan.status == 0xFF00
+            message, _ = receiver.recvfrom(65536)
+    finally:
+        receiver.close()
+    forwarded = json.loads(message.decode("utf-8").split("\ufeff", 1)[1])
+    assert (forwarded["action"], forwarded["study_uid"], forwarded["patient_id"]) == (
+        "dicom.c-find",
+        uid,
+        "PAT-9",
+    )
 
 
 @pytest.mark.postgres

@@ -592,23 +592,23 @@ def _search_audited(
     own statement (PostgreSQL, :meth:`AuditLog.counted`): one round trip and
     one commit, where the search and then the entry were two; the entry is
     durable before any match leaves all the same.  Taken only when the entry
-    does not depend on what the search finds: no study named (the entry
-    would name its patient) and no look-up by UID that a site-bound peer
-    may be denied (:func:`may_hide`).
+    does not depend on what the search finds: no look-up by UID that a
+    site-bound peer may be denied (:func:`may_hide`).  An entry naming a
+    study gets its patient read by the INSERT, as the two-step path's does.
 
     None when not taken, or when the statement failed: then nothing was
     written, and :func:`plan_find` searches and audits in two steps, which
     tells the search's failure from the audit trail's."""
     if archive.db.dialect != "postgresql" or may_hide(query.keys, scope):
         return None
-    if "StudyInstanceUID" in query.keys and (query.keys["StudyInstanceUID"] or "").strip():
-        return None
+    study = query.keys.get("StudyInstanceUID")
     entry = peer_entry(
         aet,
         address,
         peer,
         "dicom.c-find",
         "allowed",
+        study_uid=study if study and "\\" not in study else None,
         detail={"level": query.level, "keys": query.keys},
     )
     return archive.audit.carried(

@@ -88,13 +88,14 @@ _INSERT = (
 _PLAIN_INSERT = _INSERT.format(patient="?", detail="?")
 #: an entry a search carries: the detail's JSON around the count, joined to
 #: it; the count at most a page when one is given (``least`` ignores a NULL)
-_COUNTED_INSERT = _INSERT.format(
-    patient="?", detail="? || least((SELECT count(*) FROM found), ?)::text || ?"
-)
+_COUNTED_DETAIL = "? || least((SELECT count(*) FROM found), ?)::text || ?"
+_COUNTED_INSERT = _INSERT.format(patient="?", detail=_COUNTED_DETAIL)
 _PATIENT_OF_STUDY = (
     "(SELECT p.patient_id FROM studies st JOIN patients p ON p.id = st.patient_ref "
     "WHERE st.study_uid = ?)"
 )
+#: an entry a search carries, naming a study without its patient: the INSERT reads it
+_COUNTED_PATIENT_INSERT = _INSERT.format(patient=_PATIENT_OF_STUDY, detail=_COUNTED_DETAIL)
 
 #: an entry naming a study without its patient: the INSERT reads it
 _PATIENT_INSERT = _INSERT.format(patient=_PATIENT_OF_STUDY, detail="?") + " RETURNING patient_id"
@@ -149,14 +150,16 @@ class AuditLog:
         count.  When the statement succeeds, set ``detail[key]`` and call
         :meth:`forward`; when it fails, nothing was written: the caller
         writes the entry with :meth:`write`, which reports an unwritable
-        trail.  An entry naming a study must name its patient here."""
-        if entry.study_uid and not entry.patient_id:
-            raise ValueError("a counted entry names the study's patient itself")
+        trail.  An entry naming a study without its patient gets the
+        study's patient read by the INSERT, as :meth:`write` does."""
         values = self._values(entry)
         marker = -7_160_917  # where the count goes, in the detail's JSON
         detail = json.dumps({**entry.detail, key: marker}, sort_keys=True)
         before, after = detail.split(f": {marker}", 1)
         values[10:11] = [before + ": ", most, after]
+        if entry.study_uid and not entry.patient_id:
+            values[8] = entry.study_uid
+            return CountedWrite(_COUNTED_PATIENT_INSERT, tuple(values))
         return CountedWrite(_COUNTED_INSERT, tuple(values))
 
     def carried(
@@ -178,6 +181,10 @@ class AuditLog:
             log.debug("a search with its audit entry in one statement failed", exc_info=True)
             return None
         entry.detail[key] = len(rows) if most is None else min(len(rows), most)
+        if self._syslog is not None and entry.study_uid and not entry.patient_id:
+            # the copy forwarded names the patient the INSERT read (a read
+            # only when forwarding: the statement returns the search's rows)
+            entry.patient_id = self.db.scalar(f"SELECT {_PATIENT_OF_STUDY}", (entry.study_uid,))
         self.forward(entry)
         return rows
 
