@@ -296,20 +296,16 @@ def _answer(
     with the request's audit entry written: all in one worker thread.
 
     On PostgreSQL, when the entry does not depend on what the search finds
-    (no study named in the path: the entry would name its patient; no
-    look-up by UID that a site-bound caller may be denied), the search's
-    own statement writes it, as C-FIND's does: one round trip and one
-    commit.  Otherwise, or when that statement fails (nothing was written),
+    (no look-up by UID that a site-bound caller may be denied), the
+    search's own statement writes it, as C-FIND's does: one round trip and
+    one commit (a study named in the path: its INSERT reads the study's
+    patient for the entry).  Otherwise, or when that statement fails (nothing was written),
     the entry is written after the answer is built, which tells a failed
     search from an unwritable trail (:class:`AuditUnavailable`: 503)."""
     limit = query.limit - 1
     context = audit.context
     rows = None
-    if (
-        archive.db.dialect == "postgresql"
-        and not context.study_uid
-        and not may_hide(query.keys, query.scope)
-    ):
+    if archive.db.dialect == "postgresql" and not may_hide(query.keys, query.scope):
         entry = audit.entry(200)
         rows = archive.audit.carried(
             lambda counted: search(archive.db, query, counted=counted), entry, "results", limit
