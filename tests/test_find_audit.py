@@ -79,6 +79,22 @@ def audit_rows(db: Database, after: int) -> list[tuple]:
     )
 
 
+def regional_entry(study: str | None, patient: str | None) -> tuple:
+    """The first nine columns of :func:`audit_rows` for a C-FIND of
+    :data:`REGIONAL` from host "h", allowed."""
+    return (
+        "REGION_SCU",
+        "peer",
+        "regional-peer",
+        "dicom.c-find",
+        "allowed",
+        None,
+        study,
+        patient,
+        "REGION_SCU@h",
+    )
+
+
 def last_audit_id(db: Database) -> int:
     return int(db.scalar("SELECT COALESCE(MAX(id), 0) FROM audit"))
 
@@ -94,17 +110,7 @@ def test_a_c_find_by_patient_is_searched_and_audited_in_one_statement_on_postgre
     # SQLite: the search, then the entry (a local file: no round trip to save)
     assert len(statements) == (1 if archive.db.dialect == "postgresql" else 2), statements
     [row] = audit_rows(archive.db, before)
-    assert row[:9] == (
-        "REGION_SCU",
-        "peer",
-        "regional-peer",
-        "dicom.c-find",
-        "allowed",
-        None,
-        None,
-        None,
-        "REGION_SCU@h",
-    )
+    assert row[:9] == regional_entry(study=None, patient=None)
     assert json.loads(row[9]) == {
         "site": "",  # a regional peer speaks for no one site
         "level": "STUDY",
@@ -129,17 +135,7 @@ def test_a_c_find_by_study_uid_is_searched_and_audited_in_one_statement_on_postg
     assert len(plan.rows) == 1
     assert len(statements) == (1 if archive.db.dialect == "postgresql" else 2), statements
     [row] = audit_rows(archive.db, before)
-    assert row[:9] == (
-        "REGION_SCU",
-        "peer",
-        "regional-peer",
-        "dicom.c-find",
-        "allowed",
-        None,
-        studies[0],
-        "PAT-1",  # read by the INSERT
-        "REGION_SCU@h",
-    )
+    assert row[:9] == regional_entry(study=studies[0], patient="PAT-1")  # read by the INSERT
     assert json.loads(row[9]) == {
         "site": "",
         "level": level,

@@ -147,6 +147,21 @@ def test_another_sites_study_looked_up_by_uid_is_answered_empty_and_audited_deni
     assert {s["0020000D"]["Value"][0] for s in found} == set(archive.studies[:3])
 
 
+def test_another_sites_study_opened_by_its_path_is_answered_empty_and_audited_denied(
+    archive: Archive,
+) -> None:
+    """The adversary again, asking the series of site B's study the way a
+    viewer opens a study: what a site-bound caller may be denied keeps the
+    two steps (search, then the entry that says denied)."""
+    other = archive.studies[3]
+    trail = AuditCursor(archive.db)
+    answer = archive.get(f"/studies/{other}/series", archive.site_a)
+    assert answer.status_code == 200 and answer.json() == []
+    [entry] = trail.new_rows()
+    assert (entry["actor"], entry["outcome"], entry["status"]) == ("rad-a", "denied", 200)
+    assert (entry["study_uid"], entry["patient_id"]) == (other, "PAT-3")
+
+
 def test_with_the_trail_unwritable_a_search_answers_503_without_data_and_then_recovers(
     archive: Archive,
 ) -> None:
