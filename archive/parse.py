@@ -223,6 +223,7 @@ class _Prefix:
     start: int  # where the data set starts
     syntax: str  # "" when the file meta names none
     meta: FileMetaDataset  # the file meta as pydicom read it
+    preamble: bytes
 
 
 def _prefix(fp: BinaryIO) -> _Prefix | None:
@@ -241,7 +242,7 @@ def _prefix(fp: BinaryIO) -> _Prefix | None:
         syntax = meta.get("TransferSyntaxUID")
     except Exception:  # noqa: BLE001 - reported by dcmread
         return None
-    return _Prefix(fp.tell(), syntax or "", meta)
+    return _Prefix(fp.tell(), syntax or "", meta, head[:128])
 
 
 def dataset_offset(fp: BinaryIO) -> int:
@@ -258,18 +259,6 @@ def dataset_offset(fp: BinaryIO) -> int:
     if prefix is None:
         raise Rejected("malformed", "the file meta cannot be parsed")
     return prefix.start
-
-
-def _file_meta(data: bytes | BinaryIO) -> tuple[bytes, FileMetaDataset]:
-    """The preamble and file meta as pydicom reads them."""
-    fp = io.BytesIO(data) if isinstance(data, bytes) else data
-    fp.seek(0)
-    preamble = fp.read(128)
-    fp.read(4)
-    try:
-        return preamble, _read_file_meta_info(fp)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
-        raise Rejected("malformed", f"the file meta cannot be parsed: {exc}") from None
 
 
 def _encoding(syntax: str) -> dict[str, bool]:
@@ -289,7 +278,7 @@ def parse_header(data: bytes, limits: Limits | None = None) -> Header:
     prefix = _prefix(io.BytesIO(data))
     if prefix is not None and prefix.syntax == DeflatedExplicitVRLittleEndian:
         body = inflate(memory_chunks(data, prefix.start), limits.max_inflated_bytes)
-        return _starting(_parse_inflated(_file_meta(data), body, limits), prefix)
+        return _starting(_parse_inflated(prefix, body, limits), prefix)
     if prefix is not None and prefix.syntax:
         check_nesting(
             Source(data),
@@ -323,10 +312,15 @@ def _dataset_after(prefix: _Prefix, data: bytes) -> FileDataset | None:
         raise _too_deep() from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
         raise Rejected("malformed", f"the DICOM object cannot be parsed: {exc}") from None
-    ds = FileDataset(
-        buffer, dataset, data[:128], prefix.meta, encoding["implicit"], encoding["little"]
-    )
-    ds.set_original_encoding(encoding["implicit"], encoding["little"], dataset._character_set)
+    return _file_dataset(buffer, dataset, prefix, **encoding)
+
+
+def _file_dataset(
+    buffer: BinaryIO, dataset: Dataset, prefix: _Prefix, *, implicit: bool, little: bool
+) -> FileDataset:
+    """The data set read after ``prefix``'s file meta, as ``dcmread`` returns it."""
+    ds = FileDataset(buffer, dataset, prefix.preamble, prefix.meta, implicit, little)
+    ds.set_original_encoding(implicit, little, dataset._character_set)
     return ds
 
 
@@ -336,7 +330,7 @@ def _starting(header: Header, prefix: _Prefix | None) -> Header:
     return header
 
 
-def _parse_inflated(meta: tuple[bytes, FileMetaDataset], body: bytes, limits: Limits) -> Header:
+def _parse_inflated(prefix: _Prefix, body: bytes, limits: Limits) -> Header:
     """A deflated object, from its inflated data set (offsets refer to it)."""
     check_nesting(
         Source(body), 0, len(body), little=True, implicit=False, max_depth=limits.max_sequence_depth
@@ -348,8 +342,7 @@ def _parse_inflated(meta: tuple[bytes, FileMetaDataset], body: bytes, limits: Li
         raise _too_deep() from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
         raise Rejected("malformed", f"the DICOM object cannot be parsed: {exc}") from None
-    ds = FileDataset(buffer, dataset, meta[0], meta[1], False, True)
-    ds.set_original_encoding(False, True, dataset._character_set)
+    ds = _file_dataset(buffer, dataset, prefix, implicit=False, little=True)
     return _parse_whole(ds, body, limits)
 
 
@@ -408,7 +401,7 @@ def parse_header_file(fp: BinaryIO, size: int, limits: Limits | None = None) -> 
     prefix = _prefix(fp)
     if prefix is not None and prefix.syntax == DeflatedExplicitVRLittleEndian:
         body = inflate(FileChunks(fp, prefix.start), limits.max_inflated_bytes)
-        return _starting(_parse_inflated(_file_meta(fp), body, limits), prefix)
+        return _starting(_parse_inflated(prefix, body, limits), prefix)
     src = Source(fp=fp, size=size)
     if prefix is not None and prefix.syntax:
         check_nesting(

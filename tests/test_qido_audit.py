@@ -131,6 +131,16 @@ def test_a_search_under_a_study_names_the_study_and_its_patient(archive: Archive
     assert len(searched) == (1 if archive.db.dialect == "postgresql" else 2), statements
 
 
+def assert_denied_empty(
+    answer: requests.Response, trail: AuditCursor, study: str, patient: str
+) -> None:
+    """Site A's radiologist got no match, and one entry: denied, naming the study."""
+    assert answer.status_code == 200 and answer.json() == []
+    [entry] = trail.new_rows()
+    assert (entry["actor"], entry["outcome"], entry["status"]) == ("rad-a", "denied", 200)
+    assert (entry["study_uid"], entry["patient_id"]) == (study, patient)
+
+
 def test_another_sites_study_looked_up_by_uid_is_answered_empty_and_audited_denied(
     archive: Archive,
 ) -> None:
@@ -138,10 +148,7 @@ def test_another_sites_study_looked_up_by_uid_is_answered_empty_and_audited_deni
     other = archive.studies[3]
     trail = AuditCursor(archive.db)
     answer = archive.get(f"/studies?StudyInstanceUID={other}", archive.site_a)
-    assert answer.status_code == 200 and answer.json() == []
-    [entry] = trail.new_rows()
-    assert (entry["actor"], entry["outcome"], entry["status"]) == ("rad-a", "denied", 200)
-    assert (entry["study_uid"], entry["patient_id"]) == (other, "PAT-3")
+    assert_denied_empty(answer, trail, other, "PAT-3")
     # and a search by name finds only site A's studies
     found = archive.get("/studies?PatientName=MAR*", archive.site_a).json()
     assert {s["0020000D"]["Value"][0] for s in found} == set(archive.studies[:3])
@@ -156,10 +163,7 @@ def test_another_sites_study_opened_by_its_path_is_answered_empty_and_audited_de
     other = archive.studies[3]
     trail = AuditCursor(archive.db)
     answer = archive.get(f"/studies/{other}/series", archive.site_a)
-    assert answer.status_code == 200 and answer.json() == []
-    [entry] = trail.new_rows()
-    assert (entry["actor"], entry["outcome"], entry["status"]) == ("rad-a", "denied", 200)
-    assert (entry["study_uid"], entry["patient_id"]) == (other, "PAT-3")
+    assert_denied_empty(answer, trail, other, "PAT-3")
 
 
 def test_with_the_trail_unwritable_a_search_answers_503_without_data_and_then_recovers(

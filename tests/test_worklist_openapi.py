@@ -14,6 +14,7 @@ with explicit calls, each answer checked against the document the same way.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
+from aiohttp import web
+from aiohttp.streams import StreamReader
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.transport import Response as Answer
@@ -31,6 +34,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 from archive.identity import Source
 from tests.dicomfiles import make_instance
 from tests.inprocess import InProcessImag, serving_in_process
+from worklist import http as worklist_http
 from worklist.documents import MAX_TEXT_CHARS
 from worklist.openapi import REQUESTS_API, Fragment, document
 from worklist.screening import Rule
@@ -294,19 +298,33 @@ def test_a_period_that_names_no_instants_or_too_long_a_time_is_refused(
     assert refused.json()["title"] == "Bad Request"
 
 
-def test_a_body_arriving_in_several_pieces_is_read_whole(server: InProcessImag) -> None:
-    """A report sent in two pieces with a pause between (a slow phone link,
-    chunked) is read to its end: the first piece alone is not JSON, and it
-    was refused 400 "not a JSON object" (CI saw it with a 64 KB chapter)."""
-    import json as _json
-    import time as _time
+def test_a_body_arriving_in_several_pieces_is_read_whole(
+    server: InProcessImag, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report sent in two pieces (a slow phone link, chunked), the second
+    sent only once the server has read the first, is read to its end: the
+    first piece alone is not JSON, and it was refused 400 "not a JSON
+    object" (CI saw it with a 64 KB chapter)."""
+    first_read, reading_report = threading.Event(), threading.Event()
+    read_body, read_some = worklist_http.read_capped, StreamReader.read
 
-    import requests
+    async def watched(request: web.Request, limit: int) -> bytes:
+        if request.path.endswith("/report"):
+            reading_report.set()
+        return await read_body(request, limit)
 
+    async def read(self: StreamReader, n: int = -1) -> bytes:
+        data = await read_some(self, n)
+        if reading_report.is_set():
+            first_read.set()
+        return data
+
+    monkeypatch.setattr(worklist_http, "read_capped", watched)
+    monkeypatch.setattr(StreamReader, "read", read)
     call = Documented(server)
     uid = new_request(server)
     tx = call("claimRequest", 200, path_parameters={"uid": uid}).json()["transaction_uid"]
-    body = _json.dumps(
+    body = json.dumps(
         {
             "indications": "Chute.",
             "technique": "Bassin.",
@@ -317,7 +335,7 @@ def test_a_body_arriving_in_several_pieces_is_read_whole(server: InProcessImag) 
 
     def pieces():  # noqa: ANN202 - a generator body: chunked transfer
         yield body[:20]
-        _time.sleep(0.3)
+        assert first_read.wait(10), "the server never read the first piece"
         yield body[20:]
 
     answer = requests.put(

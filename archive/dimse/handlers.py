@@ -559,8 +559,7 @@ def plan_find(
             return FindPlan(0xA700, AUDIT_REFUSAL)
         OPERATIONS.labels("C-FIND", "0xA900").inc()
         return FindPlan(0xA900, str(exc)[:64])
-    study = query.keys.get("StudyInstanceUID")
-    study = study if study and "\\" not in study else None
+    study = _named_study(query.keys)
     outcome, detail = "allowed", {}
     # no match for a look-up by UID of a study outside the peer's scope:
     # answered "no match" all the same, audited as denied with that study
@@ -578,6 +577,12 @@ def plan_find(
         OPERATIONS.labels("C-FIND", "0xA700").inc()
         return FindPlan(0xA700, AUDIT_REFUSAL)  # before any match leaves
     return FindPlan(query=query, tags=tags, rows=rows)
+
+
+def _named_study(keys: dict[str, str]) -> str | None:
+    """The study a C-FIND's entry names: the one UID it looks up (none for a list)."""
+    study = keys.get("StudyInstanceUID")
+    return study if study and "\\" not in study else None
 
 
 def _search_audited(
@@ -601,14 +606,13 @@ def _search_audited(
     tells the search's failure from the audit trail's."""
     if archive.db.dialect != "postgresql" or may_hide(query.keys, scope):
         return None
-    study = query.keys.get("StudyInstanceUID")
     entry = peer_entry(
         aet,
         address,
         peer,
         "dicom.c-find",
         "allowed",
-        study_uid=study if study and "\\" not in study else None,
+        study_uid=_named_study(query.keys),
         detail={"level": query.level, "keys": query.keys},
     )
     return archive.audit.carried(
