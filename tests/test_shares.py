@@ -32,6 +32,7 @@ from archive.events import EventRow, record
 from archive.identity import Source
 from archive.jobs import JobQueue, Worker
 from archive.security.principals import Principals
+from tests.bodies import send_in_two_pieces
 from tests.dicomfiles import make_instance
 from tests.inprocess import InProcessImag, serving_in_process
 
@@ -221,6 +222,23 @@ def test_a_link_secret_has_256_bits_only_its_hash_is_stored_and_is_shown_once(
     trail = json.dumps(portal.audit_since(0), default=str)
     assert secret not in again and secret not in listed and secret not in trail
     assert "url" not in json.loads(again)
+
+
+def test_a_share_request_arriving_in_two_pieces_is_read_whole(
+    portal: Portal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A share asked over a slow link (the body in two pieces) is made, not
+    refused as "not JSON" for its first piece."""
+    a = portal.store(X)
+    answer = send_in_two_pieces(
+        monkeypatch,
+        "POST",
+        portal.server.url + "/api/shares",
+        json.dumps({"study_uid": a.uid}).encode(),
+        {"Authorization": f"Bearer {portal.tokens['manip.x']}", "Content-Type": "application/json"},
+    )
+    assert answer.status_code == 201, answer.text
+    assert SECRET_FORM.search(answer.json()["url"])
 
 
 def test_malformed_or_oversized_share_requests_are_problems_and_store_nothing(

@@ -14,7 +14,6 @@ with explicit calls, each answer checked against the document the same way.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -23,8 +22,6 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from aiohttp import web
-from aiohttp.streams import StreamReader
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.transport import Response as Answer
@@ -32,9 +29,9 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
 from archive.identity import Source
+from tests.bodies import send_in_two_pieces
 from tests.dicomfiles import make_instance
 from tests.inprocess import InProcessImag, serving_in_process
-from worklist import http as worklist_http
 from worklist.documents import MAX_TEXT_CHARS
 from worklist.openapi import REQUESTS_API, Fragment, document
 from worklist.screening import Rule
@@ -305,22 +302,6 @@ def test_a_body_arriving_in_several_pieces_is_read_whole(
     sent only once the server has read the first, is read to its end: the
     first piece alone is not JSON, and it was refused 400 "not a JSON
     object" (CI saw it with a 64 KB chapter)."""
-    first_read, reading_report = threading.Event(), threading.Event()
-    read_body, read_some = worklist_http.read_capped, StreamReader.read
-
-    async def watched(request: web.Request, limit: int) -> bytes:
-        if request.path.endswith("/report"):
-            reading_report.set()
-        return await read_body(request, limit)
-
-    async def read(self: StreamReader, n: int = -1) -> bytes:
-        data = await read_some(self, n)
-        if reading_report.is_set():
-            first_read.set()
-        return data
-
-    monkeypatch.setattr(worklist_http, "read_capped", watched)
-    monkeypatch.setattr(StreamReader, "read", read)
     call = Documented(server)
     uid = new_request(server)
     tx = call("claimRequest", 200, path_parameters={"uid": uid}).json()["transaction_uid"]
@@ -332,21 +313,16 @@ def test_a_body_arriving_in_several_pieces_is_read_whole(
             "conclusion": "RAS.",
         }
     ).encode()
-
-    def pieces():  # noqa: ANN202 - a generator body: chunked transfer
-        yield body[:20]
-        assert first_read.wait(10), "the server never read the first piece"
-        yield body[20:]
-
-    answer = requests.put(
+    answer = send_in_two_pieces(
+        monkeypatch,
+        "PUT",
         f"{server.url}/api/worklist/requests/{uid}/report",
-        data=pieces(),
-        headers={
+        body,
+        {
             "Authorization": f"Bearer {server.token}",
             "Content-Type": "application/json",
             "X-Transaction-UID": tx,
         },
-        timeout=30,
     )
     assert answer.status_code == 200, answer.text
     assert "Normal." in answer.text

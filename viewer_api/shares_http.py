@@ -21,7 +21,7 @@ from archive.messaging import InvalidMessage, Message, send
 from archive.messaging.message import Actor
 from archive.security.http import audit_of, principal_of, require
 from archive.security.roles import Principal
-from archive.web import ARCHIVE, problem, public_base
+from archive.web import ARCHIVE, problem, public_base, read_capped
 from viewer_api import shares
 
 API = "/api/shares"
@@ -145,7 +145,7 @@ async def create(request: web.Request) -> web.Response:
     if (request.content_length or 0) > _MAX_BODY:
         return problem(413, "Payload Too Large", f"the body must be under {_MAX_BODY} bytes")
     try:
-        raw = await request.content.read(_MAX_BODY + 1)
+        raw = await read_capped(request, _MAX_BODY)
         if len(raw) > _MAX_BODY:
             return problem(413, "Payload Too Large", f"the body must be under {_MAX_BODY} bytes")
         try:
