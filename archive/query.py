@@ -654,7 +654,24 @@ def search(
         key = _ORDER[query.level]
         needs_patients = query.level == "PATIENT" or _PATIENT_REF.search(where)
         inner = _FROM[query.level] if needs_patients else _FROM_NO_PATIENT[query.level]
-        ids = f"FROM {inner}{where} ORDER BY {order} LIMIT ? OFFSET ?"  # the page's ids
+        ids = f"FROM {inner}{where} ORDER BY {order}"  # the page's ids
+        if db.dialect == "postgresql" and not _RANGE.search(where):
+            # The page's size and offset written in the statement, not sent
+            # as parameters: for a generic plan PostgreSQL guesses a
+            # parameter LIMIT at a tenth of the table, which priced every
+            # generic plan above the custom ones, so it planned each search
+            # again (0.3-0.8 ms of planning, 29 indexes on studies, for a
+            # 0.3 ms execution).  Integers, never text from the request.
+            # Not for a range (a date, a time), whose best plan depends on
+            # its width: there the parameters keep PostgreSQL planning each
+            # search for its values (a week of CT ran 0.6 ms slower on the
+            # generic plan).
+            ids += f" LIMIT {int(query.limit)}"
+            if query.offset:
+                ids += f" OFFSET {int(query.offset)}"
+        else:
+            ids += " LIMIT ? OFFSET ?"
+            params += [query.limit, query.offset]
         if db.dialect == "postgresql":
             # The page's ids as an array: its <= 1,001 rows are then read by
             # primary key whatever the table's size.  Joined to a subquery
@@ -673,7 +690,6 @@ def search(
                 + (f" JOIN {rest}" if rest else "")
                 + f" ORDER BY {order}"
             )
-        params += [query.limit, query.offset]
     else:
         text = f"SELECT {', '.join(select)} FROM {_FROM[query.level]}{where} ORDER BY {order}"
         if query.offset:
@@ -700,6 +716,10 @@ def search(
             for e in at_level:
                 answer[e.keyword] = values.get((ref, e.tag))
     return [{k: answer.get(k) for k in wanted} for answer in found]
+
+
+#: a range match (:func:`_match`), whose best plan depends on its bounds
+_RANGE = re.compile(r" [<>]= \?")
 
 
 def _extra(keyword: str, extra: ExtraAttributes | None) -> ExtraAttribute | None:
