@@ -644,7 +644,10 @@ def search(
     select += [_OWNER[level] for level in owners]  # to fetch the extra values by
     where = " WHERE " + " AND ".join(sql.where) if sql.where else ""
     order = _order(query)
-    if counted is not None:  # the rows' order, kept through the CTE below
+    # a write carried by a page's search counts the page's ids (the CTE
+    # ``found``), each one row; by another search, its rows, kept in order
+    carried_page = counted is not None and query.limit is not None
+    if counted is not None and not carried_page:
         select.append(f"row_number() OVER (ORDER BY {order}) AS found_seq")
     params = select_params + sql.params
     if query.limit is not None:
@@ -655,6 +658,7 @@ def search(
         needs_patients = query.level == "PATIENT" or _PATIENT_REF.search(where)
         inner = _FROM[query.level] if needs_patients else _FROM_NO_PATIENT[query.level]
         ids = f"FROM {inner}{where} ORDER BY {order}"  # the page's ids
+        page_params = list(sql.params)
         if db.dialect == "postgresql" and not _RANGE.search(where):
             # The page's size and offset written in the statement, not sent
             # as parameters: for a generic plan PostgreSQL guesses a
@@ -671,8 +675,21 @@ def search(
                 ids += f" OFFSET {int(query.offset)}"
         else:
             ids += " LIMIT ? OFFSET ?"
-            params += [query.limit, query.offset]
-        if db.dialect == "postgresql":
+            page_params += [query.limit, query.offset]
+        params = [*select_params, *page_params]
+        if carried_page:
+            # The page's ids are the CTE the write counts (materialized: read
+            # once), its rows read by key as below.  Materializing the rows
+            # themselves, numbered to keep their order, cost 0.36 ms more
+            # per 100-row page than the search alone (0.89 ms, 10^7 instances).
+            text = (
+                f"WITH found AS MATERIALIZED (SELECT {key} AS page_id {ids}), "
+                f"written AS ({counted.sql}) "
+                f"SELECT {', '.join(select)} FROM {_FROM[query.level]} "
+                f"WHERE {key} = ANY(ARRAY(SELECT page_id FROM found)) ORDER BY {order}"
+            )
+            params = [*page_params, *counted.params, *select_params]
+        elif db.dialect == "postgresql":
             # The page's ids as an array: its <= 1,001 rows are then read by
             # primary key whatever the table's size.  Joined to a subquery
             # instead, the planner hashed the whole table below ~10^6 rows
@@ -695,7 +712,7 @@ def search(
         if query.offset:
             text += " LIMIT -1 OFFSET ?" if db.dialect == "sqlite" else " OFFSET ?"
             params.append(query.offset)
-    if counted is not None:
+    if counted is not None and not carried_page:
         text = (
             f"WITH found AS MATERIALIZED ({text}), written AS ({counted.sql}) "
             "SELECT * FROM found ORDER BY found_seq"
