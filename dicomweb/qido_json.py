@@ -5,8 +5,8 @@ Building a pydicom ``Dataset`` per answer and serialising it with
 per returned row (profiled with pyinstrument: ``Dataset.add_new`` and
 ``DataElement`` value conversion were 90% of a 100-row answer; the SQL under
 1 ms).  The index's values are already what the JSON model carries (text,
-integers), so each answer is now a dict written directly: per field, its tag
-and VR are looked up once per request, and a value becomes the model's
+integers), so each answer is now JSON text written directly: per field, its
+tag and VR are looked up once per set of fields, and a value becomes the model's
 ``Value`` array by the same rules pydicom applies -- a backslash separates
 values, PN values are ``{"Alphabetic": ...}`` objects split on ``=`` into
 their component groups, IS/DS values are numbers, empty values have no

@@ -79,8 +79,9 @@ def _NOTHING(cursor: Any) -> None:  # noqa: N802 - a constant: the fetch of a st
 @dataclass(frozen=True)
 class CountedWrite:
     """A write that a read carries in its own statement on PostgreSQL (a
-    data-modifying ``WITH``): the read's rows are the CTE ``found``, and
-    ``sql`` (an INSERT, ``?`` placeholders for ``params``) may use
+    data-modifying ``WITH``): the CTE ``found`` has a row per row the read
+    returns (its rows; for a page of a search, the page's ids), and ``sql``
+    (an INSERT, ``?`` placeholders for ``params``) may use
     ``(SELECT count(*) FROM found)``.  Both commit together, durably, before
     the rows reach the caller: one round trip instead of the read and then
     the write (the audit entry of a search, which names its result count)."""
