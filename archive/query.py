@@ -677,28 +677,28 @@ def search(
             ids += " LIMIT ? OFFSET ?"
             page_params += [query.limit, query.offset]
         params = [*select_params, *page_params]
-        if carried_page:
-            # The page's ids are the CTE the write counts (materialized: read
-            # once), its rows read by key as below.  Materializing the rows
-            # themselves, numbered to keep their order, cost 0.36 ms more
-            # per 100-row page than the search alone (0.89 ms, 10^7 instances).
-            text = (
-                f"WITH found AS MATERIALIZED (SELECT {key} AS page_id {ids}), "
-                f"written AS ({counted.sql}) "
-                f"SELECT {', '.join(select)} FROM {_FROM[query.level]} "
-                f"WHERE {key} = ANY(ARRAY(SELECT page_id FROM found)) ORDER BY {order}"
-            )
-            params = [*page_params, *counted.params, *select_params]
-        elif db.dialect == "postgresql":
+        if db.dialect == "postgresql":
             # The page's ids as an array: its <= 1,001 rows are then read by
             # primary key whatever the table's size.  Joined to a subquery
             # instead, the planner hashed the whole table below ~10^6 rows
             # (a sequential scan of 10^4 studies: 2.9 ms of a 100-row page's
-            # 3 ms of SQL at 10^5 instances, 0.3 ms read by key).
+            # 3 ms of SQL at 10^5 instances, 0.3 ms read by key).  A carried
+            # write counts the page's ids, the CTE ``found`` (materialized:
+            # read once); materializing the rows themselves, numbered to keep
+            # their order, cost 0.36 ms more per 100-row page than the search
+            # alone (0.89 ms, 10^7 instances).
+            page = "SELECT page_id FROM found" if carried_page else f"SELECT {key} {ids}"
             text = (
                 f"SELECT {', '.join(select)} FROM {_FROM[query.level]} "
-                f"WHERE {key} = ANY(ARRAY(SELECT {key} {ids})) ORDER BY {order}"
+                f"WHERE {key} = ANY(ARRAY({page})) ORDER BY {order}"
             )
+            if carried_page:
+                assert counted is not None
+                text = (
+                    f"WITH found AS MATERIALIZED (SELECT {key} AS page_id {ids}), "
+                    f"written AS ({counted.sql}) {text}"
+                )
+                params = [*page_params, *counted.params, *select_params]
         else:
             first, _, rest = _FROM[query.level].partition(" JOIN ")
             text = (

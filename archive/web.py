@@ -87,15 +87,19 @@ class StreamedAnswer(web.StreamResponse):
             await super().write(data)
 
 
-async def read_capped(request: web.Request, limit: int) -> bytes:
-    """The request's body, read to its end or to one byte past ``limit``
-    (the caller refuses it then).  ``request.content.read(n)`` gives what has
-    arrived so far, not the whole body: a body in several TCP segments was
-    cut, and refused as not JSON (seen with a 64 KB report chapter)."""
+async def read_capped(request: web.Request, limit: int) -> bytes | None:
+    """The request's body read to its end, or None when it is over ``limit``
+    bytes: declared so (``Content-Length``, refused before anything is read)
+    or found so one byte past it (a chunked body); the caller answers 413.
+    ``request.content.read(n)`` gives what has arrived so far, not the whole
+    body: a body in several TCP segments was cut, and refused as not JSON
+    (seen with a 64 KB report chapter)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
     raw = b""
     while len(raw) <= limit:
         chunk = await request.content.read(limit + 1 - len(raw))
         if not chunk:
             break
         raw += chunk
-    return raw
+    return None if len(raw) > limit else raw

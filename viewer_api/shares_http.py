@@ -142,11 +142,9 @@ async def create(request: web.Request) -> web.Response:
     archive = request.config_dict[ARCHIVE]
     principal = principal_of(request)
     context = audit_of(request)
-    if (request.content_length or 0) > _MAX_BODY:
-        return problem(413, "Payload Too Large", f"the body must be under {_MAX_BODY} bytes")
     try:
         raw = await read_capped(request, _MAX_BODY)
-        if len(raw) > _MAX_BODY:
+        if raw is None:
             return problem(413, "Payload Too Large", f"the body must be under {_MAX_BODY} bytes")
         try:
             body = json.loads(raw or b"null")

@@ -201,10 +201,8 @@ def _uid(request: web.Request) -> str:
 
 async def _body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
     """The JSON object of the body ({} when absent and not required)."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise _Refused(413, "Content Too Large", f"the body is limited to {MAX_BODY} bytes")
     raw = await read_capped(request, MAX_BODY)
-    if len(raw) > MAX_BODY:
+    if raw is None:
         raise _Refused(413, "Content Too Large", f"the body is limited to {MAX_BODY} bytes")
     if not raw.strip():
         if required:

@@ -75,10 +75,8 @@ def _actor(request: web.Request) -> Actor:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise _Refused(413, f"the request body is over {MAX_BODY} bytes")
     raw = await read_capped(request, MAX_BODY)
-    if len(raw) > MAX_BODY:
+    if raw is None:
         raise _Refused(413, f"the request body is over {MAX_BODY} bytes")
     if not raw.strip():
         return {}

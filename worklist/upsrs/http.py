@@ -187,10 +187,8 @@ def _accepts_json(request: web.Request) -> None:
 
 async def _dataset(request: web.Request, *, required: bool = True) -> Dataset | None:
     """The body's DICOM JSON dataset (None when absent and not required)."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise _Refused(413, "Content Too Large", f"the body is limited to {MAX_BODY} bytes")
     raw = await read_capped(request, MAX_BODY)
-    if len(raw) > MAX_BODY:
+    if raw is None:
         raise _Refused(413, "Content Too Large", f"the body is limited to {MAX_BODY} bytes")
     if not raw.strip():
         if required:
