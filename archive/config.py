@@ -382,8 +382,8 @@ SETTINGS: list[Setting] = [
         "dicom.processes",
         1,
         _int(1, 64),
-        "DICOM listener processes sharing the port "
-        "(SO_REUSEPORT); more than one uses more cores for C-STORE ingest (one that "
+        "DICOM listener processes accepting from the port, each new association going "
+        "to the least busy; more than one uses more cores for C-STORE ingest (one that "
         "exits is started again, and counted in imag_dicom_listener_restarts_total)",
     ),
     Setting(

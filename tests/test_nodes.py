@@ -144,33 +144,147 @@ def _sockets_on(port: int, state: str) -> int:
     return len(_socket_inodes(port, state))
 
 
-def test_every_dicom_listener_process_listens_before_imag_serve_answers(tmp_path: Path) -> None:
+def test_every_dicom_listener_process_accepts_from_the_one_socket_before_imag_serve_answers(
+    tmp_path: Path,
+) -> None:
     """An association stays with the process that accepted it for the whole
     push: those a modality opened while a child listener was still starting
-    all stayed in the parent, which then did all the work alone."""
+    all stayed in the parent, which then did all the work alone.  The
+    processes accept from the parent's one listening socket."""
     node = HttpImag(tmp_path / "node", dicom=True, settings={"IMAG_DICOM_PROCESSES": "3"})
     node.start()
+    assert node.proc is not None
     try:
-        assert _sockets_on(node.dicom_port, LISTEN) == 3
+        [listening] = _socket_inodes(node.dicom_port, LISTEN)
+        children = _listener_children(node.proc.pid)
+        assert len(children) == 2
+        assert all(_holds(pid, listening) for pid in {node.proc.pid} | children)
         assert "DICOM listener processes started" in node.log()
     finally:
         assert node.stop() == 0
     assert _sockets_on(node.dicom_port, LISTEN) == 0
 
 
+def test_associations_opened_one_after_another_are_spread_evenly_over_the_processes(
+    tmp_path: Path,
+) -> None:
+    """Four modalities pushing at once to a node of two listener processes
+    get two associations in each: a process holding more connections than
+    another leaves a new one to it.  With SO_REUSEPORT the kernel placed
+    them by a hash of their ports: 2+2 only 6 times in 16, one process
+    then ingesting three or four pushes on its one core while the other idled."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    node = HttpImag(tmp_path / "node", dicom=True, settings={"IMAG_DICOM_PROCESSES": "2"})
+    node.start()
+    assert node.proc is not None
+    ae = AE("MODALITY")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)  # a storage association: the lean path
+    held = []
+    try:
+        [child] = _listener_children(node.proc.pid)
+        for _ in range(4):
+            held.append(ae.associate(HOST, node.dicom_port, ae_title=node.aet))
+            assert held[-1].is_established
+        assert _connections_of(node.proc.pid, node.dicom_port) == 2
+        assert _connections_of(child, node.dicom_port) == 2
+        for assoc in held[:2]:  # whoever they were with: the next two fill the gap
+            assoc.release()
+        eventually(lambda: _sockets_on(node.dicom_port, ESTABLISHED) == 2, timeout=10)
+        for _ in range(2):
+            held.append(ae.associate(HOST, node.dicom_port, ae_title=node.aet))
+            assert held[-1].is_established
+        assert _connections_of(node.proc.pid, node.dicom_port) == 2
+        assert _connections_of(child, node.dicom_port) == 2
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        assert node.stop() == 0
+
+
+def test_a_connection_left_to_a_stuck_process_is_taken_by_another_after_a_short_wait(
+    tmp_path: Path,
+) -> None:
+    """Adversary: a sibling that stopped accepting while it looks quieter
+    (stuck in a codec, stopped by a debugger) -- here, a child stopped
+    (SIGSTOP) before any association.  A new connection waits at most
+    ``ListenerServer.HOLD`` for it, then the parent takes it, saying so in
+    its log: delayed, never refused."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from archive.dimse.server import ListenerServer
+
+    node = HttpImag(tmp_path / "node", dicom=True, settings={"IMAG_DICOM_PROCESSES": "2"})
+    node.start()
+    assert node.proc is not None
+    ae = AE("MODALITY")
+    ae.add_requested_context(Verification)
+    held = []
+    [child] = _listener_children(node.proc.pid)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            held.append(ae.associate(HOST, node.dicom_port, ae_title=node.aet))
+            assert held[-1].is_established
+            assert held[-1].send_c_echo().Status == 0
+        assert _connections_of(node.proc.pid, node.dicom_port) == 3
+        assert "left to a quieter listener process" in node.log()
+        assert ListenerServer.HOLD <= 1.0
+    finally:
+        os.kill(child, signal.SIGCONT)
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        assert node.stop() == 0
+
+
+def test_a_process_not_accepting_is_never_left_a_connection() -> None:
+    """A child still starting, or one that exited and waits to be started
+    again, holds no connection: were it counted as the quietest, the
+    others would leave every new connection to it, each waiting
+    ``ListenerServer.HOLD`` in vain."""
+    from archive.dimse.nodeslots import NodeAssociations
+
+    node = NodeAssociations(3)
+    parent, first, second = (node.for_process(i) for i in range(3))
+    parent.publish(1)
+    assert not parent.quieter_elsewhere()  # both children still starting
+    first.publish_pending(0)  # listening
+    assert parent.quieter_elsewhere()
+    assert not first.quieter_elsewhere()
+    first.publish_pending(1)  # a connection waiting for its A-ASSOCIATE-RQ counts
+    assert not parent.quieter_elsewhere()
+    assert first.quieter_elsewhere() is False  # 1 against the parent's 1
+    first.publish_pending(0)
+    first.absent()  # exited
+    assert not parent.quieter_elsewhere()
+
+
 def test_a_listener_process_that_cannot_listen_stops_the_start_naming_it(tmp_path: Path) -> None:
-    """A child listener that fails (here: its address is not this machine's)
-    is reported by name with its exit code, instead of ``imag serve``
-    running on with fewer processes than configured (or waiting for ever)."""
+    """A child listener that fails (here: its TLS certificate cannot be
+    loaded) is reported by name with its exit code, instead of ``imag
+    serve`` running on with fewer processes than configured (or waiting
+    for ever)."""
     from archive.dimse.nodeslots import NodeAssociations
     from archive.dimse.processes import ListenerFailed, Listeners
     from archive.runtime import Archive
 
-    env = {"IMAG_DATA_DIR": str(tmp_path / "data"), "IMAG_DICOM_HOST": "192.0.2.1"}
+    env = {
+        "IMAG_DATA_DIR": str(tmp_path / "data"),
+        "IMAG_DICOM_TLS_CERT": str(tmp_path / "missing.pem"),
+        "IMAG_DICOM_TLS_KEY": str(tmp_path / "missing.key"),
+    }
     config = load_config(env=env)
     Archive(config).close()  # the index the child opens, migrated
-    with pytest.raises(ListenerFailed, match=r"imag-dicom-1 exited with code 1"):
-        Listeners(config, free_port(), 1, NodeAssociations(2)).start()
+    with (
+        socket.create_server((HOST, 0)) as sock,
+        pytest.raises(ListenerFailed, match=r"imag-dicom-1 exited with code 1"),
+    ):
+        Listeners(config, sock, 1, NodeAssociations(2)).start()
 
 
 def test_the_association_limit_bounds_the_node_whatever_process_takes_an_association(
@@ -244,6 +358,17 @@ def _connections_of(pid: int, port: int) -> int:
     return held
 
 
+def _holds(pid: int, inode: str) -> bool:
+    """Whether process ``pid`` has the socket ``inode`` open."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == f"socket:[{inode}]":
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def _samples(page: str) -> dict[str, float]:
     """A Prometheus text page's samples, ``name{labels}`` -> value."""
     return {
@@ -276,7 +401,7 @@ def test_a_listener_process_killed_mid_association_is_started_again_and_frees_it
     opened = []
     try:
         [child] = _listener_children(node.proc.pid)
-        for _ in range(60):  # the kernel picks the process: until the child has one
+        for _ in range(60):  # either process may take it: until the child has one
             assoc = ae.associate(HOST, node.dicom_port, ae_title=node.aet)
             opened.append(assoc)
             assert assoc.is_established
@@ -287,14 +412,14 @@ def test_a_listener_process_killed_mid_association_is_started_again_and_frees_it
         assert _connections_of(child, node.dicom_port) == 1, "no association reached the child"
 
         os.kill(child, signal.SIGKILL)
+        [listening] = _socket_inodes(node.dicom_port, LISTEN)
         eventually(
-            lambda: (
-                _listener_children(node.proc.pid) - {child}
-                and _sockets_on(node.dicom_port, LISTEN) == 2
-            ),
+            lambda: "DICOM listener process started again" in node.log(),
             timeout=60,
             what="a new listener process listening",
         )
+        [new] = _listener_children(node.proc.pid) - {child}
+        assert _holds(new, listening)
         eventually(lambda: _sockets_on(node.dicom_port, ESTABLISHED) == 0, timeout=10)
         again = [ae.associate(HOST, node.dicom_port, ae_title=node.aet) for _ in range(2)]
         opened += again

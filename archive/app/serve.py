@@ -146,7 +146,7 @@ async def _serve(config: Config, processes: int) -> None:
             try:
                 children = await asyncio.to_thread(
                     Listeners(
-                        config, dicom.port, processes - 1, node, on_exit=_metrics_of_dead
+                        config, dicom.share(), processes - 1, node, on_exit=_metrics_of_dead
                     ).start
                 )
             except BaseException:

@@ -12,6 +12,14 @@ at the same moment cannot both take the last slot).
 A process publishes its own count, recounted from its live associations,
 whenever one is admitted, refused or ends: a count it failed to lower at
 some point is corrected at its next event, never left to accumulate.
+
+The processes accept from one listening socket, and each also publishes
+the connections it holds that have not associated yet: a process holding
+more than another leaves a new connection to the quieter one
+(:meth:`NodeAssociations.quieter_elsewhere`).  An association stays with the
+process that accepted it for the whole push, so four modalities connecting
+at once must end two and two in two processes, not as the kernel's hash of
+their ports falls (with SO_REUSEPORT, two processes got 2+2 only 6 times in 16).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from typing import Any
 
 #: how long :meth:`NodeAssociations.admit` waits for the lock the processes share
 LOCK_WAIT = 2.0
+#: the pending count of a process not accepting (starting, or dead): never the quietest
+ABSENT = 1 << 30
 
 
 class NodeAssociations:
@@ -36,16 +46,19 @@ class NodeAssociations:
         if processes > 1:
             ctx = multiprocessing.get_context("spawn")
             self._counts: Any = ctx.Array("i", processes, lock=False)
+            self._pending: Any = ctx.Array("i", processes, lock=False)
+            self._pending[1:] = [ABSENT] * (processes - 1)  # until each child accepts
             self._lock: Any = ctx.Lock()
         else:
-            self._counts = [0]
+            self._counts, self._pending = [0], [0]
             self._lock = threading.Lock()
         self.index = 0
 
     def for_process(self, index: int) -> NodeAssociations:
         """The view of process ``index`` (0: the parent)."""
         view = NodeAssociations.__new__(NodeAssociations)
-        view._counts, view._lock, view.index = self._counts, self._lock, index
+        view._counts, view._pending = self._counts, self._pending
+        view._lock, view.index = self._lock, index
         return view
 
     def others(self) -> int:
@@ -55,6 +68,26 @@ class NodeAssociations:
     def publish(self, mine: int) -> None:
         """This process's associations in progress, recounted."""
         self._counts[self.index] = max(0, mine)
+
+    def publish_pending(self, waiting: int) -> None:
+        """This process's connections waiting for their A-ASSOCIATE-RQ (0
+        once it accepts: until then it is :meth:`absent`)."""
+        self._pending[self.index] = max(0, waiting)
+
+    def absent(self) -> None:
+        """This process accepts nothing (not started yet, or exited): the
+        others do not leave connections to it."""
+        self._pending[self.index] = ABSENT
+
+    def quieter_elsewhere(self) -> bool:
+        """Whether another process holds fewer connections (associations in
+        progress and connections waiting to associate) than this one: then
+        it, not this one, should accept the next.  Read without the lock: a
+        count read a moment late costs one connection's placement, never a
+        refusal (the caller accepts anyway after a short wait)."""
+        held = [n + w for n, w in zip(self._counts, self._pending, strict=True)]
+        mine = held[self.index]
+        return any(n < mine for i, n in enumerate(held) if i != self.index)
 
     def admit(self, mine: Callable[[], int], limit: int) -> bool:
         """Whether one more association fits under ``limit`` for the node,

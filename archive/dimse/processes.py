@@ -1,11 +1,11 @@
 """More DICOM listener processes on the same port (``dicom.processes``).
 
-pynetdicom serves each association with Python threads in one interpreter,
-so one process ingests on one core at most (~120 CT slices/s here, whatever
-the number of associations).  Extra processes bind the same port with
-SO_REUSEPORT and the kernel spreads new associations over them; each has its
-own ingest pipeline and index writer, and all share the index and the object
-store as the scale-out design has many processes do anyway.
+One Python process ingests on one core at most, whatever the number of
+associations (the GIL).  Extra processes accept from the parent's listening
+socket, which they inherit, each taking a new connection only when no other
+holds fewer (:mod:`archive.dimse.nodeslots`); each has its own ingest
+pipeline and index writer, and all share the index and the object store as
+the scale-out design has many processes do anyway.
 
 Children die with their parent (PR_SET_PDEATHSIG), so a killed ``imag
 serve`` never leaves listeners behind on the port.  :meth:`Listeners.start`
@@ -19,7 +19,7 @@ codec) is started again by the parent, after a pause that doubles while it
 keeps failing (:func:`restart_delay`); the associations it had in progress
 are no longer counted against ``dicom.max_associations`` (they died with it:
 counted, they would have kept their slots for ever).  Until it is back the
-kernel gives its share of new associations to the processes still listening.
+processes still listening take every new connection.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -88,7 +89,9 @@ def restart_delay(failures: int) -> float:
     return min(MAX_RESTART_DELAY, 2.0 ** (failures - 2))
 
 
-def _listener(config: Config, port: int, listening: Event, node: NodeAssociations) -> None:
+def _listener(
+    config: Config, sock: socket.socket, listening: Event, node: NodeAssociations
+) -> None:
     _die_with_parent()
     from archive.dimse.server import DicomServer
     from archive.heap import freeze_startup_objects
@@ -101,7 +104,7 @@ def _listener(config: Config, port: int, listening: Event, node: NodeAssociation
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     archive = Archive(config, migrate=False)
     server = DicomServer(archive, node=node)
-    server.start(config["dicom.host"], port, share=True)
+    server.start(config["dicom.host"], sock.getsockname()[1], shared=sock)
     listening.set()
     freeze_startup_objects()
     stop.wait()
@@ -112,20 +115,21 @@ def _listener(config: Config, port: int, listening: Event, node: NodeAssociation
 class Listeners:
     """The node's extra listener processes: started, watched, stopped.
 
-    ``node``: the associations of the node's ``count + 1`` processes, the
-    parent's being process 0 (``dicom.max_associations`` bounds them all).
+    ``sock``: the parent's listening socket, which the children accept from
+    too.  ``node``: the associations of the node's ``count + 1`` processes,
+    the parent's being process 0 (``dicom.max_associations`` bounds them all).
     ``on_exit(pid)`` is called for each child that exits (its metrics in
     Prometheus's multiprocess folder are then marked dead)."""
 
     def __init__(
         self,
         config: Config,
-        port: int,
+        sock: socket.socket,
         count: int,
         node: NodeAssociations,
         on_exit: Callable[[int], None] | None = None,
     ) -> None:
-        self._config, self._port, self._node = config, port, node
+        self._config, self._sock, self._node = config, sock, node
         self._on_exit = on_exit
         self._ctx = multiprocessing.get_context("spawn")
         self.procs: list[BaseProcess] = []
@@ -137,10 +141,12 @@ class Listeners:
 
     def _spawn(self, i: int) -> tuple[BaseProcess, Event]:
         listening = self._ctx.Event()
-        self._node.for_process(i + 1).publish(0)  # a dead child's associations died with it
+        child = self._node.for_process(i + 1)
+        child.publish(0)  # a dead child's associations died with it
+        child.absent()  # no connection left to it until it accepts
         proc = self._ctx.Process(
             target=_listener,
-            args=(self._config, self._port, listening, self._node.for_process(i + 1)),
+            args=(self._config, self._sock, listening, child),
             name=f"imag-dicom-{i + 1}",
             daemon=False,
         )
@@ -160,7 +166,7 @@ class Listeners:
                 raise ListenerFailed(_failure(proc))
         log.info(
             "DICOM listener processes started",
-            extra={"processes": self._count + 1, "port": self._port},
+            extra={"processes": self._count + 1, "port": self._sock.getsockname()[1]},
         )
         _restarts()  # exported as 0 from the start
         self._watcher = threading.Thread(target=self._watch, name="imag-dicom-watch", daemon=True)
@@ -193,6 +199,7 @@ class Listeners:
                 "restart_in_seconds": delay,
             },
         )
+        self._node.for_process(i + 1).absent()  # the others take every connection meanwhile
         if self._on_exit is not None and proc.pid is not None:
             self._on_exit(proc.pid)
         self._started[i] = time.monotonic()  # a failed start counts as a quick exit

@@ -10,8 +10,10 @@ handful of silent TCP connections can then not lock modalities out.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -73,11 +75,18 @@ class PendingConnections:
     #: a pending connection younger than this is not cut to make room
     GRACE = 1.0
 
-    def __init__(self, limit: int, timeout: float) -> None:
+    def __init__(self, limit: int, timeout: float, node: NodeAssociations | None = None) -> None:
         self.limit = limit
         self.timeout = timeout
+        #: where the number waiting is published for the node's other processes
+        self.node = node or NodeAssociations()
         self._lock = threading.Lock()
         self._since: dict[Any, float] = {}  # socket → accepted at (monotonic), oldest first
+
+    def _count(self) -> None:
+        # under self._lock
+        PENDING.set(len(self._since))
+        self.node.publish_pending(len(self._since))
 
     def admit(self, sock: Any, address: str) -> bool:
         """Track a new connection; False when there is no room for it (the
@@ -88,13 +97,13 @@ class PendingConnections:
                 del self._since[old]
             if len(self._since) < self.limit:
                 self._since[sock] = now
-                PENDING.set(len(self._since))
+                self._count()
                 return True
             oldest, since = next(iter(self._since.items()))
             cut = now - since >= self.GRACE
             if cut:
                 del self._since[oldest]
-                PENDING.set(len(self._since))
+                self._count()
         CONNECTIONS_REFUSED.labels("pending-limit").inc()
         log.warning(
             "DICOM connection closed at once: dicom.max_pending_connections (%d) connections "
@@ -131,7 +140,7 @@ class PendingConnections:
         if it was not pending)."""
         with self._lock:
             since = self._since.pop(sock, None)
-            PENDING.set(len(self._since))
+            self._count()
         return None if since is None else time.monotonic() - since
 
 
@@ -169,9 +178,17 @@ def ensure_port_free(host: str, port: int, setting: str) -> None:
         probe.close()
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose socket other IMAG processes may share
-    (SO_REUSEPORT): the kernel spreads incoming associations over them.
+class ListenerServer(ThreadedAssociationServer):
+    """The DICOM listener of one process: accepts connections and hands
+    each to the lean receive path or to pynetdicom.
+
+    With several listener processes (``dicom.processes``) they all accept
+    from one listening socket, made by the parent (``shared``, inherited by
+    its children, non-blocking: another process may take a connection the
+    selector announced).  A process holding more connections than another
+    leaves a new one to it for up to :attr:`HOLD` seconds, then accepts
+    anyway: a sibling that stopped accepting (killed, stuck in a codec)
+    delays a connection, never refuses it.
 
     Connections not yet associated are admitted through :attr:`pending`
     (closed at once beyond its limit).  With TLS, the handshake runs in the
@@ -181,6 +198,11 @@ class ReusePortServer(ThreadedAssociationServer):
     lean receive path on, every connection goes to it first (its PROXY header
     and TLS handshake done there, on asyncio) and comes back, ready, when it
     is not for it."""
+
+    #: the longest a connection is left to a quieter process before this one takes it
+    HOLD = 0.5
+    #: the pause between two looks at the node's counts while leaving a connection
+    HOLD_STEP = 0.001
 
     pending: PendingConnections | None = None
     #: the lean receive path (``dicom.lean_store``): every connection is handed
@@ -194,12 +216,63 @@ class ReusePortServer(ThreadedAssociationServer):
     #: header naming the client (``dicom.proxy_protocol``); empty: none
     balancers: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
+    def __init__(
+        self,
+        *args: Any,
+        shared: socket.socket | None = None,
+        node: NodeAssociations | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.shared = shared
+        #: this process's view of the node's connections (with several processes)
+        self.node = node
+        self._holding_since = self._held_at = 0.0
+        super().__init__(*args, **kwargs)
+
     def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self.shared is not None:  # a child listener: the parent's socket, listening
+            self.socket.close()
+            self.socket = self.shared
+            self.server_address = self.socket.getsockname()
+            return
         super().server_bind()
 
+    def server_activate(self) -> None:
+        if self.shared is None:
+            super().server_activate()
+
+    def share(self) -> socket.socket:
+        """The listening socket, made ready for the node's other listener
+        processes to accept from too (non-blocking)."""
+        self.socket.setblocking(False)
+        return self.socket
+
+    def _leave_to_quieter(self) -> bool:
+        """Whether to leave the connection waiting to be accepted to a
+        quieter process (after a short pause: the selector announces it
+        again at once), within :attr:`HOLD` of the first time it was left."""
+        if self.node is None or not self.node.quieter_elsewhere():
+            return False
+        now = time.monotonic()
+        if now - self._held_at > 10 * self.HOLD_STEP:  # a new connection waits
+            self._holding_since = now
+        self._held_at = now
+        if now - self._holding_since >= self.HOLD:
+            log.warning(
+                "DICOM connection left to a quieter listener process for %.1f s: taken here "
+                "(is that process stuck?)",
+                self.HOLD,
+                extra={"listener_pid": os.getpid()},
+            )
+            self._holding_since = now  # the next connection is left to it again
+            return False
+        time.sleep(self.HOLD_STEP)
+        return True
+
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        if self._leave_to_quieter():
+            # socketserver drops a request whose get_request raises OSError
+            raise BlockingIOError(errno.EAGAIN, "left to a quieter listener process")
         client_socket, address = self.socket.accept()
         if self.ssl_context and self.lean is None and not self._from_balancer(address):
             # a balancer's PROXY header comes before the TLS handshake: its
@@ -412,7 +485,7 @@ class DicomServer:
         self.ae = AE(ae_title=self.aet)
         max_associations = config["dicom.max_associations"]
         max_pending = config["dicom.max_pending_connections"]
-        self.pending = PendingConnections(max_pending, config["dicom.associate_timeout"])
+        self.pending = PendingConnections(max_pending, config["dicom.associate_timeout"], self.node)
         # pynetdicom's own limit counts pending connections too; ours
         # (AssociationSlots) does not.  Theirs stays above what ours allows,
         # threads still winding down included, as a backstop.
@@ -445,16 +518,12 @@ class DicomServer:
         assert self._server is not None
         return self._server.server_address[1]
 
-    def start(self, host: str, port: int, *, share: bool = False) -> None:
-        """Listen on ``host:port`` in a background thread.
-
-        The socket is bound with SO_REUSEPORT so that this node's own listener
-        processes (``dicom.processes``) can share it (``share=True``); that
-        would also let a second ``imag serve`` start on the same port silently
-        and take half the associations, so unless sharing, the port must be
-        free first (:class:`PortInUse` otherwise)."""
+    def start(self, host: str, port: int, *, shared: socket.socket | None = None) -> None:
+        """Listen on ``host:port`` in a background thread, or accept from
+        ``shared``, the parent's listening socket, in a listener process of
+        ``dicom.processes``.  The port must be free (:class:`PortInUse`)."""
         config = self.archive.config
-        if not share:
+        if shared is None:
             ensure_port_free(host, port, "dicom.port")
         ssl_context = None
         if config["dicom.tls_cert"]:
@@ -466,7 +535,7 @@ class DicomServer:
             # the slots first: an association refused for lack of room is not
             # looked at any further
             evt_handlers=self.slots.handlers() + self.service_handlers,
-            server_class=ReusePortServer,
+            server_class=functools.partial(ListenerServer, shared=shared, node=self.node),
             ssl_context=ssl_context,
         )
         self._server.pending = self.pending  # before it accepts anyone
@@ -495,6 +564,7 @@ class DicomServer:
             target=self._server.serve_forever, name="imag-dicom-server", daemon=True
         )
         self._thread.start()
+        self.node.publish_pending(0)  # accepting: the node's other processes may leave it some
         log.info(
             "DICOM listening",
             extra={
@@ -505,6 +575,12 @@ class DicomServer:
                 "lean_store": self.lean.event_loop_name if self.lean else "off",
             },
         )
+
+    def share(self) -> socket.socket:
+        """The listening socket, for the node's other listener processes
+        (``dicom.processes``) to accept from too."""
+        assert self._server is not None
+        return self._server.share()  # type: ignore[attr-defined]
 
     def ensure_listening(self) -> None:
         """Raise unless the listener thread is accepting (a readiness check)."""
