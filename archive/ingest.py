@@ -115,6 +115,7 @@ from archive.index.catalog import (
     may_write,
 )
 from archive.index.db import utcnow
+from archive.index.statistics import Statistics
 from archive.metrics import (
     INDEX_BATCH_SIZE,
     INDEX_COMMIT_SECONDS,
@@ -778,6 +779,9 @@ class IndexWriter:
         self.batch_size = batch_size
         self.on_conflict = on_conflict
         self._queue: queue.Queue[tuple[Prepared, Future] | None] = queue.Queue()
+        #: the SQLite planner's statistics, gathered again as the index grows
+        self.statistics = Statistics(catalog.db)
+        self.statistics.start()
         self._thread = threading.Thread(target=self._run, name="imag-index-writer", daemon=True)
         self._closed = False
         self._thread.start()
@@ -813,6 +817,7 @@ class IndexWriter:
                     break
                 batch.append(nxt)
             self._commit(batch)
+            self.statistics.count(len(batch))
 
     def _commit(self, batch: list[tuple[Prepared, Future]]) -> None:
         started = time.perf_counter()

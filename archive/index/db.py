@@ -122,6 +122,8 @@ class Database:
             raise ValueError(f"unsupported index URL {url!r}: use sqlite:/// or postgresql://")
         self.max_idle = max_idle
         self._idle: list[Any] = []
+        #: SQLite connections made before the last :meth:`renew_connections` are not pooled again
+        self._generation = 0
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -132,8 +134,13 @@ class Database:
             assert self.path is not None
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=60, check_same_thread=False
+                self.path,
+                isolation_level=None,
+                timeout=60,
+                check_same_thread=False,
+                factory=_SqliteConnection,
             )
+            conn.generation = self._generation
             # WAL lets readers run during writes; synchronous=FULL makes every
             # commit durable before we tell a sender its instance is stored.
             _use_wal(conn)
@@ -226,7 +233,23 @@ class Database:
         finally:
             self._release(conn)
 
+    def renew_connections(self) -> None:
+        """Close the idle SQLite connections, and those in use once they are
+        released: SQLite reads the planner's statistics when a connection
+        loads the schema, so only new connections plan with statistics
+        gathered since (:mod:`archive.index.statistics`)."""
+        if self.dialect != "sqlite":
+            return
+        with self._lock:
+            self._generation += 1
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            self._close(conn)
+
     def _release(self, conn: Any) -> None:
+        if getattr(conn, "generation", self._generation) != self._generation:
+            self._close(conn)
+            return
         if self._usable(conn):
             with self._lock:
                 if len(self._idle) < self.max_idle:
@@ -423,6 +446,12 @@ def _adapt(params: Sequence[Any], dialect: str) -> Sequence[Any]:
     if dialect != "sqlite":
         return params
     return [p.isoformat() if isinstance(p, datetime) else p for p in params]
+
+
+class _SqliteConnection(sqlite3.Connection):
+    """An SQLite connection that knows which pool generation made it."""
+
+    generation = 0
 
 
 def _use_wal(conn: sqlite3.Connection, patience: float = 60.0) -> None:
