@@ -122,6 +122,34 @@ def test_a_failed_analysis_is_logged_not_raised_into_the_writer(
     db.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_long_write_elsewhere_is_not_waited_for_and_the_connection_keeps_its_patience(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Adversary: another process holding the write lock for long (a bulk
+    import).  Waited for with the index's 60 s patience, the analysis would
+    hold up the opening of an archive (its index writer is made then) for a
+    minute; it gives up after :data:`BUSY_WAIT_MS`, and the pooled
+    connection it used waits as long as before for the writes it serves."""
+    import sqlite3
+
+    path = tmp_path / "index.db"
+    db = open_database(f"sqlite:///{path}")
+    db.execute("CREATE TABLE t (x INTEGER)")
+    monkeypatch.setattr(index_statistics, "BUSY_WAIT_MS", 50)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the other process's long write
+    try:
+        index_statistics.Statistics(db).start()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert "index statistics not gathered" in caplog.text
+    with db.connection() as conn:
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 60_000
+    db.close()
+
+
 @pytest.mark.postgres
 def test_postgresql_is_left_to_its_autovacuum(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     db = open_database(pg_url)

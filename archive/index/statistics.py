@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: about how many entries of each index ``ANALYZE`` reads
 ANALYSIS_LIMIT = 10_000
+#: how long an analysis waits for another connection's write to end
+BUSY_WAIT_MS = 2_000
 #: instances committed before the first analysis after the one at opening
 FIRST = 1_000
 #: the longest run of committed instances between two analyses
@@ -42,8 +44,15 @@ def analyse(db: Database) -> None:
         return
     started = time.perf_counter()
     with db.connection() as conn:
-        conn.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
-        conn.execute("ANALYZE")
+        waits = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+        # another process's write holds the lock for milliseconds; a long
+        # one (a bulk import) is not waited for: the next mark tries again
+        conn.execute(f"PRAGMA busy_timeout={BUSY_WAIT_MS}")
+        try:
+            conn.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
+            conn.execute("ANALYZE")
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={waits}")
     db.renew_connections()  # connections open until now plan without them
     log.debug(
         "index statistics gathered",
