@@ -196,18 +196,22 @@ class _Check:
 
     def match(self, value: str) -> bool:
         if self.vr == "DA":
-            if not _DATE_RE.match(value):
-                return False
-            try:
-                date(int(value[:4]), int(value[4:6]), int(value[6:8]))
-            except ValueError:
-                return False
-            return True
+            return _calendar_date(value) is not None
         m = _TIME_RE.match(value)
         if not m or (m[4] and not m[3]):
             return False
         hh, mm, ss = int(m[1]), int(m[2] or 0), int(m[3] or 0)
         return hh < 24 and mm < 60 and ss < 61  # 60: leap second
+
+
+def _calendar_date(value: str) -> date | None:
+    """The date a DA value (YYYYMMDD) names, None if it names none."""
+    if not _DATE_RE.match(value):
+        return None
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+    except ValueError:
+        return None
 
 
 _DATE = _Check("DA")
@@ -451,14 +455,10 @@ def _days(when: str) -> float:
     range's length, infinity for an open or malformed one (whose error, if
     any, the date's own match raises)."""
     lo, dash, hi = when.partition("-")
-    if not dash:
-        lo = hi = when
-    try:
-        first = date(int(lo[:4]), int(lo[4:6]), int(lo[6:8]))
-        last = date(int(hi[:4]), int(hi[4:6]), int(hi[6:8]))
-    except ValueError:
+    first, last = _calendar_date(lo), _calendar_date(hi if dash else lo)
+    if first is None or last is None:
         return float("inf")
-    return (last - first).days + 1 if len(lo) == len(hi) == 8 else float("inf")
+    return (last - first).days + 1
 
 
 def _match_modalities_in_row(sql: _Sql, value: str, dialect: str) -> None:

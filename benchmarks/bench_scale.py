@@ -73,7 +73,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from archive.index import open_database
 from archive.index.db import Database
 from archive.index.migrate import upgrade
-from archive.index.statistics import analyse
+from archive.index.statistics import Statistics
 from archive.query import search
 from archive.scu import close_reactor_race
 from archive.security.scope import Scope
@@ -778,7 +778,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[Figure]:
                 # now, and SQLite its planner's statistics, as imag serve would
                 # (its index writer gathers them), so that the plans are those timed
                 upgrade(db)
-                analyse(db)
+                Statistics(db).start()
                 cache = prewarm(db) if args.prewarm else cold_cache(db)
                 plans = {}
                 for spec in mix:

@@ -142,8 +142,9 @@ class Listeners:
     def _spawn(self, i: int) -> tuple[BaseProcess, Event]:
         listening = self._ctx.Event()
         child = self._node.for_process(i + 1)
-        child.publish(0)  # a dead child's associations died with it
-        child.absent()  # no connection left to it until it accepts
+        # a dead child's associations died with it; it is absent (no connection
+        # left to it) from the start and from its exit (_restart) until it accepts
+        child.publish(0)
         proc = self._ctx.Process(
             target=_listener,
             args=(self._config, self._sock, listening, child),
