@@ -605,7 +605,8 @@ def search(
     ``counted`` (PostgreSQL only): a write the search's statement carries,
     which may read how many rows it found -- the request's audit entry, so
     that the search and its entry are one round trip and one commit.  If
-    the statement fails, neither happened."""
+    the statement fails, the write did not commit, unless the connection
+    was lost after its COMMIT (:meth:`AuditLog.carried` looks)."""
     if counted is not None and db.dialect != "postgresql":
         raise ValueError("a search carries a write on PostgreSQL only")
     depth = _DEPTH[query.level]

@@ -13,6 +13,7 @@ import json
 import socket
 from collections.abc import Callable, Iterator
 
+import psycopg
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileDataset
@@ -320,3 +321,53 @@ def test_a_search_carries_a_write_on_postgresql_only(archive: Archive) -> None:
     else:
         with pytest.raises(ValueError, match="PostgreSQL only"):
             search(archive.db, Query(level="STUDY"), counted=archive.audit.counted(entry, "n"))
+
+
+def _losing_the_connection(after_commit: bool) -> Callable[..., list]:
+    """``search`` whose statement carrying a write fails as a connection
+    lost between the server and IMAG does: after the statement committed
+    (``after_commit``), or before it reached the server.  Injected, because
+    a real connection cannot be cut from outside at exactly that moment;
+    the statement itself is the real one, on the real index."""
+
+    def lossy(db: Database, query: Query, *, counted=None) -> list:  # noqa: ANN001
+        if counted is None:
+            return search(db, query)
+        if after_commit:
+            search(db, query, counted=counted)
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    return lossy
+
+
+def test_a_c_find_whose_statement_wrote_its_entry_and_then_lost_its_connection_is_audited_once(
+    archive: Archive, studies: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adversary: the index connection lost after the COMMIT of the search
+    that wrote the entry, before its rows came back.  The entry is in the
+    trail: it is not written a second time; the matches come from the
+    search run again."""
+    if archive.db.dialect != "postgresql":
+        pytest.skip("only PostgreSQL carries the entry in the search's statement")
+    monkeypatch.setattr("archive.dimse.handlers.search", _losing_the_connection(True))
+    before = last_audit_id(archive.db)
+    plan = plan_find(archive, identifier(PatientID="PAT-1"), REGIONAL, "REGION_SCU", "h")
+    assert plan.status == 0xFF00
+    assert sorted(row["StudyInstanceUID"] for row in plan.rows) == sorted(studies[:2])
+    [row] = audit_rows(archive.db, before)
+    assert row[:9] == regional_entry(study=None, patient=None)
+    assert json.loads(row[9])["results"] == 2
+
+
+def test_a_c_find_whose_statement_failed_before_writing_is_audited_by_the_two_step_path(
+    archive: Archive, studies: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if archive.db.dialect != "postgresql":
+        pytest.skip("only PostgreSQL carries the entry in the search's statement")
+    monkeypatch.setattr("archive.dimse.handlers.search", _losing_the_connection(False))
+    before = last_audit_id(archive.db)
+    plan = plan_find(archive, identifier(PatientID="PAT-1"), REGIONAL, "REGION_SCU", "h")
+    assert sorted(row["StudyInstanceUID"] for row in plan.rows) == sorted(studies[:2])
+    [row] = audit_rows(archive.db, before)
+    assert row[:9] == regional_entry(study=None, patient=None)
+    assert json.loads(row[9])["results"] == 2

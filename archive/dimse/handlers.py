@@ -601,8 +601,8 @@ def _search_audited(
     site-bound peer may be denied (:func:`may_hide`).  An entry naming a
     study gets its patient read by the INSERT, as the two-step path's does.
 
-    None when not taken, or when the statement failed: then nothing was
-    written, and :func:`plan_find` searches and audits in two steps, which
+    None when not taken, or when the statement failed without writing the
+    entry: then :func:`plan_find` searches and audits in two steps, which
     tells the search's failure from the audit trail's."""
     if archive.db.dialect != "postgresql" or may_hide(query.keys, scope):
         return None

@@ -101,6 +101,12 @@ _COUNTED_PATIENT_INSERT = _INSERT.format(patient=_PATIENT_OF_STUDY, detail=_COUN
 _PATIENT_INSERT = _INSERT.format(patient=_PATIENT_OF_STUDY, detail="?") + " RETURNING patient_id"
 
 
+def _stamp(entry: AuditEntry) -> datetime:
+    """The time :meth:`AuditLog._values` stamped ``entry`` with, as written."""
+    assert entry.at is not None, "the entry was never stamped"
+    return datetime.fromisoformat(entry.at)
+
+
 class AuditLog:
     """Writes and reads the ``audit`` table; forwards entries to syslog if asked."""
 
@@ -164,7 +170,7 @@ class AuditLog:
 
     def carried(
         self,
-        search: Callable[[CountedWrite], list[R]],
+        search: Callable[[CountedWrite | None], list[R]],
         entry: AuditEntry,
         key: str,
         most: int | None = None,
@@ -174,19 +180,54 @@ class AuditLog:
         with ``detail[key]`` its count, and forwarded.  None when the
         statement failed: nothing was written, and the caller searches and
         writes the entry in two steps, which tells a failed search from an
-        unwritable trail (and counts the trail's failure once)."""
+        unwritable trail (and counts the trail's failure once).
+
+        A statement may also commit and then fail (the connection lost
+        before its rows came back): the entry is then looked up, and when it
+        is in the trail the search alone runs again (``search(None)``), so
+        that the request is audited once, not once more by the two-step path."""
+        counted = self.counted(entry, key, most)
         try:
-            rows = search(self.counted(entry, key, most))
+            rows = search(counted)
         except Exception:  # noqa: BLE001 - the two-step path reports what failed
             log.debug("a search with its audit entry in one statement failed", exc_info=True)
-            return None
-        entry.detail[key] = len(rows) if most is None else min(len(rows), most)
+            written = self._written(entry, key)
+            if written is None:
+                return None
+            rows = search(None)
+            entry.detail[key] = written
+        else:
+            entry.detail[key] = len(rows) if most is None else min(len(rows), most)
         if self._syslog is not None and entry.study_uid and not entry.patient_id:
             # the copy forwarded names the patient the INSERT read (a read
             # only when forwarding: the statement returns the search's rows)
             entry.patient_id = self.db.scalar(f"SELECT {_PATIENT_OF_STUDY}", (entry.study_uid,))
         self.forward(entry)
         return rows
+
+    def _written(self, entry: AuditEntry, key: str) -> int | None:
+        """``detail[key]`` of ``entry`` as a statement that failed may have
+        written it (its time, actor, action and node are its own), or None
+        when it is not in the trail or the trail cannot be read (then the
+        caller writes it: a possible second entry rather than none)."""
+        try:
+            detail = self.db.scalar(
+                "SELECT detail FROM audit WHERE actor = ? AND at = ? AND action = ? "
+                "AND COALESCE(node, '') = ?",
+                (entry.actor, _stamp(entry), entry.action, entry.node or ""),
+            )
+        except Exception:  # noqa: BLE001 - unknown: the two-step path writes it
+            log.warning(
+                "could not check whether a failed search wrote its audit entry", exc_info=True
+            )
+            return None
+        if detail is None:
+            return None
+        log.info(
+            "a search's statement wrote its audit entry and then failed; searched again",
+            extra={"action": entry.action, "actor": entry.actor},
+        )
+        return json.loads(detail)[key]
 
     def forward(self, entry: AuditEntry) -> None:
         """Send an entry written to syslog, when forwarding is configured."""
