@@ -75,8 +75,9 @@ async def errors_and_metrics(
     return response
 
 
-#: more readiness checks of this node (name -> ``() -> None`` raising when not
-#: ready), e.g. the DICOM listener, set by ``imag serve``
+#: more readiness checks of this node (name -> a callable raising when the
+#: node is not ready, returning a line to report in place of "ok" or None),
+#: e.g. the DICOM listener, set by ``imag serve``
 READY_CHECKS = web.AppKey("ready_checks", dict)
 _HEALTH_KEY = "health/probe"
 
@@ -96,7 +97,10 @@ async def ready(request: web.Request) -> web.Response:
     """Readiness: this node can do its work -- the index answers a query, the
     object store answers a request, and its DICOM listener (when enabled) is
     accepting -- so a balancer sends it HTTP requests and DICOM associations
-    only while it can serve them (503 naming what fails otherwise)."""
+    only while it can serve them (503 naming what fails otherwise).  With
+    ``dicom.processes`` above 1, ``dicom_processes`` says how many of them
+    accept now (one starting again leaves the node ready: the others take
+    its connections)."""
     archive = request.config_dict[ARCHIVE]
     checks = {
         "index": lambda: archive.db.scalar("SELECT 1"),
@@ -107,8 +111,8 @@ async def ready(request: web.Request) -> web.Response:
     failed = False
     for name, check in checks.items():
         try:
-            await asyncio.wait_for(asyncio.to_thread(check), timeout=5)
-            answer[name] = "ok"
+            said = await asyncio.wait_for(asyncio.to_thread(check), timeout=5)
+            answer[name] = said if isinstance(said, str) else "ok"
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             failed = True
             answer[name] = f"{type(exc).__name__}: {exc}"

@@ -425,6 +425,9 @@ def test_a_listener_process_killed_mid_association_is_started_again_and_frees_it
         opened += again
         assert [a.is_established for a in again] == [True, True]
         assert "DICOM listener process exited; starting it again" in node.log()
+        ready = requests.get(node.url + "/health/ready", timeout=10)
+        assert ready.status_code == 200
+        assert ready.json()["dicom_processes"] == "2 of 2 accepting"
         for assoc in again:
             assoc.release()
         eventually(lambda: _sockets_on(node.dicom_port, ESTABLISHED) == 0, timeout=10)
@@ -516,6 +519,27 @@ def test_a_listener_process_that_keeps_exiting_is_restarted_ever_more_slowly() -
     assert restart_delay(40) == MAX_RESTART_DELAY
 
 
+def test_ready_counts_the_listener_processes_accepting_and_names_one_starting_again() -> None:
+    """``/health/ready``'s ``dicom_processes`` line, from what the processes
+    publish: a child that exited and waits to start again is named, the node
+    stays ready (the others take its connections)."""
+    from types import SimpleNamespace
+
+    from archive.dimse.nodeslots import NodeAssociations
+    from archive.dimse.processes import Listeners
+
+    node = NodeAssociations(3)
+    listeners = Listeners(None, None, 2, node)  # type: ignore[arg-type] - never started
+    listeners.procs = [SimpleNamespace(name=f"imag-dicom-{i}") for i in (1, 2)]  # type: ignore[misc]
+    for i in (1, 2):
+        node.for_process(i).publish_pending(0)  # each child listening
+    assert listeners.accepting() == "3 of 3 accepting"
+    node.for_process(2).absent()  # exited
+    assert listeners.accepting() == "2 of 3 accepting (imag-dicom-2 starting again)"
+    node.for_process(2).publish_pending(0)  # back
+    assert listeners.accepting() == "3 of 3 accepting"
+
+
 def test_ready_names_a_store_it_cannot_reach_while_live_still_answers(tmp_path: Path) -> None:
     dead_endpoint = f"http://{HOST}:{free_port()}"  # nothing listens there
     settings = {
@@ -542,6 +566,7 @@ def test_ready_says_ok_for_index_and_store(tmp_path: Path) -> None:
     with serving_in_process(tmp_path / "imag") as server:
         body = requests.get(server.url + "/health/ready", timeout=30).json()
         assert body["status"] == "ok" and body["index"] == "ok" and body["storage"] == "ok"
+        assert "dicom_processes" not in body  # one process: the dicom line says it all
 
 
 def test_the_node_name_is_in_audit_rows_logs_and_job_worker_names(tmp_path: Path) -> None:

@@ -171,6 +171,8 @@ async def _serve(config: Config, processes: int) -> None:
         from archive.server import READY_CHECKS
 
         runner.app[READY_CHECKS]["dicom"] = dicom.ensure_listening
+        if children is not None:
+            runner.app[READY_CHECKS]["dicom_processes"] = children.accepting
     scheme = "https" if config["http.tls_cert"] else "http"
     http = f"{scheme}://{config['http.host']}:{config['http.port']}"
     where = {"http": http, "index": config.masked()["index.url"], "storage": config.storage_url}

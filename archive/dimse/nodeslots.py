@@ -1,8 +1,8 @@
 """``dicom.max_associations`` for a whole node, whatever its listener processes.
 
-With ``dicom.processes`` above 1 the kernel spreads associations over
-processes that share the port (SO_REUSEPORT), each with its own lean
-receiver and pynetdicom server.  Counted per process, the limit of the
+With ``dicom.processes`` above 1 associations are spread over processes
+that accept from one listening socket, each with its own lean receiver and
+pynetdicom server.  Counted per process, the limit of the
 hardening work would be multiplied by the number of processes.  Each
 process therefore publishes how many associations it has in progress in a
 small array in shared memory, and admits one only when the node's total is
@@ -78,6 +78,10 @@ class NodeAssociations:
         """This process accepts nothing (not started yet, or exited): the
         others do not leave connections to it."""
         self._pending[self.index] = ABSENT
+
+    def accepting(self) -> bool:
+        """Whether this process accepts connections (not :meth:`absent`)."""
+        return self._pending[self.index] != ABSENT
 
     def quieter_elsewhere(self) -> bool:
         """Whether another process holds fewer connections (associations in

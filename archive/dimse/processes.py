@@ -213,6 +213,22 @@ class Listeners:
             log.info("DICOM listener process started again", extra={"listener": new.name})
         # else: the watch loop sees it exit (or stop) and tries again, later
 
+    def accepting(self) -> str:
+        """The readiness line of the node's listener processes: how many of
+        them accept connections now, naming those that do not (exited and
+        waiting to start again, or starting).  It reports, never fails the
+        node's readiness: the processes still accepting take every
+        connection meanwhile (:mod:`archive.dimse.nodeslots`)."""
+        missing = [
+            proc.name
+            for i, proc in enumerate(self.procs)
+            if not self._node.for_process(i + 1).accepting()
+        ]
+        line = f"{self._count + 1 - len(missing)} of {self._count + 1} accepting"
+        if missing:
+            line += f" ({', '.join(missing)} starting again)"
+        return line
+
     def stop(self, timeout: float = 20) -> None:
         """Stop the children (SIGTERM, then SIGKILL after ``timeout``)."""
         self._stopping.set()
