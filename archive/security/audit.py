@@ -216,9 +216,10 @@ class AuditLog:
                 "AND COALESCE(node, '') = ?",
                 (entry.actor, _stamp(entry), entry.action, entry.node or ""),
             )
-        except Exception:  # noqa: BLE001 - unknown: the two-step path writes it
+        except Exception as exc:  # noqa: BLE001 - unknown: the two-step path writes it
             log.warning(
-                "could not check whether a failed search wrote its audit entry", exc_info=True
+                "could not check whether a failed search wrote its audit entry",
+                extra={"action": entry.action, "error": f"{type(exc).__name__}: {exc}"},
             )
             return None
         if detail is None:
