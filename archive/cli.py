@@ -434,7 +434,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         kinds=kinds,
         concurrency=args.concurrency,
         poll_interval=args.poll_interval,
-        lease_seconds=args.lease_seconds,
+        lease_seconds=(
+            config["jobs.lease_seconds"] if args.lease_seconds is None else args.lease_seconds
+        ),
         metrics_port=args.metrics_port,
     )
 
@@ -536,9 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lease-seconds",
         type=float,
-        default=60,
+        default=None,
         help="lease of a claimed job, renewed while it runs; a dead worker's job is "
-        "reclaimed after it",
+        "reclaimed after it (default: jobs.lease_seconds, 60)",
     )
     p.add_argument(
         "--metrics-port",

@@ -481,6 +481,13 @@ SETTINGS: list[Setting] = [
         "job worker threads inside imag serve (0: only separate `imag worker` processes)",
     ),
     Setting(
+        "jobs.lease_seconds",
+        60,
+        _int(5, 3600),
+        "lease of a claimed job, renewed while its process lives: a job of a node or "
+        "worker that died is taken by another this long after its last renewal",
+    ),
+    Setting(
         "worker.metrics_port",
         0,
         _int(0, 65535),

@@ -72,6 +72,8 @@ def test_public_environment_variables(variable: str, value: str, setting: str) -
         ({"IMAG_DICOM_AET": "A_TITLE_FAR_TOO_LONG"}, ["dicom.aet", "1-16"]),
         ({"IMAG_INGEST_ON_CONFLICT": "merge"}, ["ingest.on_conflict", "'keep'", "'replace'"]),
         ({"IMAG_INGEST_MAX_OBJECT_BYTES": "lots"}, ["ingest.max_object_bytes", "size"]),
+        # a lease shorter than a renewal's round trip would hand running jobs to others
+        ({"IMAG_JOBS_LEASE_SECONDS": "1"}, ["jobs.lease_seconds", "between 5 and 3600"]),
     ],
 )
 def test_bad_values_are_refused_naming_the_key_and_what_is_expected(

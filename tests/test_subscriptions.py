@@ -45,6 +45,8 @@ def cluster(
             "IMAG_STORAGE_URL": (tmp_path / "objects").as_uri(),
             "IMAG_STABLE_AFTER_SECONDS": "1",
             "IMAG_AUTH_MAX_FAILURES": "100000",
+            # the killed node's jobs are taken by the others this long after it
+            "IMAG_JOBS_LEASE_SECONDS": "6",
         }
         one = HttpImag(tmp_path / "one", index_url=url, settings=shared).start()
         two = HttpImag(tmp_path / "two", index_url=url, settings=shared)

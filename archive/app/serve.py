@@ -162,6 +162,7 @@ async def _serve(config: Config, processes: int) -> None:
             f"{config.node}/serve-{os.getpid()}",
             queue=queue,
             concurrency=config["jobs.workers"],
+            lease_seconds=config["jobs.lease_seconds"],
         ).start()
         if config["jobs.workers"]
         else None
