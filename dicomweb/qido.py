@@ -309,8 +309,9 @@ def _answer(
     search's own statement writes it, as C-FIND's does: one round trip and
     one commit (a study named in the path: its INSERT reads the study's
     patient for the entry).  Otherwise, or when that statement fails without
-    writing the entry, the entry is written after the answer is built, which tells a failed
-    search from an unwritable trail (:class:`AuditUnavailable`: 503)."""
+    writing the entry, the entry is written after the answer is built, which
+    tells a failed search from an unwritable trail (:class:`AuditUnavailable`:
+    503)."""
     limit = query.limit - 1
     context = audit.context
     rows = None

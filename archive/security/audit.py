@@ -101,12 +101,6 @@ _COUNTED_PATIENT_INSERT = _INSERT.format(patient=_PATIENT_OF_STUDY, detail=_COUN
 _PATIENT_INSERT = _INSERT.format(patient=_PATIENT_OF_STUDY, detail="?") + " RETURNING patient_id"
 
 
-def _stamp(entry: AuditEntry) -> datetime:
-    """The time :meth:`AuditLog._values` stamped ``entry`` with, as written."""
-    assert entry.at is not None, "the entry was never stamped"
-    return datetime.fromisoformat(entry.at)
-
-
 class AuditLog:
     """Writes and reads the ``audit`` table; forwards entries to syslog if asked."""
 
@@ -178,7 +172,7 @@ class AuditLog:
         """The rows of ``search`` (given the write it is to carry: see
         :meth:`counted`), ``entry`` written by the search's own statement,
         with ``detail[key]`` its count, and forwarded.  None when the
-        statement failed: nothing was written, and the caller searches and
+        statement failed without writing it: the caller then searches and
         writes the entry in two steps, which tells a failed search from an
         unwritable trail (and counts the trail's failure once).
 
@@ -191,7 +185,7 @@ class AuditLog:
             rows = search(counted)
         except Exception:  # noqa: BLE001 - the two-step path reports what failed
             log.debug("a search with its audit entry in one statement failed", exc_info=True)
-            written = self._written(entry, key)
+            written = self._written(entry, key, counted.params[0])  # _INSERT: at first
             if written is None:
                 return None
             rows = search(None)
@@ -205,16 +199,16 @@ class AuditLog:
         self.forward(entry)
         return rows
 
-    def _written(self, entry: AuditEntry, key: str) -> int | None:
+    def _written(self, entry: AuditEntry, key: str, at: datetime) -> int | None:
         """``detail[key]`` of ``entry`` as a statement that failed may have
-        written it (its time, actor, action and node are its own), or None
+        written it (its time ``at``, actor, action and node are its own), or None
         when it is not in the trail or the trail cannot be read (then the
         caller writes it: a possible second entry rather than none)."""
         try:
             detail = self.db.scalar(
                 "SELECT detail FROM audit WHERE actor = ? AND at = ? AND action = ? "
                 "AND COALESCE(node, '') = ?",
-                (entry.actor, _stamp(entry), entry.action, entry.node or ""),
+                (entry.actor, at, entry.action, entry.node or ""),
             )
         except Exception as exc:  # noqa: BLE001 - unknown: the two-step path writes it
             log.warning(
